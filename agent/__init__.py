@@ -1,0 +1,3 @@
+"""The Fleetmend endpoint agent."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Namespace of the Fleetmend wire contract; the generated code is in fleetmend.v1."""
