@@ -29,5 +29,12 @@ protos: $(STAMP)
 check-protos: $(STAMP)
 	$(PY) protos/generate.py --check
 
+BUF := .tools/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+
+buf-lint: $(BUF)
+	$(BUF) lint
+
 clean:
 	rm -rf $(VENV) .fleetmend-run

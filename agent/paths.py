@@ -1,0 +1,62 @@
+"""Where the agent keeps its state and looks for its configuration file."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "fleetmend"
+
+
+def is_privileged() -> bool:
+    """Return True when the agent runs as root (or, on Windows, as an administrator)."""
+    if sys.platform == "win32":
+        import ctypes
+
+        try:
+            return bool(ctypes.windll.shell32.IsUserAnAdmin())  # type: ignore[attr-defined]
+        except OSError:
+            return False
+    return os.geteuid() == 0
+
+
+def default_state_dir(privileged: bool | None = None) -> Path:
+    """Return the state directory for a service (privileged) or a user run.
+
+    platformdirs' site directories are shared read-only data locations, so a
+    service uses the fixed per-OS folders below instead.
+    """
+    if privileged is None:
+        privileged = is_privileged()
+    if not privileged:
+        return Path(platformdirs.user_state_dir(APP_NAME))
+    if sys.platform == "win32":
+        program_data = os.environ.get("PROGRAMDATA", r"C:\ProgramData")
+        return Path(program_data) / "Fleetmend"
+    if sys.platform == "darwin":
+        return Path("/Library/Application Support/Fleetmend")
+    return Path("/var/lib/fleetmend")
+
+
+def default_config_file(privileged: bool | None = None) -> Path:
+    """Return the TOML file read when neither --config nor FLEETMEND_CONFIG is given."""
+    if privileged is None:
+        privileged = is_privileged()
+    if privileged and sys.platform not in ("win32", "darwin"):
+        return Path("/etc/fleetmend/agent.toml")
+    if privileged and sys.platform == "darwin":
+        return Path("/Library/Application Support/Fleetmend/agent.toml")
+    if privileged:
+        return default_state_dir(True) / "agent.toml"
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "agent.toml"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create path (and parents) so that only the owner can enter it; return it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if sys.platform != "win32":
+        os.chmod(path, 0o700)
+    return path

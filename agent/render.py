@@ -1,0 +1,193 @@
+"""Plain-text views of a report and of what the agent collects."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from agent.config import AgentConfig
+from fleetmend.v1 import report_pb2
+
+
+def _bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _enum(enum_type: object, value: int, prefix: str) -> str:
+    try:
+        name = enum_type.Name(value)  # type: ignore[attr-defined]
+    except ValueError:
+        return f"unknown ({value})"
+    return name.removeprefix(prefix).lower().replace("_", " ")
+
+
+def _errors(lines: list[str], errors: object) -> None:
+    for error in errors:  # type: ignore[attr-defined]
+        kind = _enum(report_pb2.ProbeErrorKind, error.kind, "PROBE_ERROR_KIND_")
+        lines.append(f"  ! {error.source}: {kind}: {error.reason}")
+
+
+def render_host(lines: list[str], host: report_pb2.HostFacts, now: datetime) -> None:
+    lines.append(f"Host {host.hostname}")
+    lines.append(
+        f"  OS: {host.os_name} {host.os_version}, "
+        f"kernel {host.kernel_version} ({host.architecture})"
+    )
+    model = " ".join(p for p in (host.manufacturer, host.model) if p) or "unknown"
+    serial = host.serial_number or "not readable"
+    lines.append(f"  model: {model}, serial: {serial}")
+    if host.HasField("boot_time"):
+        uptime = now - host.boot_time.ToDatetime(UTC)
+        lines.append(
+            f"  up {uptime.days} d {uptime.seconds // 3600} h, "
+            f"memory {_bytes(host.memory_bytes)}"
+        )
+    for volume in host.volumes:
+        lines.append(
+            f"  volume {volume.mount_point} ({volume.filesystem}): "
+            f"{_bytes(volume.free_bytes)} free of {_bytes(volume.total_bytes)}"
+        )
+    _errors(lines, host.errors)
+
+
+def render_disks(lines: list[str], section: report_pb2.DiskSection) -> None:
+    lines.append(f"Disks: {len(section.disks)}")
+    for disk in section.disks:
+        interface = _enum(report_pb2.DiskInterface, disk.interface, "DISK_INTERFACE_")
+        state = _enum(report_pb2.SmartState, disk.smart_state, "SMART_STATE_")
+        lines.append(
+            f"  {disk.name}: {disk.model or 'unknown model'} ({interface}, "
+            f"{_bytes(disk.capacity_bytes)}), serial {disk.serial_number or 'unknown'}"
+        )
+        detail = f"    SMART {state}"
+        if disk.smart_state_reason:
+            detail += f": {disk.smart_state_reason}"
+        if disk.self_assessment:
+            verdict = _enum(
+                report_pb2.SelfAssessment, disk.self_assessment, "SELF_ASSESSMENT_"
+            )
+            detail += f"; self-assessment {verdict}"
+        lines.append(detail)
+        for attribute in disk.ata_attributes:
+            lines.append(
+                f"    {attribute.id:>3} {attribute.name}: value {attribute.value}, "
+                f"threshold {attribute.threshold}, "
+                f"raw {attribute.raw_text or attribute.raw}"
+            )
+        if disk.HasField("nvme_health"):
+            health = disk.nvme_health
+            lines.append(
+                f"    NVMe: critical warning {health.critical_warning:#04x}, "
+                f"spare {health.available_spare_percent}% (threshold "
+                f"{health.available_spare_threshold_percent}%), "
+                f"used {health.percentage_used}%, "
+                f"media errors {health.media_errors}, unsafe shutdowns "
+                f"{health.unsafe_shutdowns}, {health.temperature_celsius} °C, "
+                f"{health.power_on_hours} h on"
+            )
+    _errors(lines, section.errors)
+
+
+def render_batteries(lines: list[str], section: report_pb2.BatterySection) -> None:
+    lines.append(f"Batteries: {len(section.batteries)}")
+    for battery in section.batteries:
+        health = (
+            f"health {battery.health_percent:.1f}%"
+            if battery.HasField("health_percent")
+            else "health unknown (no design capacity)"
+        )
+        cycles = (
+            str(battery.cycle_count) if battery.HasField("cycle_count") else "unknown"
+        )
+        status = _enum(report_pb2.BatteryStatus, battery.status, "BATTERY_STATUS_")
+        lines.append(
+            f"  {battery.name}: {battery.manufacturer} {battery.model}, {health}, "
+            f"{cycles} cycles, {status}"
+        )
+    _errors(lines, section.errors)
+
+
+def render_credentials(lines: list[str], section: report_pb2.CredentialSection) -> None:
+    lines.append(f"Credentials: {len(section.credentials)}")
+    for credential in section.credentials:
+        expiry = credential.expiry
+        if expiry == report_pb2.CREDENTIAL_EXPIRY_AT_TIME:
+            when = "expires " + credential.expire_time.ToDatetime(UTC).strftime(
+                "%Y-%m-%d %H:%M UTC"
+            )
+        else:
+            when = _enum(report_pb2.CredentialExpiry, expiry, "CREDENTIAL_EXPIRY_")
+        kind = _enum(report_pb2.CredentialKind, credential.kind, "CREDENTIAL_KIND_")
+        lines.append(f"  {credential.account} ({kind}): {when}")
+    _errors(lines, section.errors)
+
+
+def render_usage(lines: list[str], section: report_pb2.UsageSection) -> None:
+    if not section.enabled:
+        lines.append("Usage: collection switched off")
+        return
+    lines.append(
+        f"Usage over {section.window_days} days: {len(section.apps)} applications"
+    )
+    for app in section.apps:
+        total = sum(app.minutes)
+        lines.append(
+            f"  {app.app_id}: {total} minutes "
+            f"in {len(app.hours_of_week)} hours of the week"
+        )
+
+
+def render_report(report: report_pb2.Report, now: datetime | None = None) -> str:
+    """Return a report as text for people, one section after another."""
+    now = now or datetime.now(UTC)
+    kind = "full" if report.full else "delta"
+    number = report.sequence or "(not numbered)"
+    lines = [f"Report {number} ({kind}, {report.ByteSize()} bytes)"]
+    if report.HasField("host"):
+        render_host(lines, report.host, now)
+    if report.HasField("disks"):
+        render_disks(lines, report.disks)
+    if report.HasField("batteries"):
+        render_batteries(lines, report.batteries)
+    if report.HasField("credentials"):
+        render_credentials(lines, report.credentials)
+    if report.HasField("usage"):
+        render_usage(lines, report.usage)
+    return "\n".join(lines) + "\n"
+
+
+def render_disclosure(config: AgentConfig, catalog_apps: list[str] | None) -> str:
+    """Describe in plain words what this agent sends to the collector."""
+    collector = config.collector or "no collector set"
+    usage = (
+        "ON: for each application in the catalog below, the number of minutes it "
+        "was in use in each hour of the week (local time), summed over the last "
+        "28 days."
+        if config.usage_enabled
+        else "OFF: no information about applications or processes is collected."
+    )
+    lines = [
+        f"This Fleetmend agent sends reports to: {collector}",
+        "",
+        "What it sends:",
+        "- Computer: host name, operating system and kernel version, manufacturer,",
+        "  model and serial number, boot time, memory size, and the size and free",
+        "  space of each local volume.",
+        "- Disks: model, serial number, interface, capacity and the drive's own",
+        "  health data (SMART attributes or the NVMe health log).",
+        "- Batteries: model, capacity when new and now, cycle count, charge status.",
+        "- Passwords: for each local account with a login shell, when its password",
+        "  expires. Never the password itself.",
+        f"- Application usage: {usage}",
+        "",
+        "What it never sends: file names or contents, window titles, web addresses,",
+        "keystrokes, the names of processes outside the catalog, or where you are.",
+    ]
+    if config.usage_enabled and catalog_apps is not None:
+        lines += ["", "Applications in the catalog:"]
+        lines += [f"- {name}" for name in catalog_apps]
+    return "\n".join(lines) + "\n"

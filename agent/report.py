@@ -1,0 +1,107 @@
+"""Assemble full and delta reports from the latest section readings.
+
+A delta carries only the sections whose serialized form differs from what the
+previous report carried; a quiet delta (nothing changed) carries only the
+sequence number and the time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from google.protobuf.message import Message
+
+from agent.state import Identity, StateStore
+from fleetmend.v1 import report_pb2
+
+# Report fields that hold a section, in wire order.
+SECTIONS = ("host", "disks", "batteries", "credentials", "usage")
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString(deterministic=True)
+
+
+class ReportBuilder:
+    """Keep the latest reading of each section and number the reports built from them.
+
+    All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        state: StateStore,
+        identity: Identity,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._state = state
+        self._identity = identity
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current: dict[str, Message] = {}
+        self._last_sent: dict[str, bytes] = {}
+
+    @property
+    def next_sequence(self) -> int:
+        return self._identity.next_sequence
+
+    def skip_past(self, committed: int) -> None:
+        """Move the next sequence number past one the collector has already committed.
+
+        This happens when the identity file was restored from an older copy;
+        without it, new reports would be taken for duplicates and dropped.
+        """
+        with self._lock:
+            if committed >= self._identity.next_sequence:
+                self._identity.next_sequence = committed + 1
+                self._state.save(self._identity)
+
+    def update(self, section: str, message: Message) -> None:
+        """Store the latest reading of a section."""
+        if section not in SECTIONS:
+            raise ValueError(f"unknown report section {section!r}")
+        with self._lock:
+            self._current[section] = message
+
+    def changed_sections(self) -> list[str]:
+        """Return the sections whose latest reading differs from the last report."""
+        with self._lock:
+            return [
+                name
+                for name, message in self._current.items()
+                if self._last_sent.get(name) != _serialize(message)
+            ]
+
+    def snapshot(self) -> report_pb2.Report:
+        """Return a full report of the latest readings without numbering it."""
+        with self._lock:
+            report = report_pb2.Report(full=True)
+            report.collect_time.FromDatetime(self._clock())
+            for name, message in self._current.items():
+                getattr(report, name).CopyFrom(message)
+            return report
+
+    def build(self, full: bool) -> report_pb2.Report:
+        """Number and return the next report; the sequence is persisted first.
+
+        Persisting before the report leaves the builder means that a crash can
+        skip a sequence number but never reuse one.
+        """
+        with self._lock:
+            sequence = self._identity.next_sequence
+            self._identity.next_sequence = sequence + 1
+            self._state.save(self._identity)
+
+            report = report_pb2.Report(sequence=sequence, full=full)
+            report.collect_time.FromDatetime(self._clock())
+            for name in SECTIONS:
+                message = self._current.get(name)
+                if message is None:
+                    continue
+                data = _serialize(message)
+                if full or self._last_sent.get(name) != data:
+                    getattr(report, name).CopyFrom(message)
+                    self._last_sent[name] = data
+            return report

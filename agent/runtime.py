@@ -1,0 +1,161 @@
+"""The agent's main loop: run each probe on its interval and send reports."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.link import Link
+from agent.report import ReportBuilder
+from agent.sections import SectionSource, UsageSource, read_safely
+from agent.state import StateStore
+from fleetmend.v1 import agent_pb2
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.2
+DRAIN_SECONDS = 10.0
+
+
+@dataclass
+class _Schedule:
+    """Monotonic times at which each periodic job is next due."""
+
+    due: dict[str, float] = field(default_factory=dict)
+
+    def is_due(self, job: str, now: float) -> bool:
+        return now >= self.due.get(job, 0.0)
+
+    def next_in(self, job: str, now: float, seconds: float) -> None:
+        self.due[job] = now + seconds
+
+
+class Agent:
+    """Own the probes, the report builder and the link of one agent process."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        sources: Sequence[SectionSource],
+        usage: UsageSource,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._sources = list(sources)
+        self._usage = usage
+        self._monotonic = monotonic
+        self._state = StateStore(config.state_dir)
+        self.identity = self._state.load_or_create()
+        self.builder = ReportBuilder(self._state, self.identity)
+        self._need_full = threading.Event()
+        self.link = Link(
+            config.collector,
+            agent_pb2.Hello(
+                device_id=self.identity.device_id, agent_version=__version__
+            ),
+            insecure=config.insecure,
+            on_connected=self._connected,
+        )
+
+    def _connected(self, committed: int) -> None:
+        self.builder.skip_past(committed)
+        self._need_full.set()
+
+    def run(self, stop: threading.Event, exit_after_acks: int | None = None) -> None:
+        """Run until stop is set (or exit_after_acks reports are acknowledged)."""
+        log.info(
+            "agent %s starting: device %s, collector %s, state in %s",
+            __version__,
+            self.identity.device_id,
+            self.config.collector,
+            self.config.state_dir,
+        )
+        link_thread = threading.Thread(
+            target=self.link.run, args=(stop,), name="fleetmend-link", daemon=True
+        )
+        link_thread.start()
+        schedule = _Schedule()
+        try:
+            while not stop.is_set():
+                self._tick(schedule, self._monotonic())
+                if (
+                    exit_after_acks is not None
+                    and self.link.acked_reports >= exit_after_acks
+                ):
+                    log.info(
+                        "%d reports acknowledged; exiting as asked",
+                        self.link.acked_reports,
+                    )
+                    break
+                stop.wait(TICK_SECONDS)
+        finally:
+            self._shut_down(stop, link_thread)
+
+    def _tick(self, schedule: _Schedule, now: float) -> None:
+        for source in self._sources:
+            if schedule.is_due(source.section, now):
+                reading = read_safely(source)
+                if reading is not None:
+                    self.builder.update(source.section, reading)
+                schedule.next_in(
+                    source.section, now, self.config.interval(source.interval)
+                )
+
+        if schedule.is_due("usage_sample", now):
+            seconds = self.config.interval("usage_sample")
+            try:
+                self._usage.sample(minutes=max(1, round(seconds / 60)))
+                self.builder.update("usage", self._usage.read())
+            except Exception:
+                log.exception(
+                    "usage sampling failed; keeping the previous usage reading"
+                )
+            schedule.next_in("usage_sample", now, seconds)
+
+        if self._need_full.is_set():
+            self._need_full.clear()
+            self._send(full=True)
+            schedule.next_in("full_report", now, self.config.interval("full_report"))
+            schedule.next_in("report", now, self.config.interval("report_min"))
+        elif not self.link.connected:
+            # Nothing is built while offline: the full report after the next
+            # connect carries the latest readings of every section.
+            return
+        elif schedule.is_due("full_report", now):
+            self._send(full=True)
+            schedule.next_in("full_report", now, self.config.interval("full_report"))
+            schedule.next_in("report", now, self.config.interval("report_min"))
+        elif schedule.is_due("report", now):
+            self._send(full=False)
+            schedule.next_in("report", now, self.config.interval("report_min"))
+
+    def _send(self, full: bool) -> None:
+        report = self.builder.build(full=full)
+        log.info(
+            "report %d (%s, %d bytes) queued",
+            report.sequence,
+            "full" if full else "delta",
+            report.ByteSize(),
+        )
+        self.link.submit(report)
+
+    def _shut_down(self, stop: threading.Event, link_thread: threading.Thread) -> None:
+        if self.link.pending and self.link.connected:
+            log.info(
+                "waiting up to %.0f s for %d reports to be acknowledged",
+                DRAIN_SECONDS,
+                self.link.pending,
+            )
+            self.link.wait_drained(DRAIN_SECONDS)
+        if self.link.pending:
+            log.warning("stopping with %d unacknowledged reports", self.link.pending)
+        stop.set()
+        self.link.close()
+        link_thread.join(timeout=5)
+        log.info("agent stopped")

@@ -1,0 +1,128 @@
+"""Settings precedence: flag, then environment, then TOML file, then default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import DEFAULT_INTERVALS, ConfigError, env_name, load_config
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_file(tmp_path: Path) -> None:
+    config = load_config(environ={}, config_file=None, privileged=False)
+
+    for name, seconds in DEFAULT_INTERVALS.items():
+        assert config.interval(name) == seconds
+        assert config.settings[f"intervals.{name}"].source == "default"
+    assert config.usage_enabled is True
+    assert config.insecure is False
+    assert config.settings["state_dir"].source == "default"
+
+
+def test_default_intervals_match_documented_values() -> None:
+    assert DEFAULT_INTERVALS == {
+        "host": 900,
+        "battery": 1800,
+        "credentials": 21600,
+        "disks": 21600,
+        "usage_sample": 60,
+        "report_min": 300,
+        "full_report": 86400,
+    }
+
+
+def test_flag_beats_env_beats_file(tmp_path: Path) -> None:
+    config_file = write(
+        tmp_path / "agent.toml",
+        'collector = "file.example:1"\nlog_level = "debug"\n'
+        "[intervals]\nhost = 10\nbattery = 20\n",
+    )
+    environ = {"FLEETMEND_COLLECTOR": "env.example:2", "FLEETMEND_INTERVALS_HOST": "30"}
+
+    config = load_config(
+        flags={"collector": "flag.example:3"},
+        environ=environ,
+        config_file=config_file,
+    )
+
+    assert config.collector == "flag.example:3"
+    assert config.settings["collector"].source == "flag"
+    assert config.interval("host") == 30
+    assert config.settings["intervals.host"].source == "env FLEETMEND_INTERVALS_HOST"
+    assert config.interval("battery") == 20
+    assert config.settings["intervals.battery"].source == f"file {config_file}"
+    assert config.log_level == "debug"
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "site.toml", "[usage]\nenabled = false\n")
+
+    config = load_config(environ={"FLEETMEND_CONFIG": str(config_file)})
+
+    assert config.config_file == config_file
+    assert config.usage_enabled is False
+
+
+def test_usage_switch_from_env() -> None:
+    config = load_config(environ={"FLEETMEND_USAGE_ENABLED": "off"}, privileged=False)
+
+    assert config.usage_enabled is False
+    assert config.settings["usage.enabled"].source == "env FLEETMEND_USAGE_ENABLED"
+
+
+def test_none_flags_are_ignored() -> None:
+    config = load_config(flags={"collector": None}, environ={}, privileged=False)
+
+    assert config.settings["collector"].source == "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[intervals]\nhost = 0\n", "intervals.host"),
+        ("[intervals]\nhost = 'soon'\n", "'soon'"),
+        ('collector = "no-port"\n', "HOST:PORT"),
+        ('log_level = "loud"\n', "loud"),
+        ("colector = 'x:1'\n", "unknown settings: colector"),
+        ("[intervals\n", "not valid TOML"),
+    ],
+)
+def test_invalid_file_names_value(tmp_path: Path, text: str, fragment: str) -> None:
+    config_file = write(tmp_path / "agent.toml", text)
+
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, config_file=config_file)
+
+    assert fragment in str(info.value)
+    assert str(config_file) in str(info.value)
+
+
+def test_invalid_env_names_variable() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"FLEETMEND_INTERVALS_DISKS": "-5"}, privileged=False)
+
+    assert "env FLEETMEND_INTERVALS_DISKS" in str(info.value)
+    assert "-5" in str(info.value)
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(environ={}, config_file=tmp_path / "absent.toml")
+
+
+def test_env_name_of_nested_setting() -> None:
+    assert env_name("intervals.report_min") == "FLEETMEND_INTERVALS_REPORT_MIN"
+    assert env_name("usage.enabled") == "FLEETMEND_USAGE_ENABLED"
+
+
+def test_privileged_default_state_dir() -> None:
+    config = load_config(environ={}, privileged=True, config_file=None)
+
+    assert config.state_dir == Path("/var/lib/fleetmend")
+    assert config.config_file == Path("/etc/fleetmend/agent.toml")

@@ -1,0 +1,172 @@
+"""Device identity persistence and full/delta report assembly."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.report import ReportBuilder
+from agent.state import Identity, StateError, StateStore
+from fleetmend.v1 import report_pb2
+
+FIXED_TIME = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+def make_builder(state_dir: Path) -> tuple[StateStore, ReportBuilder]:
+    store = StateStore(state_dir)
+    return store, ReportBuilder(store, store.load_or_create(), clock=lambda: FIXED_TIME)
+
+
+def host(name: str = "laptop-1") -> report_pb2.HostFacts:
+    return report_pb2.HostFacts(hostname=name, os_name="Debian GNU/Linux")
+
+
+def test_identity_created_once(tmp_path: Path) -> None:
+    first = StateStore(tmp_path / "state").load_or_create()
+    second = StateStore(tmp_path / "state").load_or_create()
+
+    assert uuid.UUID(first.device_id)
+    assert second.device_id == first.device_id
+    assert second.next_sequence == 1
+
+
+def test_identity_file_modes(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.load_or_create()
+
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(store.state_dir).st_mode) == 0o700
+
+
+def test_identity_unreadable_by_other_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    store = StateStore(tmp_path / "state")
+    store.load_or_create()
+    os.chmod(tmp_path, 0o755)
+
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "cat",
+            str(store.path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "Permission denied" in result.stderr
+
+
+def test_damaged_identity_file(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_text("{not json", encoding="utf-8")
+
+    with pytest.raises(StateError, match="damaged"):
+        store.load_or_create()
+    assert store.path.read_text(encoding="utf-8") == "{not json"
+
+
+def test_sequence_persisted_before_report(tmp_path: Path) -> None:
+    store, builder = make_builder(tmp_path)
+    builder.update("host", host())
+
+    first = builder.build(full=True)
+    second = builder.build(full=False)
+
+    assert (first.sequence, second.sequence) == (1, 2)
+    assert json.loads(store.path.read_text())["next_sequence"] == 3
+    _, restarted = make_builder(tmp_path)
+    assert restarted.build(full=True).sequence == 3
+
+
+def test_full_report_carries_every_section(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+    builder.update("host", host())
+    builder.update("batteries", report_pb2.BatterySection())
+
+    report = builder.build(full=True)
+
+    assert report.full
+    assert report.HasField("host")
+    assert report.HasField("batteries")
+    assert report.collect_time.ToDatetime(UTC) == FIXED_TIME
+
+
+def test_quiet_delta_has_no_sections(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+    builder.update("host", host())
+    builder.build(full=True)
+    builder.update("host", host())
+
+    delta = builder.build(full=False)
+
+    assert not delta.full
+    assert not delta.HasField("host")
+    assert delta.ByteSize() < 64
+
+
+def test_delta_carries_only_changes(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+    builder.update("host", host())
+    builder.update("batteries", report_pb2.BatterySection())
+    builder.build(full=True)
+    builder.update("host", host("renamed"))
+
+    delta = builder.build(full=False)
+
+    assert delta.HasField("host")
+    assert delta.host.hostname == "renamed"
+    assert not delta.HasField("batteries")
+
+
+def test_emptied_section_is_sent(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+    section = report_pb2.BatterySection(batteries=[report_pb2.Battery(name="BAT0")])
+    builder.update("batteries", section)
+    builder.build(full=True)
+    builder.update("batteries", report_pb2.BatterySection())
+
+    delta = builder.build(full=False)
+
+    assert delta.HasField("batteries")
+    assert len(delta.batteries.batteries) == 0
+
+
+def test_skip_past_committed_sequence(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+
+    builder.skip_past(41)
+
+    assert builder.build(full=True).sequence == 42
+
+
+def test_unknown_section_rejected(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+
+    with pytest.raises(ValueError, match="unknown report section"):
+        builder.update("weather", host())
+
+
+def test_snapshot_does_not_number(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    builder = ReportBuilder(store, Identity(device_id="", next_sequence=1))
+    builder.update("host", host())
+
+    report = builder.snapshot()
+
+    assert report.sequence == 0
+    assert report.full
+    assert not store.path.exists()
