@@ -3,59 +3,108 @@
 The store knows nothing of gRPC: it takes and returns fleetmend.v1 messages and
 plain values. SQLite (WAL mode) is the default; PostgreSQL is selected by a
 ``postgresql+psycopg://`` URL. The schema is managed by Alembic migrations.
+
+Times go in and come out timezone-aware and are stored in UTC; a naive datetime
+raises ValueError. Database failures raise StoreError, with the URL (password
+hidden) in the message and the driver's exception chained.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
+from types import TracebackType
 
-from fleetmend.v1 import ops_pb2, report_pb2
+from google.protobuf.message import DecodeError
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
+from collector.store import _devices, _ingest, _migrations
+from collector.store._engine import (
+    WRITE_OPTION,
+    create_store_engine,
+    describe_error,
+    redact_url,
+)
+from collector.store._model import IncomingReport, StoreError
+from fleetmend.v1 import ops_pb2
 
-@dataclass(frozen=True)
-class IncomingReport:
-    """A report received on a device's stream, not yet committed."""
+__all__ = ["IncomingReport", "Store", "StoreError"]
 
-    device_id: str
-    report: report_pb2.Report
-    received_time: datetime
-
-
-class StoreError(Exception):
-    """The database could not be opened, migrated or written."""
+logger = logging.getLogger(__name__)
 
 
 class Store:
-    """CONTRACT ONLY: the store helper replaces this body with the implementation.
+    """A collector database: devices, their reports and their latest state.
 
     Every method is thread-safe; the gRPC server calls them from a worker thread.
+    Each method runs in its own transaction. Writes on SQLite take the database's
+    write lock when they begin (BEGIN IMMEDIATE) and wait up to 30 s for it.
     """
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        """Wrap an engine made by create_store_engine; use Store.open() instead."""
+        self._engine = engine
+        self._url = redact_url(url)
 
     @classmethod
     def open(cls, url: str) -> Store:
-        """Open the database at url; for SQLite, create the file's folder and enable WAL."""
-        raise NotImplementedError
+        """Open the database at url; for SQLite, create the file's folder, enable WAL.
+
+        A SQLite URL is ``sqlite:///PATH``, where a relative PATH starts at the
+        current folder. A missing folder is created with mode 0700 and a
+        missing file with mode 0600. A PostgreSQL URL is
+        ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE``, and
+        ``postgresql://`` selects psycopg too. The schema is not touched: call
+        migrate() next. Raises StoreError for an invalid or unsupported URL and
+        for a database that cannot be created or reached.
+        """
+        engine = create_store_engine(url)
+        store = cls(engine, url)
+        logger.info("opened store %s", store._url)
+        return store
 
     def migrate(self) -> list[str]:
-        """Apply pending Alembic migrations and return the revisions applied."""
-        raise NotImplementedError
+        """Apply pending Alembic migrations and return the revisions applied.
+
+        Concurrent calls on one database apply each revision once. Raises
+        StoreError when the database is at a revision unknown to this version.
+        """
+        with self._write("migrating the database") as connection:
+            return _migrations.upgrade(connection)
 
     def pending_migrations(self) -> list[str]:
-        """Return the revisions not yet applied, oldest first."""
-        raise NotImplementedError
+        """Return the revisions not yet applied, oldest first.
 
-    def record_hello(self, device_id: str, agent_version: str, seen_time: datetime) -> int:
+        Raises StoreError when the database is at a revision unknown to this
+        version.
+        """
+        with self._read("reading the schema revision") as connection:
+            return _migrations.pending_revisions(connection)
+
+    def record_hello(
+        self, device_id: str, agent_version: str, seen_time: datetime
+    ) -> int:
         """Create the device if new, set its agent version and last-seen time.
 
         Returns the highest sequence number committed for the device (0 if none).
+        The last-seen time never moves back: an earlier seen_time keeps the
+        stored one.
         """
-        raise NotImplementedError
+        with self._write(f"recording the hello of device {device_id}") as connection:
+            return _ingest.record_hello(connection, device_id, agent_version, seen_time)
 
     def touch(self, device_ids: Sequence[str], seen_time: datetime) -> None:
-        """Set the last-seen time of devices with an open stream."""
-        raise NotImplementedError
+        """Set the last-seen time of devices with an open stream.
+
+        Unknown device ids are ignored, and a last-seen time later than
+        seen_time is kept.
+        """
+        with self._write("updating last-seen times") as connection:
+            _ingest.touch(connection, device_ids, seen_time)
 
     def ingest(self, batch: Sequence[IncomingReport]) -> dict[str, int]:
         """Commit a batch of reports in one transaction.
@@ -65,12 +114,20 @@ class Store:
         sequence number than the one that last set it, so reports may arrive in
         any order. Returns, per device in the batch, the highest sequence number
         now committed for it.
+
+        An unknown device is created. The last-seen time becomes the latest
+        received time of the batch's new reports, unless it is later already.
+        Raises ValueError, before anything is written, for an empty device id, a
+        sequence number outside 1 to 2**63 - 1, a naive received time or an
+        invalid collect_time.
         """
-        raise NotImplementedError
+        with self._write(f"storing a batch of {len(batch)} reports") as connection:
+            return _ingest.ingest(connection, batch)
 
     def committed_sequence(self, device_id: str) -> int:
         """Return the highest committed sequence number of a device (0 if none)."""
-        raise NotImplementedError
+        with self._read(f"reading device {device_id}") as connection:
+            return _devices.committed_sequence(connection, device_id)
 
     def list_devices(
         self,
@@ -84,17 +141,69 @@ class Store:
 
         hostname filters by exact, case-insensitive hostname. Without full, only
         the summary fields and host are set; with full, every section is set.
+        Device ids compare by their bytes (UTF-8) on both databases. A negative
+        limit raises ValueError.
         """
-        raise NotImplementedError
+        with self._read("listing devices") as connection:
+            return _devices.list_devices(
+                connection,
+                limit=limit,
+                after_device_id=after_device_id,
+                hostname=hostname,
+                full=full,
+            )
 
     def get_device(self, device_id: str) -> ops_pb2.Device | None:
-        """Return a device with every stored section, or None if unknown."""
-        raise NotImplementedError
+        """Return a device with every stored section, or None if unknown.
+
+        A section that no report has carried yet is absent; one that the latest
+        report carrying it sent empty is present and empty.
+        """
+        with self._read(f"reading device {device_id}") as connection:
+            return _devices.get_device(connection, device_id)
 
     def count_reports(self, device_id: str | None = None) -> int:
         """Return the number of stored reports, of one device or of all."""
-        raise NotImplementedError
+        with self._read("counting reports") as connection:
+            return _devices.count_reports(connection, device_id)
 
     def close(self) -> None:
         """Dispose of the engine and its connections."""
-        raise NotImplementedError
+        self._engine.dispose()
+        logger.info("closed store %s", self._url)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _read(self, action: str) -> Iterator[Connection]:
+        with (
+            self._translate_errors(action),
+            self._engine.connect() as connection,
+            connection.begin(),
+        ):
+            yield connection
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[Connection]:
+        with self._translate_errors(action), self._engine.connect() as connection:
+            connection.execution_options(**{WRITE_OPTION: True})
+            with connection.begin():
+                yield connection
+
+    @contextmanager
+    def _translate_errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (SQLAlchemyError, sqlite3.Error, DecodeError) as error:
+            raise StoreError(
+                f"{action} failed on {self._url}: {describe_error(error)}"
+            ) from error

@@ -1,0 +1,104 @@
+"""Reads of the store: devices as fleetmend.v1.Device messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import Connection, RowMapping, func, select
+
+from collector.store._schema import SECTIONS, SectionName, devices, reports
+from fleetmend.v1 import ops_pb2
+
+_SUMMARY_COLUMNS = (
+    "device_id",
+    "hostname",
+    "agent_version",
+    "first_seen",
+    "last_seen",
+    "committed_sequence",
+    "last_report_time",
+)
+
+
+def list_devices(
+    connection: Connection,
+    *,
+    limit: int,
+    after_device_id: str,
+    hostname: str,
+    full: bool,
+) -> list[ops_pb2.Device]:
+    """Return a page of devices ordered by device id."""
+    if limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+    sections: tuple[SectionName, ...] = SECTIONS if full else ("host",)
+    query = (
+        select(*_columns(sections))
+        .where(devices.c.device_id > after_device_id)
+        .order_by(devices.c.device_id)
+        .limit(limit)
+    )
+    if hostname:
+        query = query.where(devices.c.hostname_key == hostname.casefold())
+    records = connection.execute(query).mappings()
+    return [_device_message(record, sections) for record in records]
+
+
+def get_device(connection: Connection, device_id: str) -> ops_pb2.Device | None:
+    """Return one device with every stored section, or None if unknown."""
+    query = select(*_columns(SECTIONS)).where(devices.c.device_id == device_id)
+    record = connection.execute(query).mappings().first()
+    if record is None:
+        return None
+    return _device_message(record, SECTIONS)
+
+
+def committed_sequence(connection: Connection, device_id: str) -> int:
+    """Return the highest stored sequence number of a device, 0 if unknown."""
+    query = select(devices.c.committed_sequence).where(devices.c.device_id == device_id)
+    return int(connection.execute(query).scalar_one_or_none() or 0)
+
+
+def count_reports(connection: Connection, device_id: str | None) -> int:
+    """Return the number of stored reports, of one device or of all."""
+    query = select(func.count()).select_from(reports)
+    if device_id is not None:
+        query = query.where(reports.c.device_id == device_id)
+    return int(connection.execute(query).scalar_one())
+
+
+def _columns(sections: tuple[SectionName, ...]) -> list[Any]:
+    names = [*_SUMMARY_COLUMNS, *(f"{name}_pb" for name in sections)]
+    return [devices.c[name] for name in names]
+
+
+def _device_message(
+    record: RowMapping, sections: tuple[SectionName, ...]
+) -> ops_pb2.Device:
+    device = ops_pb2.Device(
+        device_id=record["device_id"],
+        hostname=record["hostname"],
+        agent_version=record["agent_version"],
+        committed_sequence=record["committed_sequence"],
+    )
+    _set_time(device.first_seen_time, record["first_seen"])
+    _set_time(device.last_seen_time, record["last_seen"])
+    _set_time(device.last_report_time, record["last_report_time"])
+
+    for name in sections:
+        payload = record[f"{name}_pb"]
+        if payload is None:
+            continue
+        # SetInParent marks the section present even when it is empty, which
+        # means "none any more" rather than "never reported".
+        section = getattr(device, name)
+        section.SetInParent()
+        section.MergeFromString(payload)
+    return device
+
+
+def _set_time(timestamp: Timestamp, value: datetime | None) -> None:
+    if value is not None:
+        timestamp.FromDatetime(value)

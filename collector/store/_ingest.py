@@ -1,0 +1,338 @@
+"""Writes of the store: hellos, last-seen times and batches of reports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, case, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from collector.store._model import IncomingReport
+from collector.store._schema import (
+    MAX_SEQUENCE,
+    SECTIONS,
+    SectionName,
+    devices,
+    reports,
+)
+
+# Largest number of device ids bound in one IN list; SQLite before 3.32
+# accepts at most 999 parameters per statement.
+_IN_LIST_SIZE = 900
+
+
+@dataclass
+class _Section:
+    sequence: int
+    payload: bytes | None
+
+
+@dataclass
+class _DeviceState:
+    """A device row as ingest reads and rewrites it."""
+
+    device_id: str
+    committed_sequence: int
+    last_seen: datetime
+    last_report_time: datetime | None
+    sections: dict[SectionName, _Section]
+    hostname: str | None = None
+    changed: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _ReportRow:
+    item: IncomingReport
+    sequence: int
+    collect_time: datetime | None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.item.device_id, self.sequence)
+
+
+def record_hello(
+    connection: Connection, device_id: str, agent_version: str, seen_time: datetime
+) -> int:
+    """Upsert a device's agent version and last-seen time; return its sequence."""
+    _check_device_id(device_id)
+    _check_aware(seen_time)
+    insert = _dialect_insert(connection)
+    new_row = insert.values(
+        device_id=device_id,
+        agent_version=agent_version,
+        first_seen=seen_time,
+        last_seen=seen_time,
+    )
+    statement = new_row.on_conflict_do_update(
+        index_elements=[devices.c.device_id],
+        set_={
+            "agent_version": new_row.excluded.agent_version,
+            "last_seen": case(
+                (
+                    devices.c.last_seen < new_row.excluded.last_seen,
+                    new_row.excluded.last_seen,
+                ),
+                else_=devices.c.last_seen,
+            ),
+        },
+    ).returning(devices.c.committed_sequence)
+    return int(connection.execute(statement).scalar_one())
+
+
+def touch(
+    connection: Connection, device_ids: Sequence[str], seen_time: datetime
+) -> None:
+    """Move the last-seen time of known devices forward to seen_time."""
+    _check_aware(seen_time)
+    for chunk in _chunks(sorted(set(device_ids))):
+        # An UPDATE locks rows in scan order. Locking them in device id order
+        # first, as ingest does, rules out deadlocks with ingest on PostgreSQL.
+        connection.execute(
+            select(devices.c.device_id)
+            .where(devices.c.device_id.in_(chunk))
+            .order_by(devices.c.device_id)
+            .with_for_update()
+        )
+        connection.execute(
+            update(devices)
+            .where(devices.c.device_id.in_(chunk))
+            .where(devices.c.last_seen < seen_time)
+            .values(last_seen=seen_time)
+        )
+
+
+def ingest(connection: Connection, batch: Sequence[IncomingReport]) -> dict[str, int]:
+    """Store a batch of reports and update the devices' latest state.
+
+    The caller commits. Raises ValueError, before writing anything, for a report
+    the store cannot represent.
+    """
+    rows = _unique_rows(batch)
+    device_ids = sorted({row.item.device_id for row in rows})
+    if not device_ids:
+        return {}
+
+    _insert_missing_devices(connection, rows)
+    states = _lock_devices(connection, device_ids)
+    inserted = _insert_reports(connection, rows)
+
+    for row in rows:
+        if row.key in inserted:
+            _apply(states[row.item.device_id], row)
+    _write_devices(connection, [state for state in states.values() if state.changed])
+    return {device_id: states[device_id].committed_sequence for device_id in device_ids}
+
+
+def _unique_rows(batch: Sequence[IncomingReport]) -> list[_ReportRow]:
+    """Validate the batch and drop repeats of a (device, sequence) pair in it."""
+    rows: dict[tuple[str, int], _ReportRow] = {}
+    for item in batch:
+        row = _report_row(item)
+        rows.setdefault(row.key, row)
+    return list(rows.values())
+
+
+def _report_row(item: IncomingReport) -> _ReportRow:
+    _check_device_id(item.device_id)
+    sequence = item.report.sequence
+    if not 1 <= sequence <= MAX_SEQUENCE:
+        raise ValueError(
+            f"report of device {item.device_id} has sequence {sequence}; "
+            f"sequence numbers run from 1 to {MAX_SEQUENCE}"
+        )
+    if item.received_time.utcoffset() is None:
+        raise ValueError(
+            f"report {sequence} of device {item.device_id} has a naive received "
+            "time; pass a timezone-aware datetime"
+        )
+
+    collect_time = None
+    if item.report.HasField("collect_time"):
+        try:
+            collect_time = item.report.collect_time.ToDatetime(tzinfo=UTC)
+        except ValueError as error:
+            raise ValueError(
+                f"report {sequence} of device {item.device_id} has an invalid "
+                f"collect_time: {error}"
+            ) from error
+    return _ReportRow(item=item, sequence=sequence, collect_time=collect_time)
+
+
+def _check_device_id(device_id: str) -> None:
+    if not device_id:
+        raise ValueError("device id is empty")
+
+
+def _check_aware(seen_time: datetime) -> None:
+    if seen_time.utcoffset() is None:
+        raise ValueError(f"seen time {seen_time} is naive; pass a timezone-aware one")
+
+
+def _insert_missing_devices(connection: Connection, rows: list[_ReportRow]) -> None:
+    first_received: dict[str, datetime] = {}
+    for row in rows:
+        device_id = row.item.device_id
+        received = row.item.received_time
+        if device_id not in first_received or received < first_received[device_id]:
+            first_received[device_id] = received
+
+    # Sorted rows make concurrent batches lock new device rows in one order,
+    # which rules out deadlocks between them on PostgreSQL.
+    values = [
+        {"device_id": device_id, "first_seen": received, "last_seen": received}
+        for device_id, received in sorted(first_received.items())
+    ]
+    statement = _dialect_insert(connection).on_conflict_do_nothing(
+        index_elements=[devices.c.device_id]
+    )
+    connection.execute(statement, values)
+
+
+def _lock_devices(
+    connection: Connection, device_ids: list[str]
+) -> dict[str, _DeviceState]:
+    """Read the devices' state, locking their rows until the transaction ends.
+
+    FOR UPDATE applies on PostgreSQL. SQLite renders no lock clause and relies
+    on the BEGIN IMMEDIATE write lock that the store takes for every write.
+    """
+    columns = [
+        devices.c.device_id,
+        devices.c.committed_sequence,
+        devices.c.last_seen,
+        devices.c.last_report_time,
+        *(devices.c[f"{name}_sequence"] for name in SECTIONS),
+    ]
+    states: dict[str, _DeviceState] = {}
+    for chunk in _chunks(device_ids):
+        query = (
+            select(*columns)
+            .where(devices.c.device_id.in_(chunk))
+            .order_by(devices.c.device_id)
+            .with_for_update()
+        )
+        for record in connection.execute(query).mappings():
+            sections = {
+                name: _Section(record[f"{name}_sequence"], None) for name in SECTIONS
+            }
+            states[record["device_id"]] = _DeviceState(
+                device_id=record["device_id"],
+                committed_sequence=record["committed_sequence"],
+                last_seen=record["last_seen"],
+                last_report_time=record["last_report_time"],
+                sections=sections,
+            )
+    return states
+
+
+def _insert_reports(
+    connection: Connection, rows: list[_ReportRow]
+) -> set[tuple[str, int]]:
+    """Insert the reports not stored yet and return the keys actually inserted."""
+    values = [
+        {
+            "device_id": row.item.device_id,
+            "sequence": row.sequence,
+            "received_time": row.item.received_time,
+            "collect_time": row.collect_time,
+            "is_full": row.item.report.full,
+            "payload": row.item.report.SerializeToString(),
+        }
+        for row in rows
+    ]
+    statement = (
+        _dialect_insert(connection, reports)
+        .on_conflict_do_nothing(
+            index_elements=[reports.c.device_id, reports.c.sequence]
+        )
+        .returning(reports.c.device_id, reports.c.sequence)
+    )
+    result = connection.execute(statement, values)
+    return {(device_id, sequence) for device_id, sequence in result}
+
+
+def _apply(state: _DeviceState, row: _ReportRow) -> None:
+    """Merge one newly stored report into the device's state."""
+    report = row.item.report
+    received = row.item.received_time
+
+    if received > state.last_seen:
+        state.last_seen = received
+        state.changed.add("last_seen")
+
+    if row.sequence > state.committed_sequence:
+        state.committed_sequence = row.sequence
+        state.last_report_time = row.collect_time or received
+        state.changed.add("committed_sequence")
+
+    for name in SECTIONS:
+        section = state.sections[name]
+        if report.HasField(name) and row.sequence > section.sequence:
+            section.sequence = row.sequence
+            section.payload = getattr(report, name).SerializeToString()
+            state.changed.add(name)
+            if name == "host":
+                state.hostname = report.host.hostname
+
+
+def _write_devices(connection: Connection, states: list[_DeviceState]) -> None:
+    """Write the changed columns, one executemany per set of changed sections."""
+    groups: dict[tuple[SectionName, ...], list[dict[str, Any]]] = {}
+    for state in states:
+        changed_sections = tuple(name for name in SECTIONS if name in state.changed)
+        groups.setdefault(changed_sections, []).append(_device_values(state))
+
+    for changed_sections, values in groups.items():
+        columns = ["last_seen", "committed_sequence", "last_report_time"]
+        for name in changed_sections:
+            columns += [f"{name}_pb", f"{name}_sequence"]
+        if "host" in changed_sections:
+            columns += ["hostname", "hostname_key"]
+
+        # Typed parameters, so that UtcDateTime converts the times to UTC.
+        assignments = {
+            column: bindparam(f"new_{column}", type_=devices.c[column].type)
+            for column in columns
+        }
+        statement = (
+            update(devices)
+            .where(devices.c.device_id == bindparam("target_device_id"))
+            .values(assignments)
+        )
+        connection.execute(statement, values)
+
+
+def _device_values(state: _DeviceState) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "target_device_id": state.device_id,
+        "new_last_seen": state.last_seen,
+        "new_committed_sequence": state.committed_sequence,
+        "new_last_report_time": state.last_report_time,
+    }
+    for name in SECTIONS:
+        if name in state.changed:
+            section = state.sections[name]
+            values[f"new_{name}_pb"] = section.payload
+            values[f"new_{name}_sequence"] = section.sequence
+    if "host" in state.changed:
+        hostname = state.hostname or ""
+        values["new_hostname"] = hostname
+        values["new_hostname_key"] = hostname.casefold()
+    return values
+
+
+def _dialect_insert(
+    connection: Connection, table: Any = devices
+) -> sqlite.Insert | postgresql.Insert:
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(items), _IN_LIST_SIZE):
+        yield items[start : start + _IN_LIST_SIZE]

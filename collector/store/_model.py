@@ -1,0 +1,21 @@
+"""Values that cross the store's public interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from fleetmend.v1 import report_pb2
+
+
+@dataclass(frozen=True)
+class IncomingReport:
+    """A report received on a device's stream, not yet committed."""
+
+    device_id: str
+    report: report_pb2.Report
+    received_time: datetime
+
+
+class StoreError(Exception):
+    """The database could not be opened, migrated or written."""
