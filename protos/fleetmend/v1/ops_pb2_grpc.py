@@ -80,7 +80,8 @@ class OpsServiceServicer:
         latest readings at the time of the call. Ordered by severity (most severe
         first), then device id.
 
-        Status codes: INVALID_ARGUMENT for a bad page token. Safe to retry.
+        Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
+        device_id names no known device. Safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

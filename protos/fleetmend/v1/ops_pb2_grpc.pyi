@@ -49,7 +49,8 @@ class OpsServiceStub:
     latest readings at the time of the call. Ordered by severity (most severe
     first), then device id.
 
-    Status codes: INVALID_ARGUMENT for a bad page token. Safe to retry.
+    Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
+    device_id names no known device. Safe to retry.
     """
 
 @_typing.type_check_only
@@ -73,7 +74,8 @@ class OpsServiceAsyncStub(OpsServiceStub):
     latest readings at the time of the call. Ordered by severity (most severe
     first), then device id.
 
-    Status codes: INVALID_ARGUMENT for a bad page token. Safe to retry.
+    Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
+    device_id names no known device. Safe to retry.
     """
 
 class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -112,7 +114,8 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         latest readings at the time of the call. Ordered by severity (most severe
         first), then device id.
 
-        Status codes: INVALID_ARGUMENT for a bad page token. Safe to retry.
+        Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
+        device_id names no known device. Safe to retry.
         """
 
 def add_OpsServiceServicer_to_server(servicer: OpsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

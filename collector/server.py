@@ -1,0 +1,376 @@
+"""The collector's asyncio gRPC server: AgentService, OpsService, health, reflection.
+
+``start_server_thread`` runs a server on a background event loop for tests,
+benchmarks and the demo. ``serve`` runs one in the foreground until SIGTERM or
+SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ipaddress
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
+
+from collector._ingest import AGENT_SERVICE, AgentServicer, Batcher, utc_now
+from collector._ops import OpsServicer
+from collector.store import Store
+from fleetmend.v1 import ops_pb2, ops_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+OPS_SERVICE = ops_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_TOUCH_INTERVAL_SECONDS = 60.0
+
+SERVER_OPTIONS = [
+    # Off, so that a second collector on the same port fails to start instead
+    # of silently sharing the agents' connections.
+    ("grpc.so_reuseport", 0),
+    # A larger message ends its stream with RESOURCE_EXHAUSTED.
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Agents keep their streams open for days. The server pings a connection
+    # after 60 s without traffic to find dead peers, and accepts client pings
+    # as often as every 10 s without closing the connection.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def redact_database_url(url: str) -> str:
+    """Return url with its password masked, for logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL must still be loggable
+        return "<unparsable database URL>"
+
+
+def split_listen_address(listen: str) -> tuple[str, int]:
+    """Split HOST:PORT (or [IPV6]:PORT) into host and port.
+
+    Raises ValueError naming the address when it has no valid port.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"listen address {listen!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True for localhost and for addresses in 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plaintext_allowed(listen: str, *, insecure: bool) -> None:
+    """Raise ValueError unless plaintext listening on listen is allowed.
+
+    TLS is not implemented yet, so the caller must pass insecure=True, and
+    plaintext is allowed on loopback addresses only.
+    """
+    if not insecure:
+        raise ValueError(
+            "TLS is not available yet; pass --insecure to serve plaintext on loopback"
+        )
+    host, _ = split_listen_address(listen)
+    if not is_loopback_host(host):
+        raise ValueError(
+            f"plaintext gRPC may listen on loopback only, not on {host}; "
+            "use 127.0.0.1 or ::1 until TLS is available"
+        )
+
+
+class CollectorServer:
+    """The aio server with its store, batcher and last-seen updater.
+
+    Create it on the event loop that will run it. start() binds the port, and
+    stop() shuts everything down in order.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        listen: str,
+        *,
+        insecure: bool,
+        clock: Callable[[], datetime] = utc_now,
+        touch_interval_seconds: float = DEFAULT_TOUCH_INTERVAL_SECONDS,
+    ) -> None:
+        check_plaintext_allowed(listen, insecure=insecure)
+        self._store = store
+        self._listen = listen
+        self._clock = clock
+        self._touch_interval_seconds = touch_interval_seconds
+        self._batcher = Batcher(store)
+        self._agents = AgentServicer(store, self._batcher, clock=clock)
+        self._health = health.aio.HealthServicer()
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._toucher: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        """HOST:PORT that clients connect to, with the bound port."""
+        host, _ = split_listen_address(self._listen)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind the listen address and start serving."""
+        self._server.add_generic_rpc_handlers((self._agents.rpc_handler(),))
+        ops_pb2_grpc.add_OpsServiceServicer_to_server(
+            OpsServicer(self._store, self._clock), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        services = (AGENT_SERVICE, OPS_SERVICE, health.SERVICE_NAME)
+        reflection.enable_server_reflection(
+            (*services, reflection.SERVICE_NAME), self._server
+        )
+        for name in ("", AGENT_SERVICE, OPS_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        try:
+            self.port = self._server.add_insecure_port(self._listen)
+        except RuntimeError as error:
+            raise OSError(
+                f"could not bind the listen address {self._listen}"
+            ) from error
+        if self.port == 0:
+            raise OSError(f"could not bind the listen address {self._listen}")
+        self._batcher.start()
+        await self._server.start()
+        self._toucher = asyncio.create_task(self._touch_open_streams())
+        logger.info("collector listening on %s (plaintext)", self.address)
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop accepting calls, ack what streams queued, then close the store.
+
+        Open calls get up to grace_seconds to finish before they are cancelled.
+        """
+        logger.info("collector on %s stopping", self.address)
+        await self._health.enter_graceful_shutdown()
+        self._agents.begin_shutdown()
+        await self._server.stop(grace_seconds)
+        if self._toucher is not None:
+            self._toucher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._toucher
+        await self._batcher.close()
+        await asyncio.to_thread(self._store.close)
+        logger.info("collector on %s stopped", self.address)
+
+    async def _touch_open_streams(self) -> None:
+        while True:
+            await asyncio.sleep(self._touch_interval_seconds)
+            device_ids = self._agents.open_device_ids()
+            if not device_ids:
+                continue
+            try:
+                await asyncio.to_thread(self._store.touch, device_ids, self._clock())
+            except Exception:
+                logger.exception(
+                    "updating the last-seen time of %d devices failed", len(device_ids)
+                )
+
+
+def open_store(database_url: str) -> Store:
+    """Open the store, apply pending migrations and log which were applied."""
+    store = Store.open(database_url)
+    try:
+        applied = store.migrate()
+    except BaseException:
+        store.close()
+        raise
+    if applied:
+        logger.info("database migrated: applied %s", ", ".join(applied))
+    else:
+        logger.info("database schema is up to date")
+    return store
+
+
+@dataclass
+class ServerHandle:
+    """Handle of a collector on a background thread, made by start_server_thread."""
+
+    port: int
+    address: str
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+    _server: CollectorServer
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop the server and wait for its thread to end."""
+        if not self._thread.is_alive():
+            return
+        stopping = asyncio.run_coroutine_threadsafe(
+            self._server.stop(grace_seconds), self._loop
+        )
+        try:
+            stopping.result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+
+def start_server_thread(
+    database_url: str,
+    listen: str = "127.0.0.1:0",
+    *,
+    insecure: bool,
+    clock: Callable[[], datetime] = utc_now,
+    touch_interval_seconds: float = DEFAULT_TOUCH_INTERVAL_SECONDS,
+) -> ServerHandle:
+    """Migrate the store, start a collector on a background thread, return its handle.
+
+    The thread runs its own event loop until handle.stop(). Errors from opening
+    the store or binding the address are raised here.
+    """
+    check_plaintext_allowed(listen, insecure=insecure)
+    logger.info("collector database: %s", redact_database_url(database_url))
+    store = open_store(database_url)
+    loop = asyncio.new_event_loop()
+    started: concurrent.futures.Future[CollectorServer] = concurrent.futures.Future()
+    thread = threading.Thread(
+        target=_run_loop,
+        args=(loop, store, listen, insecure, clock, touch_interval_seconds, started),
+        name=f"fleetmend-collector {listen}",
+        daemon=True,
+    )
+    thread.start()
+    try:
+        server = started.result()
+    except BaseException:
+        thread.join()
+        store.close()
+        raise
+    return ServerHandle(server.port, server.address, loop, thread, server)
+
+
+def _run_loop(
+    loop: asyncio.AbstractEventLoop,
+    store: Store,
+    listen: str,
+    insecure: bool,
+    clock: Callable[[], datetime],
+    touch_interval_seconds: float,
+    started: concurrent.futures.Future[CollectorServer],
+) -> None:
+    asyncio.set_event_loop(loop)
+
+    async def start() -> CollectorServer:
+        server = CollectorServer(
+            store,
+            listen,
+            insecure=insecure,
+            clock=clock,
+            touch_interval_seconds=touch_interval_seconds,
+        )
+        await server.start()
+        return server
+
+    try:
+        server = loop.run_until_complete(start())
+    except BaseException as error:
+        started.set_exception(error)
+        loop.close()
+        return
+    started.set_result(server)
+    try:
+        loop.run_forever()
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def serve(
+    database_url: str,
+    listen: str,
+    *,
+    insecure: bool,
+    grace_seconds: float = 5.0,
+    ready: Callable[[CollectorServer], None] | None = None,
+) -> None:
+    """Migrate the store and serve until SIGTERM or SIGINT, then stop gracefully.
+
+    ready, if given, is called once the server listens.
+    """
+    check_plaintext_allowed(listen, insecure=insecure)
+    logger.info("collector database: %s", redact_database_url(database_url))
+    store = await asyncio.to_thread(open_store, database_url)
+    try:
+        server = CollectorServer(store, listen, insecure=insecure)
+        await server.start()
+    except BaseException:
+        store.close()
+        raise
+    if ready is not None:
+        ready(server)
+    stop_requested = asyncio.Event()
+    restore = _install_stop_handlers(stop_requested)
+    try:
+        await stop_requested.wait()
+    finally:
+        restore()
+        await server.stop(grace_seconds)
+
+
+def _install_stop_handlers(event: asyncio.Event) -> Callable[[], None]:
+    """Set event on SIGTERM or SIGINT, and return a function that removes this."""
+    loop = asyncio.get_running_loop()
+    signals = [signal.SIGTERM, signal.SIGINT]
+
+    def request_stop(signum: int) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        event.set()
+
+    try:
+        for signum in signals:
+            loop.add_signal_handler(signum, request_stop, signum)
+    except NotImplementedError:
+        # The Windows event loops have no add_signal_handler.
+        return _install_plain_signal_handlers(loop, signals, request_stop)
+
+    def remove() -> None:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+    return remove
+
+
+def _install_plain_signal_handlers(
+    loop: asyncio.AbstractEventLoop,
+    signals: list[signal.Signals],
+    request_stop: Callable[[int], None],
+) -> Callable[[], None]:
+    def handle(signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(request_stop, signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in signals}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore

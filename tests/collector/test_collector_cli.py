@@ -1,0 +1,196 @@
+"""fleetmend-collector: migrate, serve and the default database location."""
+
+from __future__ import annotations
+
+import re
+import selectors
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import platformdirs
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from collector.cli import main
+from collector.paths import default_data_dir, default_database_url
+from collector.store import Store
+from tests.conftest import BIN_DIR, free_port
+
+LISTENING = re.compile(r"collector listening on (127\.0\.0\.1:\d+)")
+
+
+def test_migrate_prints_revisions(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["migrate", "--database", database_url])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "applied migration" in out
+    store = Store.open(database_url)
+    try:
+        assert store.pending_migrations() == []
+    finally:
+        store.close()
+
+
+def test_migrate_twice_up_to_date(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["migrate", "--database", database_url])
+    capsys.readouterr()
+
+    code = main(["migrate", "--database", database_url])
+
+    assert code == 0
+    assert "already up to date" in capsys.readouterr().out
+
+
+def test_migrate_hides_password(capsys: pytest.CaptureFixture[str]) -> None:
+    # A port bound and closed again, so that nothing listens there.
+    port = free_port()
+    url = f"postgresql+psycopg://fleet:hunter2@127.0.0.1:{port}/fleet"
+
+    code = main(["migrate", "--database", url])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1
+    assert "hunter2" not in err
+    assert f"migrating postgresql+psycopg://fleet:***@127.0.0.1:{port}/fleet" in err
+
+
+def test_migrate_unwritable_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder\n")
+
+    code = main(["migrate", "--database", f"sqlite:///{blocker}/collector.db"])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1
+    assert err.startswith("fleetmend-collector: error: migrating")
+
+
+def test_serve_requires_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = f"sqlite:///{tmp_path}/collector.db"
+
+    code = main(["serve", "--listen", "127.0.0.1:0", "--database", database])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "TLS is not available yet" in err
+    assert "--insecure" in err
+
+
+def test_serve_rejects_non_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = f"sqlite:///{tmp_path}/collector.db"
+
+    code = main(
+        ["serve", "--listen", "0.0.0.0:0", "--database", database, "--insecure"]
+    )
+
+    assert code == 2
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_serve_bad_listen_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = f"sqlite:///{tmp_path}/collector.db"
+
+    code = main(
+        ["serve", "--listen", "127.0.0.1", "--database", database, "--insecure"]
+    )
+
+    assert code == 2
+    assert "not HOST:PORT" in capsys.readouterr().err
+
+
+def test_unknown_command_exit_two() -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["launch"])
+
+    assert raised.value.code == 2
+
+
+def test_root_data_dir() -> None:
+    assert default_data_dir(as_root=True) == Path("/var/lib/fleetmend-collector")
+
+
+def test_user_data_dir() -> None:
+    expected = Path(platformdirs.user_data_dir("fleetmend-collector", appauthor=False))
+
+    assert default_data_dir(as_root=False) == expected
+
+
+def test_default_url_names_file() -> None:
+    url = default_database_url(as_root=True)
+
+    assert url == "sqlite:////var/lib/fleetmend-collector/collector.db"
+
+
+def read_until(process: subprocess.Popen[str], pattern: re.Pattern[str]) -> str:
+    """Return the first match of pattern in the process's stderr, within 30 s."""
+    assert process.stderr is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + 30
+    seen = []
+    while time.monotonic() < deadline:
+        if not selector.select(timeout=deadline - time.monotonic()):
+            break
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = pattern.search(line)
+        if match:
+            return match.group(1)
+    raise AssertionError(f"no {pattern.pattern!r} in stderr: {''.join(seen)}")
+
+
+def test_serve_process_health_and_sigterm(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path}/data/collector.db"
+    process = subprocess.Popen(
+        [
+            str(BIN_DIR / "fleetmend-collector"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            database,
+            "--insecure",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = read_until(process, LISTENING)
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            health = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert process.returncode == 0
+    assert "received SIGTERM" in rest
+    assert f"collector on {address} stopped" in rest
+    assert (tmp_path / "data" / "collector.db").exists()

@@ -1,0 +1,497 @@
+"""The fleetmend CLI against a real collector on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from collector.ops_cli import (
+    CliError,
+    OpsClient,
+    enum_label,
+    format_duration,
+    main,
+    render_table,
+)
+from collector.server import ServerHandle, start_server_thread
+from collector.store import IncomingReport, Store
+from fleetmend.v1 import ops_pb2, ops_pb2_grpc, report_pb2
+from tests.conftest import BIN_DIR, free_port
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Devices stored for these tests: one full laptop and two namesakes."""
+
+    address: str
+    laptop: str
+    twins: tuple[str, str]
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def laptop_report(now: datetime) -> report_pb2.Report:
+    host = report_pb2.HostFacts(
+        hostname="lab-01",
+        os_name="Debian GNU/Linux",
+        os_version="12",
+        kernel_version="6.1.0-18-amd64",
+        architecture="x86_64",
+        manufacturer="LENOVO",
+        model="20XW",
+        memory_bytes=16 * 1024**3,
+        boot_time=timestamp(now - timedelta(days=2)),
+        volumes=[
+            report_pb2.Volume(
+                mount_point="/",
+                device="/dev/nvme0n1p2",
+                filesystem="ext4",
+                total_bytes=500 * 1024**3,
+                free_bytes=50 * 1024**3,
+            )
+        ],
+    )
+    ata = report_pb2.Disk(
+        name="sda",
+        model="WDC WD10EZEX",
+        interface=report_pb2.DISK_INTERFACE_ATA,
+        smart_state=report_pb2.SMART_STATE_AVAILABLE,
+        self_assessment=report_pb2.SELF_ASSESSMENT_PASSED,
+        ata_attributes=[
+            report_pb2.AtaAttribute(
+                id=5, name="Reallocated_Sector_Ct", value=90, raw=8, raw_text="8"
+            ),
+            report_pb2.AtaAttribute(id=1, name="Raw_Read_Error_Rate", raw_text="0"),
+        ],
+    )
+    nvme = report_pb2.Disk(
+        name="nvme0n1",
+        interface=report_pb2.DISK_INTERFACE_NVME,
+        smart_state=report_pb2.SMART_STATE_AVAILABLE,
+        nvme_health=report_pb2.NvmeHealth(
+            percentage_used=3, available_spare_percent=100
+        ),
+    )
+    strange = report_pb2.Disk(name="sdb", smart_state=99)  # type: ignore[arg-type]
+    battery = report_pb2.Battery(
+        name="BAT0",
+        model="5B10W13930",
+        design_capacity=57_000_000,
+        full_capacity=28_500_000,
+        health_percent=50.0,
+        cycle_count=812,
+        status=report_pb2.BATTERY_STATUS_DISCHARGING,
+    )
+    password = report_pb2.Credential(
+        kind=report_pb2.CREDENTIAL_KIND_LOCAL_PASSWORD,
+        account="alice",
+        expiry=report_pb2.CREDENTIAL_EXPIRY_AT_TIME,
+        expire_time=timestamp(now + timedelta(days=5)),
+        source="chage -l alice",
+    )
+    usage = report_pb2.UsageSection(
+        enabled=True,
+        window_days=28,
+        apps=[
+            report_pb2.AppUsage(app_id="sap", hours_of_week=[9, 10], minutes=[90, 30])
+        ],
+    )
+    return report_pb2.Report(
+        sequence=1,
+        full=True,
+        collect_time=timestamp(now),
+        host=host,
+        disks=report_pb2.DiskSection(
+            disks=[ata, nvme, strange],
+            errors=[
+                report_pb2.ProbeError(
+                    source="smartctl -a /dev/sdc",
+                    kind=report_pb2.PROBE_ERROR_KIND_UNREADABLE,
+                    reason="permission denied",
+                )
+            ],
+        ),
+        batteries=report_pb2.BatterySection(batteries=[battery]),
+        credentials=report_pb2.CredentialSection(credentials=[password]),
+        usage=usage,
+    )
+
+
+def twin_report() -> report_pb2.Report:
+    host = report_pb2.HostFacts(hostname="twin", os_name="Windows", os_version="11")
+    return report_pb2.Report(sequence=1, full=True, host=host)
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[ServerHandle]:
+    handle = start_server_thread(database_url, insecure=True)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def fleet(server: ServerHandle, database_url: str) -> Fleet:
+    now = datetime.now(UTC)
+    laptop = str(uuid.uuid4())
+    twins = (str(uuid.uuid4()), str(uuid.uuid4()))
+    store = Store.open(database_url)
+    try:
+        batch = [IncomingReport(laptop, laptop_report(now), now)]
+        batch += [IncomingReport(twin, twin_report(), now) for twin in twins]
+        for incoming in batch:
+            store.record_hello(incoming.device_id, "0.1.0", now)
+        store.ingest(batch)
+    finally:
+        store.close()
+    return Fleet(server.address, laptop, twins)
+
+
+def run(fleet: Fleet, *args: str) -> int:
+    return main(["--collector", fleet.address, "--insecure", *args])
+
+
+def closed_port_address() -> str:
+    """Return a 127.0.0.1 address whose port was bound and closed again."""
+    return f"127.0.0.1:{free_port()}"
+
+
+# devices
+
+
+def test_devices_table(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(fleet, "devices")
+
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert code == 0
+    assert lines[0].split() == [
+        "DEVICE",
+        "ID",
+        "HOSTNAME",
+        "OS",
+        "AGENT",
+        "LAST",
+        "SEEN",
+    ]
+    assert len(lines) == 4
+    assert fleet.laptop in out
+    assert "Debian GNU/Linux 12" in out
+    assert "ago (" in out
+
+
+def test_devices_columns_aligned(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(fleet, "devices")
+
+    lines = capsys.readouterr().out.splitlines()
+    starts = {line.index("0.1.0") for line in lines[1:]}
+    assert len(starts) == 1
+    assert lines[0].index("AGENT") in starts
+
+
+def test_devices_follows_pages(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(fleet, "--page-size", "1", "devices")
+
+    out = capsys.readouterr().out
+    assert code == 0
+    for device_id in (fleet.laptop, *fleet.twins):
+        assert device_id in out
+
+
+def test_devices_json(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(fleet, "--json", "devices")
+
+    listed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    ids = {device["device_id"] for device in listed["devices"]}
+    assert ids == {fleet.laptop, *fleet.twins}
+
+
+def test_options_after_command(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["devices", "--insecure", "--collector", fleet.address, "--json"])
+
+    assert code == 0
+    assert len(json.loads(capsys.readouterr().out)["devices"]) == 3
+
+
+def test_environment_selects_collector(
+    fleet: Fleet,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLEETMEND_COLLECTOR", fleet.address)
+
+    code = main(["--insecure", "devices"])
+
+    assert code == 0
+    assert fleet.laptop in capsys.readouterr().out
+
+
+# device show
+
+
+def test_show_by_hostname(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(fleet, "device", "show", "LAB-01")
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"Device {fleet.laptop} (lab-01)" in out
+    assert "6.1.0-18-amd64" in out
+    assert "LENOVO 20XW" in out
+    assert "16.0 GiB" in out
+
+
+def test_show_sections(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    run(fleet, "device", "show", fleet.laptop)
+
+    out = capsys.readouterr().out
+    volume = next(line for line in out.splitlines() if "/dev/nvme0n1p2" in line)
+    assert volume.split()[-1] == "10%"
+    assert "5 Reallocated_Sector_Ct=8" in out
+    assert "Raw_Read_Error_Rate" not in out
+    assert "used 3%" in out
+    assert "unknown(99)" in out
+    battery = next(line for line in out.splitlines() if "BAT0" in line)
+    assert battery.split()[2:5] == ["50%", "812", "discharging"]
+    account = next(line for line in out.splitlines() if "alice" in line)
+    assert "(in 4d)" in account
+    assert "sap" in out
+    assert "Mon 09:00" in out
+    assert "permission denied" in out
+
+
+def test_show_lists_findings(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    run(fleet, "device", "show", fleet.laptop)
+
+    findings = capsys.readouterr().out.split("Findings\n", 1)[1]
+    kinds = [line.split()[2] for line in findings.splitlines()[1:]]
+    assert kinds == ["disk_failing", "battery_worn", "password_expiring"]
+
+
+def test_show_unreported_sections(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(fleet, "device", "show", fleet.twins[0])
+
+    out = capsys.readouterr().out
+    assert "Windows 11" in out
+    assert "Disks\n  not reported yet\n" in out
+    assert "Findings\n  No findings.\n" in out
+
+
+def test_show_json(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(fleet, "--json", "device", "show", "lab-01")
+
+    shown = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert shown["device"]["device_id"] == fleet.laptop
+    assert shown["device"]["host"]["kernel_version"] == "6.1.0-18-amd64"
+    assert shown["findings"][0]["kind"] == "FINDING_KIND_DISK_FAILING"
+
+
+def test_show_unknown_hostname(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(fleet, "device", "show", "nowhere")
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "unknown device 'nowhere'" in captured.err
+
+
+def test_show_unknown_id(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    device_id = str(uuid.uuid4())
+
+    code = run(fleet, "device", "show", device_id)
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.err.count("\n") == 1
+    assert f"unknown device {device_id}" in captured.err
+
+
+def test_show_ambiguous_hostname(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(fleet, "device", "show", "twin")
+
+    captured = capsys.readouterr()
+    assert code == 1
+    for twin in fleet.twins:
+        assert twin in captured.out
+    assert fleet.laptop not in captured.out
+    assert captured.err.count("\n") == 1
+    assert "2 devices have the hostname 'twin'" in captured.err
+
+
+# findings
+
+
+def test_findings_table(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(fleet, "findings")
+
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert lines[0].split() == ["SEVERITY", "HOSTNAME", "KIND", "SUBJECT", "DETAIL"]
+    assert [line.split()[:4] for line in lines[1:]] == [
+        ["critical", "lab-01", "disk_failing", "sda"],
+        ["warning", "lab-01", "battery_worn", "BAT0"],
+        ["warning", "lab-01", "password_expiring", "alice"],
+    ]
+
+
+def test_findings_device_filter(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(fleet, "findings", "--device", fleet.twins[0])
+
+    assert code == 0
+    assert capsys.readouterr().out == "No findings.\n"
+
+
+def test_findings_json_pages(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run(fleet, "--json", "--page-size", "1", "findings", "--device", "lab-01")
+
+    listed = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [f["subject"] for f in listed["findings"]] == ["sda", "BAT0", "alice"]
+
+
+# errors
+
+
+def test_requires_insecure(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--collector", closed_port_address(), "devices"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "--insecure" in err
+
+
+def test_unreachable_collector(capsys: pytest.CaptureFixture[str]) -> None:
+    address = closed_port_address()
+
+    code = main(["--collector", address, "--insecure", "devices"])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1
+    assert f"cannot reach the collector at {address}" in err
+    assert "FLEETMEND_COLLECTOR" in err
+
+
+def test_invalid_page_token(fleet: Fleet) -> None:
+    with grpc.insecure_channel(fleet.address) as channel:
+        client = OpsClient(ops_pb2_grpc.OpsServiceStub(channel), fleet.address, 10)
+        request = ops_pb2.ListDevicesRequest(page_token="forged")
+
+        with pytest.raises(
+            CliError, match="rejected ListDevices: page token"
+        ) as raised:
+            client.call("ListDevices", request)
+
+    assert raised.value.exit_code == 1
+
+
+def test_usage_error_exit_two(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["--insecure", "devices", "--page-size", "0"])
+
+    assert raised.value.code == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+# rendering
+
+
+def test_enum_label_unknown_value() -> None:
+    assert enum_label(ops_pb2.Severity, 42) == "unknown(42)"
+
+
+def test_enum_label_strips_prefix() -> None:
+    assert enum_label(ops_pb2.FindingKind, 6) == "device_silent"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(5, "5s"), (125, "2m"), (7200, "2h"), (90000, "1d")]
+)
+def test_duration_largest_unit(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+def test_table_pads_columns() -> None:
+    table = render_table(["A", "BB"], [["long", "x"], ["s", "yy"]])
+
+    assert table == "A     BB\nlong  x\ns     yy\n"
+
+
+# the installed console script
+
+
+def fleetmend(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN_DIR / "fleetmend"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_script_unreachable_one_line() -> None:
+    address = closed_port_address()
+
+    result = fleetmend("--collector", address, "--insecure", "devices")
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert address in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_script_ambiguous_lists(fleet: Fleet) -> None:
+    result = fleetmend(
+        "--collector", fleet.address, "--insecure", "device", "show", "twin"
+    )
+
+    assert result.returncode == 1
+    for twin in fleet.twins:
+        assert twin in result.stdout
+    assert result.stderr.count("\n") == 1
+
+
+def test_script_json_parses(fleet: Fleet) -> None:
+    result = fleetmend("--collector", fleet.address, "--insecure", "--json", "findings")
+
+    assert result.returncode == 0, result.stderr
+    findings = json.loads(result.stdout)["findings"]
+    assert {f["device_id"] for f in findings} == {fleet.laptop}
+
+
+def test_script_help_names_default(tmp_path: Path) -> None:
+    result = fleetmend("--help")
+
+    assert result.returncode == 0
+    assert "127.0.0.1:50051" in result.stdout

@@ -1,0 +1,851 @@
+"""The collector's gRPC server, driven through real channels on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from sqlalchemy import create_engine, text
+
+from collector._ingest import (
+    MAX_STRING_CHARS,
+    InvalidMessageError,
+    validate_device_id,
+    validate_report,
+)
+from collector._ops import (
+    decode_devices_token,
+    effective_page_size,
+    encode_devices_token,
+)
+from collector.server import ServerHandle, start_server_thread
+from collector.store import Store
+from fleetmend.v1 import agent_pb2, agent_pb2_grpc, ops_pb2, ops_pb2_grpc, report_pb2
+
+CONNECT_METHOD = "/fleetmend.v1.AgentService/Connect"
+T0 = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A clock that tests move by hand."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[ServerHandle]:
+    handle = start_server_thread(database_url, insecure=True)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def channel(server: ServerHandle) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as opened:
+        yield opened
+
+
+@pytest.fixture
+def reader(server: ServerHandle, database_url: str) -> Iterator[Store]:
+    """A second store on the server's database, to check what was committed."""
+    store = Store.open(database_url)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def agents(channel: grpc.Channel) -> agent_pb2_grpc.AgentServiceStub:
+    return agent_pb2_grpc.AgentServiceStub(channel)
+
+
+@pytest.fixture
+def ops(channel: grpc.Channel) -> ops_pb2_grpc.OpsServiceStub:
+    return ops_pb2_grpc.OpsServiceStub(channel)
+
+
+def new_device_id() -> str:
+    return str(uuid.uuid4())
+
+
+def hello(device_id: str) -> agent_pb2.ConnectRequest:
+    return agent_pb2.ConnectRequest(
+        hello=agent_pb2.Hello(device_id=device_id, agent_version="0.1.0")
+    )
+
+
+def report(sequence: int, **sections: object) -> agent_pb2.ConnectRequest:
+    return agent_pb2.ConnectRequest(
+        report=report_pb2.Report(sequence=sequence, **sections)  # type: ignore[arg-type]
+    )
+
+
+def host(hostname: str) -> report_pb2.HostFacts:
+    return report_pb2.HostFacts(hostname=hostname, os_name="Debian GNU/Linux")
+
+
+def run_stream(
+    agents: agent_pb2_grpc.AgentServiceStub,
+    requests: Iterable[agent_pb2.ConnectRequest],
+) -> list[agent_pb2.ConnectResponse]:
+    return list(agents.Connect(iter(requests), timeout=30))
+
+
+def run_failing_stream(
+    responses: Iterator[agent_pb2.ConnectResponse],
+) -> tuple[list[agent_pb2.ConnectResponse], grpc.RpcError]:
+    received = []
+    try:
+        for response in responses:
+            received.append(response)
+    except grpc.RpcError as error:
+        return received, error
+    raise AssertionError(f"stream ended without an error after {received}")
+
+
+def raw_connect(
+    channel: grpc.Channel, payloads: list[bytes]
+) -> Iterator[agent_pb2.ConnectResponse]:
+    """Send payloads as they are, without serializing, on a Connect stream."""
+    call = channel.stream_stream(
+        CONNECT_METHOD,
+        request_serializer=None,
+        response_deserializer=agent_pb2.ConnectResponse.FromString,
+    )
+    return call(iter(payloads), timeout=30)
+
+
+def acked(responses: list[agent_pb2.ConnectResponse]) -> list[int]:
+    return [r.ack.committed_sequence for r in responses if r.HasField("ack")]
+
+
+class Conversation:
+    """A Connect stream whose requests the test sends one at a time."""
+
+    def __init__(self, agents: agent_pb2_grpc.AgentServiceStub) -> None:
+        self._requests: queue.Queue[agent_pb2.ConnectRequest | None] = queue.Queue()
+        self.responses = agents.Connect(self._iter_requests(), timeout=30)
+
+    def _iter_requests(self) -> Iterator[agent_pb2.ConnectRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def send(self, request: agent_pb2.ConnectRequest) -> None:
+        self._requests.put(request)
+
+    def receive(self) -> agent_pb2.ConnectResponse:
+        return next(self.responses)
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+# Connect: hello and welcome
+
+
+def test_hello_new_device_welcome_zero(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+
+    responses = run_stream(agents, [hello(device_id)])
+
+    assert [r.WhichOneof("message") for r in responses] == ["welcome"]
+    assert responses[0].welcome.committed_sequence == 0
+    stored = reader.get_device(device_id)
+    assert stored is not None
+    assert stored.agent_version == "0.1.0"
+
+
+def test_welcome_after_reconnect(agents: agent_pb2_grpc.AgentServiceStub) -> None:
+    device_id = new_device_id()
+    run_stream(agents, [hello(device_id), report(1), report(2)])
+
+    responses = run_stream(agents, [hello(device_id)])
+
+    assert responses[0].welcome.committed_sequence == 2
+
+
+def test_hello_uppercase_uuid_rejected(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id().upper()
+
+    _, error = run_failing_stream(agents.Connect(iter([hello(device_id)])))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "canonical" in error.details()
+    assert reader.list_devices(limit=10) == []
+
+
+def test_hello_not_uuid_rejected(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    _, error = run_failing_stream(agents.Connect(iter([hello("laptop-17")])))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reader.list_devices(limit=10) == []
+
+
+def test_report_before_hello_rejected(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    _, error = run_failing_stream(agents.Connect(iter([report(1)])))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello" in error.details()
+    assert reader.count_reports() == 0
+
+
+def test_second_hello_rejected(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    requests = [hello(device_id), report(1), hello(device_id)]
+
+    responses, error = run_failing_stream(agents.Connect(iter(requests)))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert acked(responses) == [1]
+    assert reader.count_reports(device_id) == 1
+
+
+def test_stream_closed_before_hello(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    responses = run_stream(agents, [])
+
+    assert responses == []
+    assert reader.list_devices(limit=10) == []
+
+
+# Connect: reports and acks
+
+
+def test_each_ack_follows_commit(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    conversation = Conversation(agents)
+    conversation.send(hello(device_id))
+    conversation.receive()
+
+    for sequence in (1, 2, 3):
+        conversation.send(report(sequence, full=sequence == 1))
+        response = conversation.receive()
+
+        assert response.ack.committed_sequence == sequence
+        assert reader.count_reports(device_id) == sequence
+        assert reader.committed_sequence(device_id) == sequence
+    conversation.close()
+    assert list(conversation.responses) == []
+
+
+def test_duplicates_stored_once(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    run_stream(agents, [hello(device_id), report(1), report(2)])
+
+    responses = run_stream(agents, [hello(device_id), report(2), report(2), report(3)])
+
+    assert responses[0].welcome.committed_sequence == 2
+    assert acked(responses)[-1] == 3
+    assert reader.count_reports(device_id) == 3
+
+
+def test_out_of_order_reports_stored(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    requests = [
+        hello(device_id),
+        report(3, host=host("third")),
+        report(1, host=host("first")),
+        report(2, host=host("second")),
+    ]
+
+    responses = run_stream(agents, requests)
+
+    assert acked(responses)[-1] == 3
+    assert acked(responses) == sorted(set(acked(responses)))
+    assert reader.count_reports(device_id) == 3
+    stored = reader.get_device(device_id)
+    assert stored is not None
+    assert stored.host.hostname == "third"
+
+
+def test_many_reports_one_stream(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    count = 2000
+    requests = [hello(device_id), *(report(n) for n in range(1, count + 1))]
+
+    responses = run_stream(agents, requests)
+
+    acks = acked(responses)
+    assert acks[-1] == count
+    # Reading does not wait for commits, so one commit covers many reports.
+    assert len(acks) < count
+    assert reader.count_reports(device_id) == count
+
+
+def test_unknown_enum_value_stored(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    disk = report_pb2.Disk(name="sda", smart_state=99, interface=42)  # type: ignore[arg-type]
+    section = report_pb2.DiskSection(disks=[disk])
+
+    responses = run_stream(agents, [hello(device_id), report(1, disks=section)])
+
+    assert acked(responses) == [1]
+    stored = reader.get_device(device_id)
+    assert stored is not None
+    assert stored.disks.disks[0].smart_state == 99
+    assert stored.disks.disks[0].interface == 42
+
+
+def test_malformed_bytes_rejected(
+    channel: grpc.Channel, reader: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    device_id = new_device_id()
+    # Field 2 (report) with a length of 5 but only 2 bytes of content.
+    payloads = [hello(device_id).SerializeToString(), b"\x12\x05\x08\x01"]
+
+    with caplog.at_level(logging.WARNING, logger="collector"):
+        responses, error = run_failing_stream(raw_connect(channel, payloads))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ConnectRequest" in error.details()
+    assert len(responses) == 1
+    assert reader.count_reports(device_id) == 0
+    rejections = [r for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(rejections) == 1
+    assert "127.0.0.1" in rejections[0].getMessage()
+
+
+def test_malformed_first_message_rejected(channel: grpc.Channel, reader: Store) -> None:
+    _, error = run_failing_stream(raw_connect(channel, [b"\xff\xff\xff\xff"]))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reader.list_devices(limit=10) == []
+
+
+def test_invalid_report_keeps_earlier(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    bad_usage = report_pb2.UsageSection(
+        enabled=True,
+        apps=[report_pb2.AppUsage(app_id="sap", hours_of_week=[1, 2], minutes=[5])],
+    )
+    requests = [hello(device_id), report(1), report(2, usage=bad_usage), report(3)]
+
+    responses, error = run_failing_stream(agents.Connect(iter(requests)))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hours_of_week" in error.details()
+    assert acked(responses) == [1]
+    assert reader.count_reports(device_id) == 1
+
+
+def test_oversized_message_rejected(
+    agents: agent_pb2_grpc.AgentServiceStub, channel: grpc.Channel, reader: Store
+) -> None:
+    device_id = new_device_id()
+    volume = report_pb2.Volume(mount_point="m" * 4000)
+    # About 4.8 MB, over the 4 MiB receive limit.
+    volumes = report_pb2.HostFacts(volumes=[volume] * 1200)
+    requests = [hello(device_id), report(1, host=volumes)]
+
+    _, error = run_failing_stream(agents.Connect(iter(requests)))
+
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reader.count_reports(device_id) == 0
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sequence_zero_rejected(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+
+    _, error = run_failing_stream(agents.Connect(iter([hello(device_id), report(0)])))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reader.count_reports(device_id) == 0
+
+
+def test_failed_commit_unavailable(
+    agents: agent_pb2_grpc.AgentServiceStub,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device_id = new_device_id()
+    conversation = Conversation(agents)
+    conversation.send(hello(device_id))
+    conversation.receive()
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE reports"))
+    engine.dispose()
+
+    with caplog.at_level(logging.ERROR, logger="collector"):
+        conversation.send(report(1))
+        responses, error = run_failing_stream(conversation.responses)
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert acked(responses) == []
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1
+
+
+def test_shutdown_ends_stream_unavailable(
+    server: ServerHandle, agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    conversation = Conversation(agents)
+    conversation.send(hello(device_id))
+    conversation.receive()
+    conversation.send(report(1))
+    assert conversation.receive().ack.committed_sequence == 1
+
+    stopper = threading.Thread(target=server.stop, kwargs={"grace_seconds": 5})
+    stopper.start()
+    _, error = run_failing_stream(conversation.responses)
+    stopper.join()
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in error.details()
+    assert reader.count_reports(device_id) == 1
+
+
+def test_open_stream_touched(database_url: str) -> None:
+    clock = Clock(T0)
+    handle = start_server_thread(
+        database_url, insecure=True, clock=clock, touch_interval_seconds=0.05
+    )
+    store = Store.open(database_url)
+    try:
+        with grpc.insecure_channel(handle.address) as channel:
+            conversation = Conversation(agent_pb2_grpc.AgentServiceStub(channel))
+            device_id = new_device_id()
+            conversation.send(hello(device_id))
+            conversation.receive()
+            later = T0 + timedelta(hours=1)
+            clock.now = later
+
+            seen = wait_for_last_seen(store, device_id, later)
+            conversation.close()
+    finally:
+        store.close()
+        handle.stop()
+
+    assert seen == later
+
+
+def wait_for_last_seen(store: Store, device_id: str, expected: datetime) -> datetime:
+    deadline = time.monotonic() + 10
+    seen = datetime.min.replace(tzinfo=UTC)
+    while time.monotonic() < deadline:
+        device = store.get_device(device_id)
+        assert device is not None
+        seen = device.last_seen_time.ToDatetime(tzinfo=UTC)
+        if seen == expected:
+            break
+        time.sleep(0.05)
+    return seen
+
+
+# Health and reflection
+
+
+@pytest.mark.parametrize(
+    "service", ["", "fleetmend.v1.AgentService", "fleetmend.v1.OpsService"]
+)
+def test_health_serving(channel: grpc.Channel, service: str) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_services(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    responses = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert "fleetmend.v1.AgentService" in names
+    assert "fleetmend.v1.OpsService" in names
+    assert "grpc.health.v1.Health" in names
+
+
+def test_reflection_describes_agent_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="fleetmend.v1.AgentService"
+    )
+
+    responses = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+
+    files = responses[0].file_descriptor_response.file_descriptor_proto
+    assert len(files) >= 1
+
+
+# OpsService
+
+
+def seed_devices(store: Store, count: int) -> list[str]:
+    device_ids = [new_device_id() for _ in range(count)]
+    for device_id in device_ids:
+        store.record_hello(device_id, "0.1.0", T0)
+    return sorted(device_ids)
+
+
+def test_list_devices_pages(ops: ops_pb2_grpc.OpsServiceStub, reader: Store) -> None:
+    seeded = seed_devices(reader, 250)
+    pages = []
+    token = ""
+
+    while True:
+        request = ops_pb2.ListDevicesRequest(page_size=100, page_token=token)
+        response = ops.ListDevices(request, timeout=10)
+        pages.append([device.device_id for device in response.devices])
+        token = response.next_page_token
+        if not token:
+            break
+
+    assert [len(page) for page in pages] == [100, 100, 50]
+    assert [device_id for page in pages for device_id in page] == seeded
+
+
+def test_list_devices_default_page(
+    ops: ops_pb2_grpc.OpsServiceStub, reader: Store
+) -> None:
+    seed_devices(reader, 101)
+
+    response = ops.ListDevices(ops_pb2.ListDevicesRequest(), timeout=10)
+
+    assert len(response.devices) == 100
+    assert response.next_page_token != ""
+
+
+def test_list_devices_exact_page_no_token(
+    ops: ops_pb2_grpc.OpsServiceStub, reader: Store
+) -> None:
+    seed_devices(reader, 5)
+
+    response = ops.ListDevices(ops_pb2.ListDevicesRequest(page_size=5), timeout=10)
+
+    assert len(response.devices) == 5
+    assert response.next_page_token == ""
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not-a-token",
+        "d1." + base64.urlsafe_b64encode(b"not-a-uuid").decode(),
+        "d1.%%%",
+        "f1." + base64.urlsafe_b64encode(b"[]").decode(),
+    ],
+)
+def test_list_devices_bad_token(ops: ops_pb2_grpc.OpsServiceStub, token: str) -> None:
+    request = ops_pb2.ListDevicesRequest(page_token=token)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        ops.ListDevices(request, timeout=10)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_devices_negative_size(ops: ops_pb2_grpc.OpsServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        ops.ListDevices(ops_pb2.ListDevicesRequest(page_size=-1), timeout=10)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_list_devices_hostname_filter(
+    agents: agent_pb2_grpc.AgentServiceStub, ops: ops_pb2_grpc.OpsServiceStub
+) -> None:
+    wanted = new_device_id()
+    run_stream(agents, [hello(wanted), report(1, host=host("Lab-01"))])
+    run_stream(agents, [hello(new_device_id()), report(1, host=host("lab-02"))])
+
+    request = ops_pb2.ListDevicesRequest(hostname="lab-01")
+    response = ops.ListDevices(request, timeout=10)
+
+    assert [device.device_id for device in response.devices] == [wanted]
+
+
+def test_get_device_full(
+    agents: agent_pb2_grpc.AgentServiceStub, ops: ops_pb2_grpc.OpsServiceStub
+) -> None:
+    device_id = new_device_id()
+    disks = report_pb2.DiskSection(disks=[report_pb2.Disk(name="nvme0n1")])
+    run_stream(agents, [hello(device_id), report(1, host=host("lab-03"), disks=disks)])
+
+    request = ops_pb2.GetDeviceRequest(device_id=device_id)
+    response = ops.GetDevice(request, timeout=10)
+
+    assert response.device.host.hostname == "lab-03"
+    assert response.device.disks.disks[0].name == "nvme0n1"
+    assert response.device.committed_sequence == 1
+
+
+def test_get_device_not_found(ops: ops_pb2_grpc.OpsServiceStub) -> None:
+    device_id = new_device_id()
+
+    with pytest.raises(grpc.RpcError) as raised:
+        ops.GetDevice(ops_pb2.GetDeviceRequest(device_id=device_id), timeout=10)
+
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert device_id in raised.value.details()
+
+
+def failing_disk() -> report_pb2.DiskSection:
+    reallocated = report_pb2.AtaAttribute(
+        id=5, name="Reallocated_Sector_Ct", value=90, raw=8, raw_text="8"
+    )
+    disk = report_pb2.Disk(
+        name="sda",
+        interface=report_pb2.DISK_INTERFACE_ATA,
+        smart_state=report_pb2.SMART_STATE_AVAILABLE,
+        ata_attributes=[reallocated],
+    )
+    return report_pb2.DiskSection(disks=[disk])
+
+
+def worn_battery() -> report_pb2.BatterySection:
+    battery = report_pb2.Battery(
+        name="BAT0", design_capacity=50_000, full_capacity=25_000, health_percent=50.0
+    )
+    return report_pb2.BatterySection(batteries=[battery])
+
+
+@pytest.fixture
+def two_findings(agents: agent_pb2_grpc.AgentServiceStub) -> tuple[str, str]:
+    """Store one device with a failing disk and one with a worn battery."""
+    disk_device = new_device_id()
+    battery_device = new_device_id()
+    run_stream(
+        agents, [hello(disk_device), report(1, host=host("d"), disks=failing_disk())]
+    )
+    run_stream(
+        agents,
+        [hello(battery_device), report(1, host=host("b"), batteries=worn_battery())],
+    )
+    return disk_device, battery_device
+
+
+def list_all_findings(
+    ops: ops_pb2_grpc.OpsServiceStub, page_size: int, device_id: str = ""
+) -> list[ops_pb2.Finding]:
+    findings: list[ops_pb2.Finding] = []
+    token = ""
+    while True:
+        request = ops_pb2.ListFindingsRequest(
+            page_size=page_size, page_token=token, device_id=device_id
+        )
+        response = ops.ListFindings(request, timeout=10)
+        findings.extend(response.findings)
+        token = response.next_page_token
+        if not token:
+            return findings
+
+
+def test_list_findings_fleet(
+    ops: ops_pb2_grpc.OpsServiceStub, two_findings: tuple[str, str]
+) -> None:
+    disk_device, battery_device = two_findings
+
+    findings = list_all_findings(ops, page_size=0)
+
+    assert [(f.device_id, f.kind) for f in findings] == [
+        (disk_device, ops_pb2.FINDING_KIND_DISK_FAILING),
+        (battery_device, ops_pb2.FINDING_KIND_BATTERY_WORN),
+    ]
+    assert findings[0].severity == ops_pb2.SEVERITY_CRITICAL
+
+
+def test_list_findings_pages(
+    ops: ops_pb2_grpc.OpsServiceStub, two_findings: tuple[str, str]
+) -> None:
+    whole = list_all_findings(ops, page_size=0)
+
+    paged = list_all_findings(ops, page_size=1)
+
+    assert paged == whole
+
+
+def test_list_findings_one_device(
+    ops: ops_pb2_grpc.OpsServiceStub, two_findings: tuple[str, str]
+) -> None:
+    _, battery_device = two_findings
+
+    findings = list_all_findings(ops, page_size=0, device_id=battery_device)
+
+    assert [f.kind for f in findings] == [ops_pb2.FINDING_KIND_BATTERY_WORN]
+
+
+def test_list_findings_unknown_device(ops: ops_pb2_grpc.OpsServiceStub) -> None:
+    request = ops_pb2.ListFindingsRequest(device_id=new_device_id())
+
+    with pytest.raises(grpc.RpcError) as raised:
+        ops.ListFindings(request, timeout=10)
+
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage",
+        encode_devices_token(str(uuid.uuid4())),
+        "f1." + base64.urlsafe_b64encode(b'[1, "a"]').decode(),
+        "f1." + base64.urlsafe_b64encode(b"{not json").decode(),
+    ],
+)
+def test_list_findings_bad_token(ops: ops_pb2_grpc.OpsServiceStub, token: str) -> None:
+    request = ops_pb2.ListFindingsRequest(page_token=token)
+
+    with pytest.raises(grpc.RpcError) as raised:
+        ops.ListFindings(request, timeout=10)
+
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# Starting the server
+
+
+def test_start_requires_insecure(database_url: str) -> None:
+    with pytest.raises(ValueError, match="TLS is not available"):
+        start_server_thread(database_url, insecure=False)
+
+
+def test_start_rejects_non_loopback(database_url: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        start_server_thread(database_url, "0.0.0.0:0", insecure=True)
+
+
+def test_start_port_in_use(server: ServerHandle, database_url: str) -> None:
+    with pytest.raises(OSError, match="could not bind"):
+        start_server_thread(database_url, server.address, insecure=True)
+
+
+def test_handle_address_has_port(server: ServerHandle) -> None:
+    assert server.port > 0
+    assert server.address == f"127.0.0.1:{server.port}"
+
+
+# Validation and page tokens, without a server
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    [
+        "{12345678-1234-5678-1234-567812345678}",
+        "12345678123456781234567812345678",
+        "12345678-1234-5678-1234-56781234567G",
+        "",
+    ],
+)
+def test_device_id_not_canonical(device_id: str) -> None:
+    with pytest.raises(InvalidMessageError):
+        validate_device_id(device_id)
+
+
+def test_device_id_canonical_accepted() -> None:
+    validate_device_id("12345678-1234-5678-1234-567812345678")
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (report_pb2.Report(sequence=0), "greater than 0"),
+        (
+            report_pb2.Report(
+                sequence=1,
+                usage=report_pb2.UsageSection(
+                    apps=[
+                        report_pb2.AppUsage(
+                            app_id="vpn", hours_of_week=[168], minutes=[1]
+                        )
+                    ]
+                ),
+            ),
+            "maximum is 167",
+        ),
+        (
+            report_pb2.Report(
+                sequence=1,
+                host=report_pb2.HostFacts(hostname="x" * (MAX_STRING_CHARS + 1)),
+            ),
+            "HostFacts.hostname",
+        ),
+        (
+            report_pb2.Report(
+                sequence=1,
+                host=report_pb2.HostFacts(
+                    volumes=[report_pb2.Volume(mount_point="/m")] * 1025
+                ),
+            ),
+            "HostFacts.volumes",
+        ),
+        (
+            report_pb2.Report(
+                sequence=1,
+                disks=report_pb2.DiskSection(
+                    errors=[report_pb2.ProbeError(reason="r" * (MAX_STRING_CHARS + 1))]
+                ),
+            ),
+            "ProbeError.reason",
+        ),
+    ],
+)
+def test_report_rejected(bad: report_pb2.Report, reason: str) -> None:
+    with pytest.raises(InvalidMessageError, match=reason):
+        validate_report(bad)
+
+
+def test_full_week_usage_accepted() -> None:
+    app = report_pb2.AppUsage(
+        app_id="sap", hours_of_week=list(range(168)), minutes=[60] * 168
+    )
+    valid = report_pb2.Report(
+        sequence=7, usage=report_pb2.UsageSection(enabled=True, apps=[app])
+    )
+
+    validate_report(valid)
+
+
+def test_devices_token_round_trip() -> None:
+    device_id = str(uuid.uuid4())
+
+    assert decode_devices_token(encode_devices_token(device_id)) == device_id
+
+
+@pytest.mark.parametrize(("requested", "used"), [(0, 100), (7, 7), (5000, 1000)])
+def test_page_size_default_and_max(requested: int, used: int) -> None:
+    assert effective_page_size(requested) == used

@@ -1,0 +1,192 @@
+"""A real collector process, a real agent process on this machine, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from collector.store import Store
+from tests.conftest import BIN_DIR, free_port
+
+
+@dataclass
+class Collector:
+    address: str
+    database_url: str
+    process: subprocess.Popen[bytes]
+
+
+def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "collector exited during start"
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise AssertionError(f"collector on {address} did not start serving")
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Collector]:
+    address = f"127.0.0.1:{free_port()}"
+    database_url = f"sqlite:///{tmp_path / 'collector.db'}"
+    log = (tmp_path / "collector.log").open("wb")
+    process = subprocess.Popen(
+        [
+            str(BIN_DIR / "fleetmend-collector"),
+            "serve",
+            "--listen",
+            address,
+            "--database",
+            database_url,
+            "--insecure",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_serving(address, process)
+        yield Collector(address, database_url, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        log.close()
+
+
+def agent_command(collector: Collector, state_dir: Path, *extra: str) -> list[str]:
+    return [
+        str(BIN_DIR / "fleetmend-agent"),
+        "run",
+        "--collector",
+        collector.address,
+        "--insecure",
+        "--state-dir",
+        str(state_dir),
+        *extra,
+    ]
+
+
+def agent_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    config = tmp_path / "agent.toml"
+    config.write_text("[intervals]\nreport_min = 1\n", encoding="utf-8")
+    env["FLEETMEND_CONFIG"] = str(config)
+    return env
+
+
+def run_agent(collector: Collector, tmp_path: Path, reports: int) -> None:
+    result = subprocess.run(
+        agent_command(collector, tmp_path / "agent", "--exit-after", str(reports)),
+        env=agent_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def cli(collector: Collector, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN_DIR / "fleetmend"), "--collector", collector.address, "--insecure", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def stored_sequences(collector: Collector) -> tuple[int, int]:
+    """Return (number of stored reports, highest committed sequence) of the one device."""
+    store = Store.open(collector.database_url)
+    try:
+        devices = store.list_devices(limit=10)
+        assert len(devices) == 1
+        device_id = devices[0].device_id
+        return store.count_reports(device_id), store.committed_sequence(device_id)
+    finally:
+        store.close()
+
+
+def issued_sequences(state_dir: Path) -> int:
+    identity = json.loads((state_dir / "identity.json").read_text(encoding="utf-8"))
+    return int(identity["next_sequence"]) - 1
+
+
+def test_this_machine_reaches_operators(collector: Collector, tmp_path: Path) -> None:
+    run_agent(collector, tmp_path, reports=2)
+
+    devices = cli(collector, "--json", "devices")
+    shown = cli(collector, "--json", "device", "show", socket.gethostname())
+
+    assert devices.returncode == 0, devices.stderr
+    listed = json.loads(devices.stdout)
+    assert [d["hostname"] for d in listed["devices"]] == [socket.gethostname()]
+    assert shown.returncode == 0, shown.stderr
+    device = json.loads(shown.stdout)["device"]
+    assert device["host"]["kernel_version"] == os.uname().release
+    assert any(v["mount_point"] == "/" for v in device["host"]["volumes"])
+    assert "disks" in device
+    assert device["committed_sequence"] == "2"
+
+
+def test_table_output_names_host(collector: Collector, tmp_path: Path) -> None:
+    run_agent(collector, tmp_path, reports=2)
+
+    devices = cli(collector, "devices")
+    shown = cli(collector, "device", "show", socket.gethostname())
+
+    assert devices.returncode == 0, devices.stderr
+    assert socket.gethostname() in devices.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert os.uname().release in shown.stdout
+
+
+def test_restart_loses_and_repeats_nothing(collector: Collector, tmp_path: Path) -> None:
+    run_agent(collector, tmp_path, reports=2)
+    run_agent(collector, tmp_path, reports=2)
+
+    count, committed = stored_sequences(collector)
+
+    assert issued_sequences(tmp_path / "agent") == 4
+    assert count == 4
+    assert committed == 4
+
+
+def test_sigterm_flushes_before_exit(collector: Collector, tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        agent_command(collector, tmp_path / "agent"),
+        env=agent_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        identity = tmp_path / "agent" / "identity.json"
+        if identity.exists() and issued_sequences(tmp_path / "agent") >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=30)
+
+    count, committed = stored_sequences(collector)
+
+    assert process.returncode == 0, stderr
+    assert count == issued_sequences(tmp_path / "agent")
+    assert committed == count
