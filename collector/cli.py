@@ -25,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="The Fleetmend collector service."
     )
     parser.add_argument("--version", action="version", version=__version__)
-    parser.add_argument(
-        "--log-level",
-        default=None,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-        help="minimum level of log messages on stderr (default: INFO for serve, "
-        "WARNING for migrate)",
-    )
+    _add_log_level_option(parser, default=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -45,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on; port 0 picks a free port (default: %(default)s)",
     )
     _add_database_option(serve)
+    _add_log_level_option(serve, default=argparse.SUPPRESS)
     serve.add_argument(
         "--insecure",
         action="store_true",
@@ -62,7 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", help="apply pending database migrations and exit"
     )
     _add_database_option(migrate)
+    _add_log_level_option(migrate, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_log_level_option(parser: argparse.ArgumentParser, default: object) -> None:
+    # The option is accepted before and after the command; SUPPRESS keeps a
+    # command's parser from overwriting a value given before the command.
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="minimum level of log messages on stderr (default: INFO for serve, "
+        "WARNING for migrate)",
+    )
 
 
 def _add_database_option(parser: argparse.ArgumentParser) -> None:

@@ -82,7 +82,7 @@ def main() -> int:
         )
     try:
         wait_serving(address, collector, collector_log)
-        step("running this machine's agent until one full and one delta report are acknowledged")
+        step("running this machine's agent until a full and a delta report are acked")
         env = dict(os.environ)
         env["FLEETMEND_INTERVALS_REPORT_MIN"] = "2"
         env["FLEETMEND_CONFIG"] = str(RUN_DIR / "agent.toml")
@@ -114,7 +114,9 @@ def main() -> int:
         print(flush=True)
 
         run_cli("--collector", address, "--insecure", "devices")
-        run_cli("--collector", address, "--insecure", "device", "show", socket.gethostname())
+        run_cli(
+            "--collector", address, "--insecure", "device", "show", socket.gethostname()
+        )
         step(f"logs: {collector_log.relative_to(ROOT)}, {agent_log.relative_to(ROOT)}")
         return 0
     finally:
