@@ -9,12 +9,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from agent.config import AgentConfig
 from fleetmend.v1 import report_pb2
+
+if TYPE_CHECKING:
+    from agent.usage.catalog import Catalog
+    from agent.usage.sampler import HostResolver
+    from agent.usage.tracker import UsageTracker
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +74,9 @@ class UsageSource:
         self.enabled = enabled
         self._catalog_paths = catalogs
         self._db_path = db_path
-        self._catalog = None
-        self._tracker = None
-        self._resolver = None
+        self._catalog: Catalog | None = None
+        self._tracker: UsageTracker | None = None
+        self._resolver: HostResolver | None = None
 
     def _ensure_loaded(self) -> None:
         if self._tracker is not None:
@@ -90,6 +97,8 @@ class UsageSource:
 
         self._ensure_loaded()
         assert self._tracker is not None
+        assert self._catalog is not None
+        assert self._resolver is not None
         running = sample_running_apps(self._catalog, self._resolver)
         self._tracker.record(running, minutes=minutes)
 
@@ -98,8 +107,6 @@ class UsageSource:
 
         if not self.enabled:
             return usage_to_proto(None, enabled=False)
-        from datetime import datetime
-
         self._ensure_loaded()
         assert self._tracker is not None
         return usage_to_proto(

@@ -79,7 +79,8 @@ def main() -> int:
             ]
             if stale:
                 print(
-                    "generated code is stale: " + ", ".join(sorted(set(stale)))
+                    "generated code is stale: "
+                    + ", ".join(sorted(set(stale)))
                     + "; run `make protos` and commit the result",
                     file=sys.stderr,
                 )

@@ -1,4 +1,4 @@
-"""Shared helpers for the suite: free loopback ports and the installed console scripts."""
+"""Shared test helpers: free loopback ports and the installed console scripts."""
 
 from __future__ import annotations
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from agent.probes import ProbeError, ProbeErrorKind
 from agent.probes.battery import (
     BatteryReading,
     BatteryScan,
     BatteryStatus,
     CapacityUnit,
 )
+from agent.wire import probe_error_to_proto
 from fleetmend.v1 import report_pb2
 
 __all__ = ["batteries_to_proto"]
@@ -24,17 +24,13 @@ _STATUSES = {
     BatteryStatus.NOT_CHARGING: report_pb2.BATTERY_STATUS_NOT_CHARGING,
     BatteryStatus.UNKNOWN: report_pb2.BATTERY_STATUS_UNKNOWN,
 }
-_ERROR_KINDS = {
-    ProbeErrorKind.UNPARSED: report_pb2.PROBE_ERROR_KIND_UNPARSED,
-    ProbeErrorKind.UNREADABLE: report_pb2.PROBE_ERROR_KIND_UNREADABLE,
-}
 
 
 def batteries_to_proto(scan: BatteryScan) -> report_pb2.BatterySection:
     """Build the battery section. Unknown capacities and counts are left unset."""
     return report_pb2.BatterySection(
         batteries=[_battery_to_proto(battery) for battery in scan.batteries],
-        errors=[_error_to_proto(error) for error in scan.errors],
+        errors=[probe_error_to_proto(error) for error in scan.errors],
     )
 
 
@@ -60,9 +56,3 @@ def _battery_to_proto(battery: BatteryReading) -> report_pb2.Battery:
     if battery.health_percent is not None:
         message.health_percent = battery.health_percent
     return message
-
-
-def _error_to_proto(error: ProbeError) -> report_pb2.ProbeError:
-    return report_pb2.ProbeError(
-        source=error.source, kind=_ERROR_KINDS[error.kind], reason=error.reason
-    )

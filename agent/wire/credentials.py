@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.probes import ProbeError, ProbeErrorKind
 from agent.probes.credentials import CredentialReading, CredentialScan, PasswordExpiry
+from agent.wire import probe_error_to_proto
 from fleetmend.v1 import report_pb2
 
 __all__ = ["credentials_to_proto"]
@@ -13,17 +13,13 @@ _EXPIRIES = {
     PasswordExpiry.AT_TIME: report_pb2.CREDENTIAL_EXPIRY_AT_TIME,
     PasswordExpiry.MUST_CHANGE_NOW: report_pb2.CREDENTIAL_EXPIRY_MUST_CHANGE_NOW,
 }
-_ERROR_KINDS = {
-    ProbeErrorKind.UNPARSED: report_pb2.PROBE_ERROR_KIND_UNPARSED,
-    ProbeErrorKind.UNREADABLE: report_pb2.PROBE_ERROR_KIND_UNREADABLE,
-}
 
 
 def credentials_to_proto(scan: CredentialScan) -> report_pb2.CredentialSection:
     """Build the credential section, one local password entry per account."""
     return report_pb2.CredentialSection(
         credentials=[_credential_to_proto(reading) for reading in scan.credentials],
-        errors=[_error_to_proto(error) for error in scan.errors],
+        errors=[probe_error_to_proto(error) for error in scan.errors],
     )
 
 
@@ -37,9 +33,3 @@ def _credential_to_proto(reading: CredentialReading) -> report_pb2.Credential:
     if reading.expire_time is not None:
         message.expire_time.FromDatetime(reading.expire_time)
     return message
-
-
-def _error_to_proto(error: ProbeError) -> report_pb2.ProbeError:
-    return report_pb2.ProbeError(
-        source=error.source, kind=_ERROR_KINDS[error.kind], reason=error.reason
-    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from agent.probes import ProbeError, ProbeErrorKind
 from agent.probes.disk import (
     AtaAttribute,
     DiskInterface,
@@ -12,6 +11,7 @@ from agent.probes.disk import (
     SelfAssessment,
     SmartState,
 )
+from agent.wire import probe_error_to_proto
 from fleetmend.v1 import report_pb2
 
 _INT64_MAX = 2**63 - 1
@@ -38,11 +38,6 @@ _SMART_STATES = {
 _SELF_ASSESSMENTS = {
     SelfAssessment.PASSED: report_pb2.SELF_ASSESSMENT_PASSED,
     SelfAssessment.FAILED: report_pb2.SELF_ASSESSMENT_FAILED,
-}
-
-_ERROR_KINDS = {
-    ProbeErrorKind.UNPARSED: report_pb2.PROBE_ERROR_KIND_UNPARSED,
-    ProbeErrorKind.UNREADABLE: report_pb2.PROBE_ERROR_KIND_UNREADABLE,
 }
 
 
@@ -114,10 +109,3 @@ def nvme_health_to_proto(health: NvmeHealth) -> report_pb2.NvmeHealth:
     }
     present = {name: value for name, value in values.items() if value is not None}
     return report_pb2.NvmeHealth(**present)
-
-
-def probe_error_to_proto(error: ProbeError) -> report_pb2.ProbeError:
-    """Build one ProbeError message."""
-    return report_pb2.ProbeError(
-        source=error.source, kind=_ERROR_KINDS[error.kind], reason=error.reason
-    )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.probes import ProbeError, ProbeErrorKind
 from agent.probes.host import HostReading, VolumeReading
+from agent.wire import probe_error_to_proto
 from fleetmend.v1 import report_pb2
 
 __all__ = ["FREE_BYTES_STEP", "host_to_proto"]
@@ -11,11 +11,6 @@ __all__ = ["FREE_BYTES_STEP", "host_to_proto"]
 # Free space is sent rounded down to a multiple of 64 MiB. Writing a few files
 # then leaves the host section unchanged, so delta reports can leave it out.
 FREE_BYTES_STEP = 64 * 1024 * 1024
-
-_ERROR_KINDS = {
-    ProbeErrorKind.UNPARSED: report_pb2.PROBE_ERROR_KIND_UNPARSED,
-    ProbeErrorKind.UNREADABLE: report_pb2.PROBE_ERROR_KIND_UNREADABLE,
-}
 
 
 def host_to_proto(reading: HostReading) -> report_pb2.HostFacts:
@@ -31,7 +26,7 @@ def host_to_proto(reading: HostReading) -> report_pb2.HostFacts:
         serial_number=reading.serial_number,
         memory_bytes=reading.memory_bytes or 0,
         volumes=[_volume_to_proto(volume) for volume in reading.volumes],
-        errors=[_error_to_proto(error) for error in reading.errors],
+        errors=[probe_error_to_proto(error) for error in reading.errors],
     )
     if reading.boot_time is not None:
         message.boot_time.FromDatetime(reading.boot_time)
@@ -45,12 +40,4 @@ def _volume_to_proto(volume: VolumeReading) -> report_pb2.Volume:
         filesystem=volume.filesystem,
         total_bytes=volume.total_bytes,
         free_bytes=volume.free_bytes // FREE_BYTES_STEP * FREE_BYTES_STEP,
-    )
-
-
-def _error_to_proto(error: ProbeError) -> report_pb2.ProbeError:
-    return report_pb2.ProbeError(
-        source=error.source,
-        kind=_ERROR_KINDS[error.kind],
-        reason=error.reason,
     )

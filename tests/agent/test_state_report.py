@@ -50,7 +50,7 @@ def test_identity_unreadable_by_other_user(tmp_path: Path) -> None:
         pytest.skip("needs root to switch to an unprivileged user")
     store = StateStore(tmp_path / "state")
     store.load_or_create()
-    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path, 0o755)  # noqa: S103 - let the other user reach the folder
 
     result = subprocess.run(
         [

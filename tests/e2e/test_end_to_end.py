@@ -104,7 +104,13 @@ def run_agent(collector: Collector, tmp_path: Path, reports: int) -> None:
 
 def cli(collector: Collector, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(BIN_DIR / "fleetmend"), "--collector", collector.address, "--insecure", *args],
+        [
+            str(BIN_DIR / "fleetmend"),
+            "--collector",
+            collector.address,
+            "--insecure",
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -113,7 +119,7 @@ def cli(collector: Collector, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def stored_sequences(collector: Collector) -> tuple[int, int]:
-    """Return (number of stored reports, highest committed sequence) of the one device."""
+    """Return the stored report count and highest committed sequence of the device."""
     store = Store.open(collector.database_url)
     try:
         devices = store.list_devices(limit=10)
@@ -158,7 +164,9 @@ def test_table_output_names_host(collector: Collector, tmp_path: Path) -> None:
     assert os.uname().release in shown.stdout
 
 
-def test_restart_loses_and_repeats_nothing(collector: Collector, tmp_path: Path) -> None:
+def test_restart_loses_and_repeats_nothing(
+    collector: Collector, tmp_path: Path
+) -> None:
     run_agent(collector, tmp_path, reports=2)
     run_agent(collector, tmp_path, reports=2)
 
