@@ -66,8 +66,8 @@ def read_credentials() -> report_pb2.CredentialSection:
 class UsageSource:
     """Sample catalogued applications and summarize the 28-day history.
 
-    With usage collection switched off, nothing is sampled or stored and the
-    section says so.
+    With usage collection switched off, nothing is sampled or stored, and the
+    section is sent with enabled set to false.
     """
 
     def __init__(self, enabled: bool, catalogs: list[Path], db_path: Path) -> None:

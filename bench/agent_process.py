@@ -1,0 +1,108 @@
+"""Measure a running ``fleetmend-agent run`` process after N collection cycles.
+
+Starts a collector on 127.0.0.1 and an agent whose every interval is 1 second,
+so each second is one full collection cycle (every probe, a usage sample and a
+report). After N reports have been issued it reads the agent's RSS and CPU time
+(its own and that of the commands it ran) and stops both.
+
+    .venv/bin/python bench/agent_process.py --cycles 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.ingest import free_port, wait_serving
+
+BIN = Path(sys.executable).parent
+INTERVALS = ("host", "battery", "credentials", "disks", "usage_sample", "report_min")
+
+
+def issued(state_dir: Path) -> int:
+    try:
+        identity = json.loads((state_dir / "identity.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(identity["next_sequence"]) - 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=100)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        address = f"127.0.0.1:{free_port()}"
+        collector = subprocess.Popen(
+            [
+                str(BIN / "fleetmend-collector"),
+                "serve",
+                "--listen",
+                address,
+                "--database",
+                f"sqlite:///{tmp}/c.db",
+                "--insecure",
+                "--log-level",
+                "warning",
+            ],
+        )
+        config = Path(tmp) / "agent.toml"
+        config.write_text(
+            "[intervals]\n" + "".join(f"{name} = 1\n" for name in INTERVALS)
+        )
+        env = dict(os.environ, FLEETMEND_CONFIG=str(config))
+        state_dir = Path(tmp) / "agent"
+        try:
+            wait_serving(address)
+            agent = subprocess.Popen(
+                [
+                    str(BIN / "fleetmend-agent"),
+                    "run",
+                    "--collector",
+                    address,
+                    "--insecure",
+                    "--state-dir",
+                    str(state_dir),
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+            )
+            started = time.monotonic()
+            while issued(state_dir) < args.cycles:
+                if agent.poll() is not None:
+                    raise SystemExit("the agent exited early")
+                time.sleep(0.5)
+            elapsed = time.monotonic() - started
+            process = psutil.Process(agent.pid)
+            rss = process.memory_info().rss
+            times = process.cpu_times()
+            own = times.user + times.system
+            children = times.children_user + times.children_system
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(timeout=30)
+        finally:
+            collector.send_signal(signal.SIGTERM)
+            collector.wait(timeout=30)
+
+    cycles = issued_total = args.cycles
+    print(f"reports issued: {issued_total} in {elapsed:.0f} s")
+    print(f"agent RSS after {cycles} cycles: {rss / 2**20:.1f} MiB")
+    print(
+        f"CPU seconds per cycle: {own / cycles:.4f} (agent process), "
+        f"{children / cycles:.4f} (commands it ran)"
+    )
+
+
+if __name__ == "__main__":
+    main()
