@@ -57,7 +57,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="collect catalogued application usage (default: on)",
     )
-    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    common.add_argument(
+        "--resolve-hosts",
+        dest="resolve_hosts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="look up the catalog's host names in DNS to recognize web "
+        "applications (default: on)",
+    )
+    common.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="minimum level of log messages on stderr (default: info)",
+    )
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     collect = commands.add_parser(
@@ -97,6 +109,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         "insecure": args.insecure,
         "state_dir": args.state_dir,
         "usage.enabled": args.usage_enabled,
+        "usage.resolve_hosts": args.resolve_hosts,
         "log_level": args.log_level,
     }
     return load_config(flags=flags, config_file=args.config)
@@ -110,7 +123,26 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _collect_once(config: AgentConfig) -> report_pb2.Report:
+class UsageUnavailable(Exception):
+    """The usage catalog or history cannot be read; the message says which and why."""
+
+
+def _read_usage(config: AgentConfig) -> report_pb2.UsageSection:
+    from agent.usage.catalog import CatalogError
+    from agent.usage.tracker import UsageHistoryError
+
+    try:
+        return usage_source(config).read()
+    except (CatalogError, UsageHistoryError) as exc:
+        raise UsageUnavailable(str(exc)) from exc
+    except OSError as exc:
+        raise UsageUnavailable(
+            f"usage history in {config.state_dir} cannot be read: {exc.strerror}"
+        ) from exc
+
+
+def _collect_once(config: AgentConfig) -> tuple[report_pb2.Report, str | None]:
+    """Read every section once; return the report and the usage error, if any."""
     # A collected report is not numbered, so no identity is created or changed.
     state = StateStore(config.state_dir)
     builder = ReportBuilder(state, Identity(device_id="", next_sequence=1))
@@ -118,18 +150,25 @@ def _collect_once(config: AgentConfig) -> report_pb2.Report:
         reading = read_safely(source)
         if reading is not None:
             builder.update(source.section, reading)
-    usage = usage_source(config)
+    usage_error = None
     try:
-        builder.update("usage", usage.read())
-    except Exception:
-        log.exception("usage summary failed")
-    return builder.snapshot()
+        builder.update("usage", _read_usage(config))
+    except UsageUnavailable as exc:
+        usage_error = str(exc)
+    return builder.snapshot(), usage_error
 
 
 def cmd_collect(config: AgentConfig, output_format: str) -> int:
     from agent.render import render_report
 
-    report = _collect_once(config)
+    if output_format == "protobuf" and sys.stdout.isatty():
+        print(
+            "fleetmend-agent: --format protobuf writes binary data; redirect it to "
+            "a file or a pipe",
+            file=sys.stderr,
+        )
+        return 2
+    report, usage_error = _collect_once(config)
     if output_format == "protobuf":
         sys.stdout.buffer.write(report.SerializeToString(deterministic=True))
         sys.stdout.buffer.flush()
@@ -137,20 +176,53 @@ def cmd_collect(config: AgentConfig, output_format: str) -> int:
         print(json_format.MessageToJson(report, preserving_proto_field_name=True))
     else:
         sys.stdout.write(render_report(report))
+    if usage_error is not None:
+        print(
+            f"fleetmend-agent: usage section left out: {usage_error}", file=sys.stderr
+        )
+        return 1
     return 0
 
 
 def cmd_show(config: AgentConfig) -> int:
     from agent.render import render_disclosure
+    from agent.usage.catalog import CatalogError
 
     names: list[str] | None = None
     if config.usage_enabled:
-        from agent.usage.catalog import load_catalog
-
-        catalog = load_catalog(config.usage_catalogs)
+        try:
+            catalog = usage_source(config).catalog()
+        except CatalogError as exc:
+            print(f"fleetmend-agent: {exc}", file=sys.stderr)
+            return 1
         names = [app.name for app in catalog.apps]
     sys.stdout.write(render_disclosure(config, names))
     return 0
+
+
+def _diagnose_problems(config: AgentConfig, state: StateStore) -> list[str]:
+    """Check what the settings point at; return each problem in one line."""
+    from agent.usage.catalog import CatalogError
+
+    problems = [
+        f"environment variable {name} is not a Fleetmend setting (misspelt?)"
+        for name in config.unknown_variables
+    ]
+    if state.path.exists():
+        try:
+            state.read()
+        except StateError as exc:
+            problems.append(str(exc))
+    if config.usage_enabled:
+        try:
+            usage_source(config).catalog()
+        except CatalogError as exc:
+            problems.append(str(exc))
+    if not config.collector:
+        problems.append(
+            f"no collector set; `run` needs --collector or {env_name('collector')}"
+        )
+    return problems
 
 
 def cmd_diagnose(config: AgentConfig) -> int:
@@ -162,12 +234,22 @@ def cmd_diagnose(config: AgentConfig) -> int:
     print(f"config file: {config.config_file} ({file_note})")
     identity_note = "exists" if state.path.exists() else "not created yet"
     print(f"identity file: {state.path} ({identity_note})")
+    catalogs = ["built-in default catalog", *map(str, config.usage_catalogs)]
+    print(f"usage catalogs: {', '.join(catalogs)}")
     print("settings (value, then source; each can be set by its environment variable):")
     width = max(len(name) for name in config.settings)
     for name, setting in config.settings.items():
         value = json.dumps(setting.value)
         print(f"  {name:<{width}}  {value:<40} {setting.source:<30} {env_name(name)}")
-    return 0
+
+    problems = _diagnose_problems(config, state)
+    if not problems:
+        print("no problems found")
+        return 0
+    print("problems:")
+    for problem in problems:
+        print(f"  - {problem}")
+    return 1
 
 
 def cmd_run(config: AgentConfig, exit_after: int | None) -> int:
@@ -190,17 +272,37 @@ def cmd_run(config: AgentConfig, exit_after: int | None) -> int:
         )
         return 2
 
-    log.info("priority lowered: %s", ", ".join(lower_priority()) or "unchanged")
-    agent = Agent(config, probe_sources(), make_usage(config))
-    stop = threading.Event()
+    if exit_after is not None and exit_after < 1:
+        print(
+            f"fleetmend-agent: --exit-after must be 1 or more, got {exit_after}",
+            file=sys.stderr,
+        )
+        return 2
+    for name in config.unknown_variables:
+        log.warning("environment variable %s is not a Fleetmend setting", name)
 
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        stop.set()
+    from agent.usage.catalog import CatalogError
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    agent.run(stop, exit_after_acks=exit_after)
+    usage = make_usage(config)
+    try:
+        if config.usage_enabled:
+            usage.catalog()
+    except CatalogError as exc:
+        print(f"fleetmend-agent: {exc}", file=sys.stderr)
+        return 1
+
+    with StateStore(config.state_dir).exclusive():
+        log.info("priority lowered: %s", ", ".join(lower_priority()) or "unchanged")
+        agent = Agent(config, probe_sources(), usage)
+        stop = threading.Event()
+
+        def _on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        agent.run(stop, exit_after_acks=exit_after)
     return 0
 
 

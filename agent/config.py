@@ -9,6 +9,7 @@ diagnose`` can print it. The TOML file looks like this::
 
     [usage]
     enabled = true
+    resolve_hosts = true
     catalogs = ["/etc/fleetmend/apps.d/site.toml"]
 
     [intervals]          # seconds
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,12 @@ DEFAULT_INTERVALS: dict[str, int] = {
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# FLEETMEND_* variables read by something other than an agent setting: the
+# config file path, the operators' CLI and the test suite.
+OTHER_VARIABLES = frozenset(
+    {"FLEETMEND_CONFIG", "FLEETMEND_TEST_POSTGRES_URL", "FLEETMEND_ENROLL_SECRET"}
+)
+
 
 class ConfigError(Exception):
     """An invalid setting; the message names the setting, its value and its source."""
@@ -63,6 +71,8 @@ class AgentConfig:
     settings: dict[str, Setting] = field(default_factory=dict)
     config_file: Path | None = None
     config_file_found: bool = False
+    # FLEETMEND_* variables that no setting reads, often a misspelt name.
+    unknown_variables: list[str] = field(default_factory=list)
 
     def get(self, name: str) -> Any:
         return self.settings[name].value
@@ -84,6 +94,10 @@ class AgentConfig:
         return bool(self.get("usage.enabled"))
 
     @property
+    def usage_resolve_hosts(self) -> bool:
+        return bool(self.get("usage.resolve_hosts"))
+
+    @property
     def usage_catalogs(self) -> list[Path]:
         return [Path(p) for p in self.get("usage.catalogs")]
 
@@ -95,6 +109,14 @@ class AgentConfig:
         return int(self.get(f"intervals.{name}"))
 
 
+_KIND_WORDS = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "str": "a string",
+    "paths": "a list of file paths",
+}
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -104,63 +126,104 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def _parse_interval(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a whole number of seconds, got {value!r}")
-    seconds = int(value)
+def _coerce(kind: str, raw: Any, from_text: bool) -> Any:
+    """Turn a raw value into the setting's type.
+
+    Environment variables are text and are parsed; TOML values already have a
+    type, which must be the right one (so ``host = 1.5`` is an error, not 1).
+    """
+    if from_text:
+        text = str(raw)
+        if kind == "bool":
+            return _parse_bool(text)
+        if kind == "int":
+            if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+                raise ValueError(f"expected a whole number, got {text!r}")
+            return int(text)
+        if kind == "paths":
+            return [p for p in text.split(os.pathsep) if p]
+        return text
+
+    expected = {"bool": bool, "int": int, "str": str, "paths": list}[kind]
+    wrong_type = not isinstance(raw, expected) or (
+        kind == "int" and isinstance(raw, bool)
+    )
+    if kind == "paths" and not wrong_type:
+        wrong_type = not all(isinstance(p, str) for p in raw)
+    if wrong_type:
+        raise ValueError(f"expected {_KIND_WORDS[kind]}, got {raw!r}")
+    return raw
+
+
+def _check_interval(seconds: int) -> int:
     if seconds < 1:
-        raise ValueError(f"expected at least 1 second, got {value!r}")
+        raise ValueError(f"expected at least 1 second, got {seconds}")
     return seconds
 
 
-def _parse_collector(value: Any) -> str:
-    text = str(value).strip()
+def check_collector_address(value: str) -> str:
+    """Return value if it is HOST:PORT (IPv6 in brackets); else raise ValueError."""
+    text = value.strip()
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        bare_host = host[1:-1]
+    else:
+        bare_host = host
+        if ":" in host:
+            raise ValueError(
+                f"expected HOST:PORT, got {value!r}; write an IPv6 address in "
+                "brackets, as [::1]:50051"
+            )
+    if "/" in text or not sep or not bare_host:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:50051, got {value!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
     return text
 
 
-def _parse_log_level(value: Any) -> str:
-    text = str(value).strip().lower()
+def _check_log_level(value: str) -> str:
+    text = value.strip().lower()
     if text not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return text
 
 
-def _parse_paths(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [p for p in value.split(os.pathsep) if p]
-    if isinstance(value, list) and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise ValueError(f"expected a list of file paths, got {value!r}")
+def _check_state_dir(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a folder path, got an empty string")
+    return str(Path(value).expanduser())
 
 
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return _parse_bool(str(value))
+def _unchanged(value: Any) -> Any:
+    return value
 
 
 @dataclass(frozen=True)
 class _Spec:
     name: str
-    parse: Callable[[Any], Any]
+    kind: str
+    check: Callable[[Any], Any]
     default: Callable[[], Any]
 
 
 def _specs() -> list[_Spec]:
     specs = [
-        _Spec("collector", _parse_collector, lambda: ""),
-        _Spec("insecure", _as_bool, lambda: False),
-        _Spec("state_dir", lambda v: str(Path(str(v)).expanduser()), lambda: ""),
-        _Spec("log_level", _parse_log_level, lambda: "info"),
-        _Spec("usage.enabled", _as_bool, lambda: True),
-        _Spec("usage.catalogs", _parse_paths, list),
+        _Spec("collector", "str", check_collector_address, str),
+        _Spec("insecure", "bool", _unchanged, bool),
+        _Spec("state_dir", "str", _check_state_dir, str),
+        _Spec("log_level", "str", _check_log_level, lambda: "info"),
+        _Spec("usage.enabled", "bool", _unchanged, lambda: True),
+        _Spec("usage.resolve_hosts", "bool", _unchanged, lambda: True),
+        _Spec("usage.catalogs", "paths", _unchanged, list),
     ]
     for name, seconds in DEFAULT_INTERVALS.items():
         specs.append(
-            _Spec(f"intervals.{name}", _parse_interval, functools.partial(int, seconds))
+            _Spec(
+                f"intervals.{name}",
+                "int",
+                _check_interval,
+                functools.partial(int, seconds),
+            )
         )
     return specs
 
@@ -176,6 +239,11 @@ def _file_values(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
 
@@ -212,6 +280,8 @@ def load_config(
     )
     path = explicit_file or paths.default_config_file(privileged)
     found = path.is_file()
+    if explicit_file is not None and path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; name a TOML file")
     if explicit_file is not None and not found:
         raise ConfigError(
             f"config file {path} does not exist; create it or drop --config"
@@ -227,6 +297,12 @@ def load_config(
         )
 
     config = AgentConfig(config_file=path, config_file_found=found)
+    known_variables = {env_name(spec.name) for spec in _specs()} | OTHER_VARIABLES
+    config.unknown_variables = sorted(
+        name
+        for name in environ
+        if name.startswith(ENV_PREFIX) and name not in known_variables
+    )
     for spec in _specs():
         config.settings[spec.name] = _resolve(spec, flags, environ, file_values, path)
 
@@ -246,16 +322,21 @@ def _resolve(
 ) -> Setting:
     variable = env_name(spec.name)
     if spec.name in flags:
-        raw, source = flags[spec.name], "flag"
+        raw, source, from_text = (
+            flags[spec.name],
+            "flag",
+            isinstance(flags[spec.name], str),
+        )
     elif variable in environ:
-        raw, source = environ[variable], f"env {variable}"
+        raw, source, from_text = environ[variable], f"env {variable}", True
     elif spec.name in file_values:
-        raw, source = file_values[spec.name], f"file {path}"
+        raw, source, from_text = file_values[spec.name], f"file {path}", False
     else:
         return Setting(spec.default(), "default")
 
     try:
-        return Setting(spec.parse(raw), source)
+        value = _coerce(spec.kind, raw, from_text)
+        return Setting(spec.check(value), source)
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             f"setting {spec.name} from {source} is invalid: {exc}"

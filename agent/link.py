@@ -112,12 +112,21 @@ class Link:
         """Connect, stream and reconnect with backoff until stop is set."""
         failures = 0
         while not stop.is_set():
+            connects_before = self.connects
             try:
                 self._stream_once()
                 failures = 0
+                # The collector ended the stream without an error; a short
+                # pause keeps a collector that does so at once from being
+                # called in a tight loop.
+                stop.wait(self._backoff(1))
             except grpc.RpcError as exc:
                 if stop.is_set():
                     break
+                # A stream that got as far as the welcome was healthy: the next
+                # attempt starts the backoff sequence again.
+                if self.connects != connects_before:
+                    failures = 0
                 code = exc.code() if hasattr(exc, "code") else None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     log.error(

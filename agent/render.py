@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from agent.config import AgentConfig
 from fleetmend.v1 import report_pb2
@@ -15,6 +15,22 @@ def _bytes(count: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def _duration(span: timedelta) -> str:
+    """Return a span as "3d 4h", "5h 12m" or "7m"; a negative span as "0m"."""
+    minutes = max(0, int(span.total_seconds() // 60))
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _enum(enum_type: object, value: int, prefix: str) -> str:
@@ -42,10 +58,7 @@ def render_host(lines: list[str], host: report_pb2.HostFacts, now: datetime) -> 
     lines.append(f"  model: {model}, serial: {serial}")
     if host.HasField("boot_time"):
         uptime = now - host.boot_time.ToDatetime(UTC)
-        lines.append(
-            f"  up {uptime.days} d {uptime.seconds // 3600} h, "
-            f"memory {_bytes(host.memory_bytes)}"
-        )
+        lines.append(f"  up {_duration(uptime)}, memory {_bytes(host.memory_bytes)}")
     for volume in host.volumes:
         lines.append(
             f"  volume {volume.mount_point} ({volume.filesystem}): "
@@ -131,13 +144,15 @@ def render_usage(lines: list[str], section: report_pb2.UsageSection) -> None:
         lines.append("Usage: collection switched off")
         return
     lines.append(
-        f"Usage over {section.window_days} days: {len(section.apps)} applications"
+        f"Usage over {_plural(section.window_days, 'day')}: "
+        f"{_plural(len(section.apps), 'application')}"
     )
+
     for app in section.apps:
         total = sum(app.minutes)
         lines.append(
-            f"  {app.app_id}: {total} minutes "
-            f"in {len(app.hours_of_week)} hours of the week"
+            f"  {app.app_id}: {_plural(total, 'minute')} in "
+            f"{_plural(len(app.hours_of_week), 'hour')} of the week"
         )
 
 
@@ -145,8 +160,11 @@ def render_report(report: report_pb2.Report, now: datetime | None = None) -> str
     """Return a report as text for people, one section after another."""
     now = now or datetime.now(UTC)
     kind = "full" if report.full else "delta"
-    number = report.sequence or "(not numbered)"
-    lines = [f"Report {number} ({kind}, {report.ByteSize()} bytes)"]
+    if report.sequence:
+        title = f"Report {report.sequence} ({kind}, {report.ByteSize()} bytes)"
+    else:
+        title = f"Full report of this computer ({report.ByteSize()} bytes)"
+    lines = [title]
     if report.HasField("host"):
         render_host(lines, report.host, now)
     if report.HasField("disks"):
@@ -163,13 +181,14 @@ def render_report(report: report_pb2.Report, now: datetime | None = None) -> str
 def render_disclosure(config: AgentConfig, catalog_apps: list[str] | None) -> str:
     """Describe in plain words what this agent sends to the collector."""
     collector = config.collector or "no collector set"
-    usage = (
-        "ON: for each application in the catalog below, the number of minutes it "
-        "was in use in each hour of the week (local time), summed over the last "
-        "28 days."
-        if config.usage_enabled
-        else "OFF: no information about applications or processes is collected."
-    )
+    if not config.usage_enabled:
+        usage = "OFF: no information about applications or processes is collected."
+    else:
+        usage = (
+            "ON: for each application in the catalog below, the number of minutes "
+            "it was in use in each hour of the week (local time), summed over the "
+            "last 28 days (fewer while the agent is new)."
+        )
     lines = [
         f"This Fleetmend agent sends reports to: {collector}",
         "",
@@ -187,6 +206,13 @@ def render_disclosure(config: AgentConfig, catalog_apps: list[str] | None) -> st
         "What it never sends: file names or contents, window titles, web addresses,",
         "keystrokes, the names of processes outside the catalog, or where you are.",
     ]
+    if config.usage_enabled and config.usage_resolve_hosts:
+        lines += [
+            "",
+            "To recognize web applications, the agent looks up the catalog's host",
+            "names in DNS and compares their addresses with the connections of",
+            "programs on this computer. The addresses are not sent.",
+        ]
     if config.usage_enabled and catalog_apps is not None:
         lines += ["", "Applications in the catalog:"]
         lines += [f"- {name}" for name in catalog_apps]

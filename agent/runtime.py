@@ -123,10 +123,6 @@ class Agent:
             self._send(full=True)
             schedule.next_in("full_report", now, self.config.interval("full_report"))
             schedule.next_in("report", now, self.config.interval("report_min"))
-        elif not self.link.connected:
-            # Nothing is built while offline: the full report after the next
-            # connect carries the latest readings of every section.
-            return
         elif schedule.is_due("full_report", now):
             self._send(full=True)
             schedule.next_in("full_report", now, self.config.interval("full_report"))

@@ -67,27 +67,42 @@ class UsageSource:
     """Sample catalogued applications and summarize the 28-day history.
 
     With usage collection switched off, nothing is sampled or stored, and the
-    section is sent with enabled set to false.
+    section is sent with enabled set to false. With resolve_hosts off, only
+    process names are matched and no catalog host name is looked up in DNS.
     """
 
-    def __init__(self, enabled: bool, catalogs: list[Path], db_path: Path) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        catalogs: list[Path],
+        db_path: Path,
+        resolve_hosts: bool = True,
+    ) -> None:
         self.enabled = enabled
         self._catalog_paths = catalogs
         self._db_path = db_path
+        self._resolve_hosts = resolve_hosts
         self._catalog: Catalog | None = None
         self._tracker: UsageTracker | None = None
         self._resolver: HostResolver | None = None
 
-    def _ensure_loaded(self) -> None:
-        if self._tracker is not None:
-            return
-        from agent.usage.catalog import load_catalog
-        from agent.usage.sampler import HostResolver
-        from agent.usage.tracker import UsageTracker
+    def catalog(self) -> Catalog:
+        """Load the catalog once; CatalogError names the bad file and entry."""
+        if self._catalog is None:
+            from agent.usage.catalog import load_catalog
 
-        self._catalog = load_catalog(self._catalog_paths)
-        self._tracker = UsageTracker(self._db_path)
-        self._resolver = HostResolver()
+            self._catalog = load_catalog(self._catalog_paths)
+        return self._catalog
+
+    def _tracker_for_writing(self) -> UsageTracker:
+        if self._tracker is None:
+            from agent.usage.sampler import HostResolver
+            from agent.usage.tracker import UsageTracker
+
+            self._tracker = UsageTracker(self._db_path)
+            if self._resolve_hosts:
+                self._resolver = HostResolver()
+        return self._tracker
 
     def sample(self, minutes: int) -> None:
         """Record which catalogued applications run now, as minutes of use."""
@@ -95,22 +110,23 @@ class UsageSource:
             return
         from agent.usage.sampler import sample_running_apps
 
-        self._ensure_loaded()
-        assert self._tracker is not None
-        assert self._catalog is not None
-        assert self._resolver is not None
-        running = sample_running_apps(self._catalog, self._resolver)
-        self._tracker.record(running, minutes=minutes)
+        catalog = self.catalog()
+        tracker = self._tracker_for_writing()
+        running = sample_running_apps(catalog, self._resolver)
+        tracker.record(running, minutes=minutes)
 
     def read(self) -> report_pb2.UsageSection:
+        """Return the usage section; a history not yet created reads as empty."""
         from agent.wire.usage import usage_to_proto
 
         if not self.enabled:
             return usage_to_proto(None, enabled=False)
-        self._ensure_loaded()
-        assert self._tracker is not None
+        self.catalog()
+        if self._tracker is None and not self._db_path.exists():
+            return usage_to_proto(None, enabled=True)
+        tracker = self._tracker_for_writing()
         return usage_to_proto(
-            self._tracker.summary(datetime.now().astimezone()), enabled=True
+            tracker.summary(datetime.now().astimezone()), enabled=True
         )
 
 
@@ -129,6 +145,7 @@ def usage_source(config: AgentConfig) -> UsageSource:
         enabled=config.usage_enabled,
         catalogs=config.usage_catalogs,
         db_path=config.state_dir / "usage.db",
+        resolve_hosts=config.usage_resolve_hosts,
     )
 
 

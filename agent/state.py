@@ -7,19 +7,24 @@ atomically (write, fsync, rename) and is readable by its owner only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from agent.paths import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "identity.json"
+LOCK_FILE = "agent.lock"
 
 
 class StateError(Exception):
@@ -30,6 +35,26 @@ class StateError(Exception):
 class Identity:
     device_id: str
     next_sequence: int
+
+
+def _try_lock(handle: IO[str]) -> bool:
+    """Take an exclusive lock on an open file without waiting; False if it is held."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -51,8 +76,13 @@ class StateStore:
         self.path = state_dir / IDENTITY_FILE
         self._lock = threading.Lock()
 
-    def load_or_create(self) -> Identity:
-        """Return the stored identity, creating a new device id at first start."""
+    def prepare_dir(self) -> None:
+        """Create the owner-only state directory; raise StateError saying why not."""
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise StateError(
+                f"state directory {self.state_dir} is a file, not a folder; "
+                "pass --state-dir with a folder"
+            )
         try:
             ensure_private_dir(self.state_dir)
         except OSError as exc:
@@ -60,34 +90,82 @@ class StateStore:
                 f"state directory {self.state_dir} cannot be created: {exc.strerror}; "
                 "pass --state-dir with a writable folder"
             ) from exc
+        if not os.access(self.state_dir, os.W_OK | os.X_OK):
+            raise StateError(
+                f"state directory {self.state_dir} is not writable by this user; "
+                "pass --state-dir with a writable folder"
+            )
 
+    def load_or_create(self) -> Identity:
+        """Return the stored identity, creating a new device id at first start."""
+        self.prepare_dir()
         if not self.path.exists():
             identity = Identity(device_id=str(uuid.uuid4()), next_sequence=1)
             self.save(identity)
             log.info("created device id %s in %s", identity.device_id, self.path)
             return identity
-        return self._read()
+        return self.read()
 
-    def _read(self) -> Identity:
+    def read(self) -> Identity:
+        """Return the stored identity; raise StateError if it is missing or damaged."""
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            device_id = str(uuid.UUID(data["device_id"]))
-            next_sequence = int(data["next_sequence"])
         except OSError as exc:
             raise StateError(
-                f"identity file {self.path} cannot be read: {exc}"
+                f"identity file {self.path} cannot be read: {exc.strerror}"
             ) from exc
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StateError(
-                f"identity file {self.path} is damaged ({exc}); move it aside to "
-                "start as a new device"
-            ) from exc
-        if next_sequence < 1:
-            raise StateError(
-                f"identity file {self.path} has next_sequence {next_sequence}, "
-                "expected 1 or more"
+        except ValueError as exc:
+            raise self._damaged(f"not JSON: {exc}") from exc
+
+        if not isinstance(data, dict):
+            raise self._damaged("expected a JSON object")
+        device_id = data.get("device_id")
+        next_sequence = data.get("next_sequence")
+        if not isinstance(device_id, str):
+            raise self._damaged(f"device_id must be a UUID string, got {device_id!r}")
+        try:
+            device_id = str(uuid.UUID(device_id))
+        except ValueError as exc:
+            raise self._damaged(f"device_id {device_id!r} is not a UUID") from exc
+        if not isinstance(next_sequence, int) or isinstance(next_sequence, bool):
+            raise self._damaged(
+                f"next_sequence must be a whole number, got {next_sequence!r}"
             )
+        if next_sequence < 1:
+            raise self._damaged(f"next_sequence must be 1 or more, got {next_sequence}")
         return Identity(device_id=device_id, next_sequence=next_sequence)
+
+    def _damaged(self, reason: str) -> StateError:
+        return StateError(
+            f"identity file {self.path} is damaged ({reason}); restore it from a "
+            "backup, or move it aside to start as a new device"
+        )
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the state directory's lock, so that one agent at a time uses it.
+
+        Two agents on one state directory would number different reports with
+        the same sequence numbers, and the collector keeps only one of each.
+        """
+        self.prepare_dir()
+        lock_path = self.state_dir / LOCK_FILE
+        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115
+        try:
+            if not _try_lock(handle):
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise StateError(
+                    f"another fleetmend-agent (pid {holder}) is using state "
+                    f"directory {self.state_dir}; stop it or pass another --state-dir"
+                )
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
+        finally:
+            handle.close()
 
     def save(self, identity: Identity) -> None:
         """Write the identity atomically with mode 0600."""

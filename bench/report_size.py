@@ -28,7 +28,10 @@ def json_size(report: report_pb2.Report) -> int:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(flags={"state_dir": tmp}, environ={})
+        # No DNS look-ups: the bench machine has no network.
+        config = load_config(
+            flags={"state_dir": tmp, "usage.resolve_hosts": False}, environ={}
+        )
         state = StateStore(Path(tmp))
         builder = ReportBuilder(state, state.load_or_create())
         sources = probe_sources()

@@ -85,6 +85,9 @@ def main() -> int:
         step("running this machine's agent until a full and a delta report are acked")
         env = dict(os.environ)
         env["FLEETMEND_INTERVALS_REPORT_MIN"] = "2"
+        # The demo sends nothing beyond loopback: no DNS look-ups of the
+        # catalog's web application hosts.
+        env["FLEETMEND_USAGE_RESOLVE_HOSTS"] = "false"
         env["FLEETMEND_CONFIG"] = str(RUN_DIR / "agent.toml")
         (RUN_DIR / "agent.toml").touch()
         with agent_log.open("ab") as log_file:

@@ -204,7 +204,7 @@ def _apply(
     for entry in entries:
         if isinstance(entry, _Removal):
             if apps.pop(entry.app_id, None) is None:
-                logger.info(
+                logger.debug(
                     "%s disables app %r, which no earlier catalog file defines",
                     entry.source,
                     entry.app_id,

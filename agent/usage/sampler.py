@@ -86,8 +86,12 @@ class HostResolver:
     def _record_failure(self, host: str, exc: Exception) -> None:
         if host in self._failing:
             return
+        # The first failing host is a warning; on a machine without DNS every
+        # host fails, so the others are logged at debug level only.
+        level = logging.DEBUG if self._failing else logging.WARNING
         self._failing.add(host)
-        logger.warning(
+        logger.log(
+            level,
             "cannot resolve catalog host %s (%s); connections to it are not "
             "counted until it resolves",
             host,
@@ -97,7 +101,7 @@ class HostResolver:
 
 def sample_running_apps(
     catalog: Catalog,
-    resolver: HostResolver,
+    resolver: HostResolver | None,
     process_iter: ProcessIter = psutil.process_iter,
     connections: SystemConnections = psutil.net_connections,
     os_name: OsName | None = CURRENT_OS,
@@ -105,12 +109,13 @@ def sample_running_apps(
     """Return the ids of the catalog apps in use at this moment.
 
     os_name selects the catalog's process names. With None (an OS the catalog does
-    not know) only hosts are matched. When the system-wide connection list is denied
+    not know) only hosts are matched. With resolver None, hosts are not matched
+    and no host name is looked up. When the system-wide connection list is denied
     or fails, each process's own connections are read instead, and a process that
     exits or denies access is skipped.
     """
     process_index = catalog.process_index(os_name) if os_name is not None else {}
-    address_index = _address_index(catalog, resolver)
+    address_index = _address_index(catalog, resolver) if resolver is not None else {}
 
     remote_addresses: set[str] = set()
     read_per_process = False

@@ -308,6 +308,32 @@ def test_process_and_host_together(
     assert in_use == {"sapgui", "sap-web"}
 
 
+def test_no_resolver_skips_hosts(
+    tmp_path: Path, loopback_server: socket.socket
+) -> None:
+    catalog = catalog_from(tmp_path, SAP_BY_HOST)
+
+    client, accepted = connect(loopback_server)
+    try:
+        in_use = sample_running_apps(catalog, None)
+    finally:
+        client.close()
+        accepted.close()
+
+    assert in_use == set()
+
+
+def test_only_first_failing_host_warns(caplog: pytest.LogCaptureFixture) -> None:
+    resolver = HostResolver(FakeDns({}))
+
+    with caplog.at_level(logging.DEBUG, logger="agent.usage.sampler"):
+        resolver.addresses("one.example.invalid")
+        resolver.addresses("two.example.invalid")
+
+    levels = [record.levelno for record in caplog.records]
+    assert levels == [logging.WARNING, logging.DEBUG]
+
+
 def test_default_catalog_sample_returns_ids() -> None:
     catalog = load_catalog()
     resolver = HostResolver(FakeDns({host: [] for host in catalog.host_index()}))

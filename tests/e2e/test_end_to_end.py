@@ -85,7 +85,11 @@ def agent_command(collector: Collector, state_dir: Path, *extra: str) -> list[st
 def agent_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     config = tmp_path / "agent.toml"
-    config.write_text("[intervals]\nreport_min = 1\n", encoding="utf-8")
+    # No DNS look-ups of catalog hosts: tests send nothing beyond loopback.
+    config.write_text(
+        "[usage]\nresolve_hosts = false\n[intervals]\nreport_min = 1\n",
+        encoding="utf-8",
+    )
     env["FLEETMEND_CONFIG"] = str(config)
     return env
 

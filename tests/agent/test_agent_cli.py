@@ -1,0 +1,358 @@
+"""fleetmend-agent's commands, settings checks and state lock, run for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, check_collector_address, load_config
+from agent.render import render_report
+from agent.runtime import Agent
+from agent.sections import SectionSource, UsageSource
+from agent.state import StateError, StateStore
+from fleetmend.v1 import report_pb2
+from tests.conftest import BIN_DIR, free_port
+
+BAD_CATALOG = '[apps.broken]\nprocesses.linux = ["x"]\n'
+
+
+def agent_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMEND_")}
+    config = tmp_path / "agent.toml"
+    if not config.exists():
+        config.write_text("[usage]\nresolve_hosts = false\n", encoding="utf-8")
+    env["FLEETMEND_CONFIG"] = str(config)
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    tmp_path: Path, *args: str, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [
+            str(BIN_DIR / "fleetmend-agent"),
+            *args,
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=agent_env(tmp_path, **env),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[intervals]\nhost = 1.5\n", "expected a whole number, got 1.5"),
+        ('[intervals]\nhost = "900"\n', "expected a whole number, got '900'"),
+        ('state_dir = ""\n', "empty string"),
+        ('[usage]\ncatalogs = "/x.toml"\n', "expected a list of file paths"),
+        ("insecure = 1\n", "expected true or false"),
+    ],
+)
+def test_file_values_need_their_type(tmp_path: Path, text: str, fragment: str) -> None:
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={}, config_file=config_file)
+
+    assert fragment in str(info.value)
+
+
+def test_env_interval_needs_digits() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"FLEETMEND_INTERVALS_HOST": "abc"}, privileged=False)
+
+    assert "expected a whole number, got 'abc'" in str(info.value)
+    assert "int()" not in str(info.value)
+
+
+def test_non_utf8_config_file(tmp_path: Path) -> None:
+    config_file = tmp_path / "agent.toml"
+    config_file.write_bytes(b"\xff\xfe")
+
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(environ={}, config_file=config_file)
+
+
+def test_folder_as_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(environ={}, config_file=tmp_path)
+
+
+def test_unknown_variables_listed() -> None:
+    config = load_config(
+        environ={"FLEETMEND_COLECTOR": "x:1", "FLEETMEND_CONFIG_X": ""},
+        privileged=False,
+    )
+
+    assert config.unknown_variables == ["FLEETMEND_COLECTOR", "FLEETMEND_CONFIG_X"]
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1:50051:1",
+        "http://127.0.0.1:50051",
+        ":50051",
+        "127.0.0.1:0",
+        "127.0.0.1:99999",
+        "127.0.0.1",
+        "::1:50051",
+    ],
+)
+def test_bad_collector_address(address: str) -> None:
+    with pytest.raises(ValueError):
+        check_collector_address(address)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:50051", "[::1]:50051", "c.example:443"])
+def test_good_collector_address(address: str) -> None:
+    assert check_collector_address(address) == address
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ('{"device_id": 5, "next_sequence": 1}', "device_id must be a UUID string"),
+        ("[]", "expected a JSON object"),
+        ('{"device_id": "not-a-uuid", "next_sequence": 1}', "is not a UUID"),
+        (
+            '{"device_id": "0b7e6c1e-8d3a-4f3e-9a63-7f3f2f0b6a10"}',
+            "next_sequence must be a whole number",
+        ),
+        (
+            '{"device_id": "0b7e6c1e-8d3a-4f3e-9a63-7f3f2f0b6a10", "next_sequence": 0}',
+            "1 or more",
+        ),
+        ("", "not JSON"),
+    ],
+)
+def test_damaged_identity_named(tmp_path: Path, content: str, fragment: str) -> None:
+    store = StateStore(tmp_path)
+    store.path.write_text(content, encoding="utf-8")
+
+    with pytest.raises(StateError) as info:
+        store.load_or_create()
+
+    assert fragment in str(info.value)
+    assert store.path.read_text(encoding="utf-8") == content
+
+
+def test_file_as_state_dir(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_text("", encoding="utf-8")
+
+    with pytest.raises(StateError, match="is a file, not a folder"):
+        StateStore(path).load_or_create()
+
+
+def test_state_lock_held_by_other_process(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pathlib import Path\n"
+            "from agent.state import StateStore\n"
+            "with StateStore(Path(sys.argv[1])).exclusive():\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked"
+
+        with pytest.raises(StateError) as info, StateStore(tmp_path).exclusive():
+            pass
+
+        assert f"pid {holder.pid}" in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with StateStore(tmp_path).exclusive():
+        assert (tmp_path / "agent.lock").read_text().strip() == str(os.getpid())
+
+
+def test_second_agent_on_same_state_dir(tmp_path: Path) -> None:
+    # Nothing listens on this port, so the first agent keeps retrying.
+    collector = f"127.0.0.1:{free_port()}"
+    args = ["run", "--collector", collector, "--insecure"]
+    first = subprocess.Popen(
+        [
+            str(BIN_DIR / "fleetmend-agent"),
+            *args,
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=agent_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "state" / "identity.json").exists():
+            assert time.monotonic() < deadline, "first agent did not start"
+            time.sleep(0.1)
+
+        second = run_cli(tmp_path, *args)
+
+        assert second.returncode == 1
+        assert b"another fleetmend-agent" in second.stderr
+        assert b"Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+
+def test_protobuf_output_parses(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "collect", "--format", "protobuf")
+
+    report = report_pb2.Report.FromString(result.stdout)
+
+    assert result.returncode == 0, result.stderr
+    assert report.full
+    assert report.host.kernel_version == os.uname().release
+    assert report.usage.enabled
+
+
+def test_collect_creates_no_state(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "collect")
+
+    assert result.returncode == 0, result.stderr
+    assert b"Full report of this computer" in result.stdout
+    assert not (tmp_path / "state" / "identity.json").exists()
+    assert not (tmp_path / "state" / "usage.db").exists()
+
+
+def test_collect_bad_catalog_one_line(tmp_path: Path) -> None:
+    catalog = tmp_path / "site.toml"
+    catalog.write_text(BAD_CATALOG, encoding="utf-8")
+
+    result = run_cli(tmp_path, "collect", FLEETMEND_USAGE_CATALOGS=str(catalog))
+
+    assert result.returncode == 1
+    assert b"usage section left out" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert b"Host " in result.stdout
+
+
+def test_show_bad_catalog_one_line(tmp_path: Path) -> None:
+    catalog = tmp_path / "site.toml"
+    catalog.write_text(BAD_CATALOG, encoding="utf-8")
+
+    result = run_cli(tmp_path, "show", FLEETMEND_USAGE_CATALOGS=str(catalog))
+
+    assert result.returncode == 1
+    assert str(catalog).encode() in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_show_names_dns_lookups(tmp_path: Path) -> None:
+    on = run_cli(tmp_path, "show", "--resolve-hosts")
+    off = run_cli(tmp_path, "show", "--no-resolve-hosts")
+    usage_off = run_cli(tmp_path, "show", "--no-usage")
+
+    assert b"looks up the catalog's host" in on.stdout
+    assert b"looks up the catalog's host" not in off.stdout
+    assert b"Application usage: OFF" in usage_off.stdout
+
+
+def test_diagnose_reports_problems(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "identity.json").write_text("{", encoding="utf-8")
+
+    result = run_cli(tmp_path, "diagnose", FLEETMEND_INTERVAL_HOST="5")
+
+    assert result.returncode == 1
+    assert b"identity file" in result.stdout
+    assert b"is damaged" in result.stdout
+    assert b"FLEETMEND_INTERVAL_HOST is not a Fleetmend setting" in result.stdout
+
+
+def test_diagnose_clean_setup(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+
+    assert result.returncode == 0, result.stdout
+    assert b"no problems found" in result.stdout
+    assert b"usage.resolve_hosts" in result.stdout
+
+
+def test_exit_after_must_be_positive(tmp_path: Path) -> None:
+    code = main(
+        [
+            "run",
+            "--collector",
+            "127.0.0.1:1",
+            "--insecure",
+            "--state-dir",
+            str(tmp_path),
+            "--exit-after",
+            "0",
+        ]
+    )
+
+    assert code == 2
+
+
+def test_render_plurals_and_uptime() -> None:
+    report = report_pb2.Report(full=True)
+    report.host.hostname = "laptop"
+    report.host.boot_time.GetCurrentTime()
+    report.usage.enabled = True
+    report.usage.window_days = 1
+    report.usage.apps.add(app_id="sap_gui", hours_of_week=[9], minutes=[1])
+
+    text = render_report(report)
+
+    assert "up 0m" in text
+    assert "Usage over 1 day: 1 application" in text
+    assert "sap_gui: 1 minute in 1 hour of the week" in text
+
+
+def test_agent_reports_while_offline(tmp_path: Path) -> None:
+    config = load_config(
+        flags={
+            "collector": f"127.0.0.1:{free_port()}",
+            "insecure": True,
+            "state_dir": str(tmp_path / "state"),
+        },
+        environ={"FLEETMEND_INTERVALS_REPORT_MIN": "1"},
+        privileged=False,
+    )
+    host = SectionSource(
+        "host", "host", lambda: report_pb2.HostFacts(hostname="offline-laptop")
+    )
+    usage = UsageSource(False, [], tmp_path / "usage.db")
+    agent = Agent(config, [host], usage)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while agent.link.pending < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        assert agent.link.pending >= 3
+        assert not agent.link.connected
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
