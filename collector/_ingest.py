@@ -1,45 +1,38 @@
-"""The ingest path: agent message validation, the Connect stream and the batcher."""
+"""The ingest path: the Connect stream handler and the batcher that commits reports."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-import uuid
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NoReturn
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError, Message
+from sqlalchemy import exc as sqlalchemy_errors
 
-from collector.store import IncomingReport, Store
+from collector._validation import (
+    InvalidMessageError,
+    parse_connect_request,
+    validate_hello,
+    validate_report,
+)
+from collector.store import IncomingReport, Store, StoreError
 from fleetmend.v1 import agent_pb2, report_pb2
 
 logger = logging.getLogger(__name__)
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
-HOURS_PER_WEEK = 168
-
-# Bounds for any one field of a report. They are far above what a laptop
-# produces, and they cap the memory and rows that one message can cost.
-MAX_STRING_CHARS = 4096
-MAX_REPEATED_ITEMS = 1024
-# Per-field exceptions to MAX_REPEATED_ITEMS, by full field name.
-REPEATED_ITEM_LIMITS = {
-    "fleetmend.v1.AppUsage.hours_of_week": HOURS_PER_WEEK,
-    "fleetmend.v1.AppUsage.minutes": HOURS_PER_WEEK,
-    # ATA attribute ids are one byte.
-    "fleetmend.v1.Disk.ata_attributes": 255,
-}
-MAX_AGENT_VERSION_CHARS = 128
-
 # Reports of one stream that are queued but not yet acknowledged. Past this the
 # stream stops reading, so HTTP/2 flow control slows the agent down.
 MAX_UNACKED_PER_STREAM = 1000
+
+# Repeats of the same failed commit are logged as one line at most this often.
+REPEATED_FAILURE_LOG_INTERVAL_SECONDS = 10.0
 
 
 def utc_now() -> datetime:
@@ -47,104 +40,118 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class InvalidMessageError(ValueError):
-    """A message from an agent that the collector rejects, with the reason."""
+# Failed commits
 
 
-def parse_connect_request(payload: bytes) -> agent_pb2.ConnectRequest:
-    """Deserialize one ConnectRequest, raising InvalidMessageError if malformed."""
-    request = agent_pb2.ConnectRequest()
-    try:
-        request.ParseFromString(payload)
-    except DecodeError as error:
-        raise InvalidMessageError(
-            f"message of {len(payload)} bytes is not a valid ConnectRequest"
-        ) from error
-    return request
+def is_data_error(error: BaseException) -> bool:
+    """Return True if error comes from the content of the reports committed.
 
-
-def validate_device_id(device_id: str) -> None:
-    """Raise InvalidMessageError unless device_id is a UUID in canonical form.
-
-    The canonical form is 36 lowercase characters with hyphens, as str(uuid.UUID)
-    writes it, so one device has exactly one spelling in the store.
+    The store raises ValueError for a report it cannot represent, and a
+    StoreError caused by a DataError or IntegrityError when the database
+    rejects a value. Committing the same report again fails the same way.
     """
-    try:
-        canonical = str(uuid.UUID(device_id))
-    except ValueError:
-        canonical = None
-    if canonical != device_id:
-        raise InvalidMessageError(
-            f"device_id {device_id[:64]!r} is not a canonical lowercase UUID"
+    if isinstance(error, StoreError):
+        return any(
+            isinstance(
+                cause, sqlalchemy_errors.DataError | sqlalchemy_errors.IntegrityError
+            )
+            for cause in _causes(error)
         )
+    return isinstance(error, ValueError | OverflowError)
 
 
-def validate_hello(hello: agent_pb2.Hello) -> None:
-    """Raise InvalidMessageError unless the hello names a valid device."""
-    validate_device_id(hello.device_id)
-    if len(hello.agent_version) > MAX_AGENT_VERSION_CHARS:
-        raise InvalidMessageError(
-            f"agent_version has {len(hello.agent_version)} characters, "
-            f"more than the maximum of {MAX_AGENT_VERSION_CHARS}"
-        )
+def is_database_error(error: BaseException) -> bool:
+    """Return True if error is a failure of the database itself.
 
-
-def validate_report(report: report_pb2.Report) -> None:
-    """Raise InvalidMessageError unless the report is safe to store.
-
-    Checks the sequence number, the shape of each AppUsage, and the size of every
-    string and repeated field. Enum values that this version does not know are
-    accepted and stored as numbers.
+    Examples are a full disk, a lost connection or a missing table. Any report
+    may succeed once the database is back.
     """
-    if report.sequence == 0:
-        raise InvalidMessageError("report sequence must be greater than 0")
-    _validate_bounds(report)
-    if report.HasField("usage"):
-        for app in report.usage.apps:
-            _validate_app_usage(app)
+    return isinstance(error, StoreError) and not is_data_error(error)
 
 
-def _validate_app_usage(app: report_pb2.AppUsage) -> None:
-    if len(app.hours_of_week) != len(app.minutes):
-        raise InvalidMessageError(
-            f"app {app.app_id!r} has {len(app.hours_of_week)} hours_of_week "
-            f"but {len(app.minutes)} minutes"
+def describe_root_cause(error: BaseException) -> str:
+    """Return "Type: first line" of the innermost cause of error."""
+    root = _causes(error)[-1]
+    lines = str(root).strip().splitlines()
+    if not lines:
+        return type(root).__name__
+    return f"{type(root).__name__}: {lines[0]}"
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+class _FailureLog:
+    """Logs failed batch commits without flooding the log.
+
+    The first failure of a kind is logged with its traceback. Repeats of that
+    kind (the same exception types and root message) are counted and logged as
+    one line, at most every repeat_interval_seconds. The first successful
+    commit after failures logs the number of failed commits.
+    """
+
+    def __init__(
+        self,
+        repeat_interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._repeat_interval_seconds = repeat_interval_seconds
+        self._clock = clock
+        self._kind: tuple[str, ...] | None = None
+        self._failures = 0
+        self._unlogged_repeats = 0
+        self._last_line_time = 0.0
+
+    def failed(
+        self, error: BaseException, report_count: int, device_count: int
+    ) -> None:
+        kind = (
+            *(type(cause).__name__ for cause in _causes(error)),
+            describe_root_cause(error),
         )
-    for hour in app.hours_of_week:
-        if hour >= HOURS_PER_WEEK:
-            raise InvalidMessageError(
-                f"app {app.app_id!r} has hour_of_week {hour}, "
-                f"but the maximum is {HOURS_PER_WEEK - 1}"
+        now = self._clock()
+        self._failures += 1
+        if kind != self._kind:
+            self._flush_repeats()
+            self._kind = kind
+            self._last_line_time = now
+            logger.error(
+                "commit of a batch of %d reports from %d devices failed",
+                report_count,
+                device_count,
+                exc_info=error,
             )
+            return
+        self._unlogged_repeats += 1
+        if now - self._last_line_time >= self._repeat_interval_seconds:
+            self._flush_repeats()
+            self._last_line_time = now
+
+    def succeeded(self) -> None:
+        if self._kind is None:
+            return
+        self._flush_repeats()
+        logger.info("commits succeed again after %d failed commits", self._failures)
+        self._kind = None
+        self._failures = 0
+
+    def _flush_repeats(self) -> None:
+        if self._kind is None or self._unlogged_repeats == 0:
+            return
+        logger.error(
+            "commit failed again with the same error, %d times since the last "
+            "message: %s",
+            self._unlogged_repeats,
+            self._kind[-1],
+        )
+        self._unlogged_repeats = 0
 
 
-def _validate_bounds(message: Message) -> None:
-    for descriptor, value in message.ListFields():
-        if descriptor.is_repeated:
-            limit = REPEATED_ITEM_LIMITS.get(descriptor.full_name, MAX_REPEATED_ITEMS)
-            if len(value) > limit:
-                raise InvalidMessageError(
-                    f"{descriptor.full_name} has {len(value)} items, "
-                    f"more than the maximum of {limit}"
-                )
-            items = value
-        else:
-            items = [value]
-        for item in items:
-            _validate_value(descriptor, item)
-
-
-def _validate_value(descriptor: FieldDescriptor, value: object) -> None:
-    if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
-        assert isinstance(value, Message)
-        _validate_bounds(value)
-    elif descriptor.type == FieldDescriptor.TYPE_STRING:
-        assert isinstance(value, str)
-        if len(value) > MAX_STRING_CHARS:
-            raise InvalidMessageError(
-                f"{descriptor.full_name} has {len(value)} characters, "
-                f"more than the maximum of {MAX_STRING_CHARS}"
-            )
+# Batching
 
 
 @dataclass
@@ -161,6 +168,10 @@ class Batcher:
     full or max_delay_seconds after its first report arrived. Each report's
     future resolves after its batch commits, with the device's highest committed
     sequence number, or fails with the commit's exception.
+
+    When a batch fails for a reason other than a database error, its halves are
+    committed separately, down to single reports, so that one report the store
+    cannot take fails alone. A database error fails the whole batch at once.
     """
 
     def __init__(
@@ -169,12 +180,14 @@ class Batcher:
         *,
         max_batch_size: int = 500,
         max_delay_seconds: float = 0.020,
+        repeat_log_interval_seconds: float = REPEATED_FAILURE_LOG_INTERVAL_SECONDS,
     ) -> None:
         self._store = store
         self._max_batch_size = max_batch_size
         self._max_delay_seconds = max_delay_seconds
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._failure_log = _FailureLog(repeat_log_interval_seconds)
         self.committed_batches = 0
 
     def start(self) -> None:
@@ -184,6 +197,10 @@ class Batcher:
     def submit(self, incoming: IncomingReport) -> asyncio.Future[int]:
         """Queue a report and return the future of its commit."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # A stream that ended stops awaiting its later reports. The batcher
+        # logs their failures itself, so asyncio must not report them as
+        # "Future exception was never retrieved".
+        future.add_done_callback(_retrieve_exception)
         self._queue.put_nowait(_Pending(incoming, future))
         return future
 
@@ -230,24 +247,58 @@ class Batcher:
         return batch, False
 
     async def _commit(self, batch: Sequence[_Pending]) -> None:
-        incoming = [pending.incoming for pending in batch]
         try:
-            committed = await asyncio.to_thread(self._store.ingest, incoming)
+            committed = await self._ingest(batch)
         except Exception as error:
-            logger.exception(
-                "commit of a batch of %d reports from %d devices failed",
-                len(batch),
-                len({item.device_id for item in incoming}),
-            )
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+            device_count = len({pending.incoming.device_id for pending in batch})
+            self._failure_log.failed(error, len(batch), device_count)
+            if len(batch) > 1 and not is_database_error(error):
+                await self._commit_halves(batch)
+            else:
+                _fail(batch, error)
             return
+        self._failure_log.succeeded()
+        _resolve(batch, committed)
+
+    async def _commit_halves(self, batch: Sequence[_Pending]) -> None:
+        middle = len(batch) // 2
+        for half in (batch[:middle], batch[middle:]):
+            try:
+                committed = await self._ingest(half)
+            except Exception as error:
+                if len(half) > 1 and not is_database_error(error):
+                    await self._commit_halves(half)
+                else:
+                    _fail(half, error)
+                continue
+            _resolve(half, committed)
+
+    async def _ingest(self, batch: Sequence[_Pending]) -> dict[str, int]:
+        incoming = [pending.incoming for pending in batch]
+        committed = await asyncio.to_thread(self._store.ingest, incoming)
         self.committed_batches += 1
-        for pending in batch:
-            if not pending.future.done():
-                device_id = pending.incoming.device_id
-                pending.future.set_result(committed.get(device_id, 0))
+        return committed
+
+
+def _retrieve_exception(future: asyncio.Future[int]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _resolve(batch: Sequence[_Pending], committed: dict[str, int]) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            device_id = pending.incoming.device_id
+            pending.future.set_result(committed.get(device_id, 0))
+
+
+def _fail(batch: Sequence[_Pending], error: Exception) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(error)
+
+
+# Streams
 
 
 class _StreamEnd:
@@ -381,6 +432,7 @@ class AgentServicer:
         await context.write(agent_pb2.ConnectResponse(welcome=welcome))
 
         stream = _Stream(device_id=hello.device_id, peer=peer)
+        self._warn_if_already_open(stream)
         self._streams.add(stream)
         logger.info(
             "stream opened: device %s from %s, agent %s, committed sequence %d",
@@ -396,6 +448,21 @@ class AgentServicer:
             stream.reader.cancel()
             self._streams.discard(stream)
             logger.info("stream closed: device %s from %s", stream.device_id, peer)
+
+    def _warn_if_already_open(self, stream: _Stream) -> None:
+        # Two agents that share one state folder send different reports under
+        # the same sequence numbers, and the store keeps one of each pair.
+        peers = sorted(
+            other.peer for other in self._streams if other.device_id == stream.device_id
+        )
+        if peers:
+            logger.warning(
+                "device %s opened another stream from %s while its stream from %s "
+                "is open; two agents may share one device id",
+                stream.device_id,
+                stream.peer,
+                ", ".join(peers),
+            )
 
     async def _read_hello(
         self, context: grpc.aio.ServicerContext, peer: str, payload: bytes
@@ -535,18 +602,30 @@ class AgentServicer:
         try:
             await item.future
         except Exception as error:
-            logger.error(
+            if is_data_error(error):
+                reason = (
+                    f"report {item.sequence} cannot be stored: "
+                    f"{_data_error_text(error)}"
+                )
+                await self._reject(context, stream.peer, stream.device_id, reason)
+            logger.warning(
                 "commit of report %d of device %s from %s failed, "
                 "ending the stream: %s",
                 item.sequence,
                 stream.device_id,
                 stream.peer,
-                error,
+                describe_root_cause(error),
             )
+            if is_database_error(error):
+                await _abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the collector could not commit a report; send it again",
+                )
             await _abort(
                 context,
-                grpc.StatusCode.UNAVAILABLE,
-                "the collector could not commit a report; send it again",
+                grpc.StatusCode.INTERNAL,
+                f"the collector failed to store report {item.sequence}",
             )
 
     async def _end_stream(
@@ -567,6 +646,14 @@ class AgentServicer:
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
             )
+
+
+def _data_error_text(error: Exception) -> str:
+    # The store's ValueError names the device and the value. A StoreError
+    # carries the database URL, so only its driver's message is sent.
+    if isinstance(error, StoreError):
+        return describe_root_cause(error)
+    return str(error)
 
 
 def _front_is_committed(stream: _Stream) -> bool:

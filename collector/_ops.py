@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from collector._ingest import InvalidMessageError, validate_device_id
+from collector._validation import InvalidMessageError, validate_device_id
 from collector.findings import SortKey, compute_findings, sort_key
 from collector.store import Store, StoreError
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc

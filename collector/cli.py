@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -46,10 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grace",
-        type=float,
+        type=_grace_seconds,
         default=5.0,
         metavar="SECONDS",
-        help="time that open calls get to finish at shutdown (default: %(default)s)",
+        help=(
+            "time that open calls get to finish at shutdown, in seconds "
+            "(default: %(default)s)"
+        ),
     )
 
     migrate = commands.add_parser(
@@ -73,6 +77,18 @@ def _add_log_level_option(parser: argparse.ArgumentParser, default: object) -> N
     )
 
 
+def _grace_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds of 0 or more, got {text!r}"
+        )
+    return value
+
+
 def _add_database_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database",
@@ -88,11 +104,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run fleetmend-collector on argv (default: sys.argv[1:]); return its exit code."""
     args = build_parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    _configure_logging(level)
+    if args.database is not None and not args.database.strip():
+        _print_error(
+            "--database is empty; give a database URL such as sqlite:///PATH, "
+            "or leave the option out to use the default"
+        )
+        return 2
     database_url = args.database or default_database_url()
     if args.command == "migrate":
         return _migrate(database_url)
     return _serve(database_url, args.listen, args.insecure, args.grace)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    # Alembic logs its migration context ("Context impl SQLiteImpl.") at INFO
+    # each time the store reads or applies migrations, and the store logs the
+    # revisions it applies itself, so alembic's lines show at DEBUG only.
+    alembic_level = logging.DEBUG if level == "DEBUG" else logging.WARNING
+    logging.getLogger("alembic").setLevel(alembic_level)
 
 
 def _serve(database_url: str, listen: str, insecure: bool, grace_seconds: float) -> int:

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from collector import __version__
+from collector._address import split_host_port
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc, report_pb2
 
 PROG = "fleetmend"
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Query the Fleetmend collector."
     )
+    parser.add_argument("--version", action="version", version=__version__)
     _add_global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -82,12 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
         "show", help="show a device's readings and findings"
     )
     _add_global_options(show, defaults=False)
-    show.add_argument("device", metavar="ID-OR-HOSTNAME", help="device id or hostname")
+    show.add_argument(
+        "device",
+        type=_device_reference,
+        metavar="ID-OR-HOSTNAME",
+        help="device id or hostname",
+    )
 
     findings = commands.add_parser("findings", help="list findings of the fleet")
     _add_global_options(findings, defaults=False)
     findings.add_argument(
         "--device",
+        type=_device_reference,
         metavar="ID-OR-HOSTNAME",
         help="only the findings of this device",
     )
@@ -96,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     # A subcommand's copy of an option must not overwrite a value given before
-    # the command, so only the top-level parser sets defaults.
+    # the command, so only the top-level parser sets defaults. The help texts
+    # state the defaults literally, because %(default)s fails on SUPPRESS.
     def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
@@ -122,30 +133,63 @@ def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         metavar="SECONDS",
         default=default(DEFAULT_TIMEOUT_SECONDS),
-        help="deadline of each call, in seconds (default: %(default)s)",
+        help=(
+            f"deadline of each call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g})"
+        ),
     )
     parser.add_argument(
         "--page-size",
         type=_positive_int,
         metavar="N",
         default=default(DEFAULT_PAGE_SIZE),
-        help="devices or findings fetched per call (default: %(default)s)",
+        help=f"devices or findings fetched per call (default: {DEFAULT_PAGE_SIZE})",
     )
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1, got {text!r}"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds greater than 0, got {text!r}"
+        )
+    return value
+
+
+def _device_reference(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must not be empty; give a device id or a hostname"
+        )
+    return text
+
+
 def collector_address(flag: str | None, environ: dict[str, str]) -> str:
-    """Return the collector address: the flag, else the environment, else default."""
-    return flag or environ.get(COLLECTOR_ENV) or DEFAULT_COLLECTOR
+    """Return the collector address: the flag, else the environment, else default.
+
+    An empty environment variable counts as unset; an empty flag is returned
+    as it is, so that the caller rejects it.
+    """
+    if flag is not None:
+        return flag
+    return environ.get(COLLECTOR_ENV) or DEFAULT_COLLECTOR
 
 
 # Entry point
@@ -155,6 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run fleetmend on argv (default: sys.argv[1:]) and return the exit code."""
     args = build_parser().parse_args(argv)
     address = collector_address(args.collector, dict(os.environ))
+    try:
+        split_host_port(address)
+    except ValueError as error:
+        source = "--collector" if args.collector is not None else COLLECTOR_ENV
+        _print_error(f"invalid collector address in {source}: {error}")
+        return 2
     if not args.insecure:
         _print_error(
             "TLS is not available yet; pass --insecure to connect in plaintext "
@@ -167,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             client = OpsClient(stub, address, args.timeout, args.page_size)
             _run_command(args, client)
     except AmbiguousHostnameError as error:
-        _print_devices(error.devices, as_json=args.json, now=_utc_now())
+        _print_candidates(error.devices, as_json=args.json)
         _print_error(str(error))
         return error.exit_code
     except CliError as error:
@@ -213,8 +263,17 @@ def _print_devices(
         print(render_devices_table(devices, now), end="")
 
 
-def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, sort_keys=False))
+def _print_candidates(devices: list[ops_pb2.Device], *, as_json: bool) -> None:
+    # JSON goes to stderr, so that a script reading stdout never takes the
+    # list of candidates for the device it asked for.
+    if as_json:
+        _print_json({"devices": _dicts(devices)}, file=sys.stderr)
+    else:
+        print(render_devices_table(devices, _utc_now()), end="")
+
+
+def _print_json(value: object, file: TextIO | None = None) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False), file=file or sys.stdout)
 
 
 def _to_dict(message: Message) -> dict[str, Any]:
@@ -305,6 +364,11 @@ class OpsClient:
     ) -> CliError:
         code = error.code()
         details = error.details() or "no details"
+        if code == grpc.StatusCode.UNAVAILABLE and _is_resolve_failure(details):
+            return CliError(
+                f"cannot resolve the host of the collector at {self._address} "
+                f"({details}); check the host name or use an IP address"
+            )
         if code == grpc.StatusCode.UNAVAILABLE and _is_connect_failure(details):
             return CliError(
                 f"cannot reach the collector at {self._address} ({details}); "
@@ -324,10 +388,17 @@ class OpsClient:
 
 
 def _is_connect_failure(details: str) -> bool:
-    # grpc core's wording for a refused or unresolvable address, for example
+    # grpc core's wording for a refused address, for example
     # "failed to connect to all addresses; last error: ... Connection refused".
+    return "failed to connect" in details.lower()
+
+
+def _is_resolve_failure(details: str) -> bool:
+    # grpc core's wording for a host name it cannot resolve: "errors resolving
+    # HOST:PORT: ..." from the EventEngine resolver, "DNS resolution failed for
+    # HOST:PORT: ..." from older ones.
     lowered = details.lower()
-    return "failed to connect" in lowered or "dns resolution failed" in lowered
+    return "errors resolving" in lowered or "dns resolution failed" in lowered
 
 
 def _canonical_uuid(text: str) -> str:
@@ -420,21 +491,31 @@ def render_devices_table(devices: Sequence[ops_pb2.Device], now: datetime) -> st
     return render_table(headers, rows)
 
 
-def render_findings_table(findings: Sequence[ops_pb2.Finding]) -> str:
-    """Return the table of the findings command."""
+def render_findings_table(
+    findings: Sequence[ops_pb2.Finding], *, show_device: bool = True
+) -> str:
+    """Return the table of the findings command.
+
+    show_device adds the device id and hostname columns. Devices may share a
+    hostname, so only the id identifies each.
+    """
     if not findings:
         return "No findings.\n"
-    rows = [
-        [
+    headers = ["SEVERITY", "KIND", "SUBJECT", "DETAIL"]
+    if show_device:
+        headers[1:1] = ["DEVICE ID", "HOSTNAME"]
+    rows = []
+    for finding in findings:
+        row = [
             enum_label(ops_pb2.Severity, finding.severity),
-            finding.hostname or finding.device_id,
             enum_label(ops_pb2.FindingKind, finding.kind),
             finding.subject or "-",
             finding.detail,
         ]
-        for finding in findings
-    ]
-    return render_table(["SEVERITY", "HOSTNAME", "KIND", "SUBJECT", "DETAIL"], rows)
+        if show_device:
+            row[1:1] = [finding.device_id, finding.hostname or "-"]
+        rows.append(row)
+    return render_table(headers, rows)
 
 
 def _os_text(host: report_pb2.HostFacts) -> str:
@@ -460,7 +541,7 @@ def render_device(
         ),
         _section("App usage", device.HasField("usage"), lambda: _render_usage(device)),
         _render_probe_errors(device),
-        "Findings\n" + _indent(render_findings_table(findings)),
+        "Findings\n" + _indent(render_findings_table(findings, show_device=False)),
     ]
     return "\n".join(part for part in parts if part)
 

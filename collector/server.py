@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
+from collector._address import split_host_port
 from collector._ingest import AGENT_SERVICE, AgentServicer, Batcher, utc_now
 from collector._ops import OpsServicer
 from collector.store import Store
@@ -63,14 +67,13 @@ def redact_database_url(url: str) -> str:
 def split_listen_address(listen: str) -> tuple[str, int]:
     """Split HOST:PORT (or [IPV6]:PORT) into host and port.
 
-    Raises ValueError naming the address when it has no valid port.
+    Port 0 picks a free port. Raises ValueError naming the address and what is
+    wrong with it.
     """
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"listen address {listen!r} is not HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port_text)
+    try:
+        return split_host_port(listen, allow_port_zero=True)
+    except ValueError as error:
+        raise ValueError(f"invalid listen address: {error}") from None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -86,19 +89,62 @@ def is_loopback_host(host: str) -> bool:
 def check_plaintext_allowed(listen: str, *, insecure: bool) -> None:
     """Raise ValueError unless plaintext listening on listen is allowed.
 
-    TLS is not implemented yet, so the caller must pass insecure=True, and
-    plaintext is allowed on loopback addresses only.
+    The address must be a valid HOST:PORT. TLS is not implemented yet, so the
+    caller must pass insecure=True, and plaintext is allowed on loopback
+    addresses only.
     """
+    host, _ = split_listen_address(listen)
     if not insecure:
         raise ValueError(
             "TLS is not available yet; pass --insecure to serve plaintext on loopback"
         )
-    host, _ = split_listen_address(listen)
     if not is_loopback_host(host):
         raise ValueError(
             f"plaintext gRPC may listen on loopback only, not on {host}; "
             "use 127.0.0.1 or ::1 until TLS is available"
         )
+
+
+def describe_bind_failure(host: str, port: int) -> str:
+    """Return why listening on host:port fails, with advice, for an error message.
+
+    gRPC reports a failed bind without its cause, so this binds a plain socket
+    to the same address and reports the operating system's error.
+    """
+    try:
+        addresses = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        return f"cannot resolve {host}: {error.strerror}"
+    family, kind, protocol, _, socket_address = addresses[0]
+    with socket.socket(family, kind, protocol) as probe:
+        if os.name != "nt":
+            # gRPC sets SO_REUSEADDR too, so a port in TIME_WAIT is no cause.
+            # On Windows the option would allow binding a port in use.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(socket_address)
+        except OSError as error:
+            return _bind_advice(error)
+    return "gRPC gave no reason, and a test bind of the same address succeeded"
+
+
+def _bind_advice(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    if error.errno == errno.EADDRINUSE:
+        return (
+            f"{reason}; another process listens on that port, so stop it or "
+            "choose another port"
+        )
+    if error.errno == errno.EACCES:
+        return (
+            f"{reason}; ports below 1024 need root or CAP_NET_BIND_SERVICE, so "
+            "choose a port from 1024 up"
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{reason}; the host is not an address of this machine"
+    return reason
 
 
 class CollectorServer:
@@ -154,15 +200,18 @@ class CollectorServer:
         try:
             self.port = self._server.add_insecure_port(self._listen)
         except RuntimeError as error:
-            raise OSError(
-                f"could not bind the listen address {self._listen}"
-            ) from error
+            raise self._bind_error() from error
         if self.port == 0:
-            raise OSError(f"could not bind the listen address {self._listen}")
+            raise self._bind_error()
         self._batcher.start()
         await self._server.start()
         self._toucher = asyncio.create_task(self._touch_open_streams())
         logger.info("collector listening on %s (plaintext)", self.address)
+
+    def _bind_error(self) -> OSError:
+        host, port = split_listen_address(self._listen)
+        reason = describe_bind_failure(host, port)
+        return OSError(f"could not bind the listen address {self._listen}: {reason}")
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
         """Stop accepting calls, ack what streams queued, then close the store.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import platformdirs
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from collector.cli import main
+from collector.cli import build_parser, main
 from collector.paths import default_data_dir, default_database_url
 from collector.store import Store
 from tests.conftest import BIN_DIR, free_port
@@ -115,6 +116,97 @@ def test_serve_bad_listen_address(
 
     assert code == 2
     assert "not HOST:PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("listen", "reason"),
+    [
+        ("127.0.0.1:50061:1", "write an IPv6 address in brackets"),
+        ("127.0.0.1:70000", "port 70000, outside 0 to 65535"),
+    ],
+)
+def test_serve_listen_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: str, reason: str
+) -> None:
+    database = f"sqlite:///{tmp_path}/collector.db"
+
+    code = main(["serve", "--listen", listen, "--database", database, "--insecure"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert reason in err
+    assert "loopback" not in err
+
+
+def test_serve_port_in_use_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    database = f"sqlite:///{tmp_path}/collector.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        code = main(["serve", "--listen", listen, "--database", database, "--insecure"])
+
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert code == 1
+    assert last_line.startswith("fleetmend-collector: error: serve failed")
+    assert f"{listen}: Address already in use" in last_line
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf", "abc"])
+def test_serve_bad_grace(capsys: pytest.CaptureFixture[str], grace: str) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["serve", "--insecure", "--grace", grace])
+
+    err = capsys.readouterr().err
+    assert raised.value.code == 2
+    assert "argument --grace: expected a number of seconds of 0 or more" in err
+
+
+def test_grace_zero_accepted() -> None:
+    args = build_parser().parse_args(["serve", "--grace", "0"])
+
+    assert args.grace == 0.0
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+@pytest.mark.parametrize("database", ["", "  "])
+def test_empty_database_rejected(
+    capsys: pytest.CaptureFixture[str], command: str, database: str
+) -> None:
+    code = main([command, "--database", database])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "--database is empty" in err
+
+
+def test_migrate_log_without_alembic_lines(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path}/collector.db"
+
+    result = subprocess.run(
+        [
+            str(BIN_DIR / "fleetmend-collector"),
+            "--log-level",
+            "INFO",
+            "migrate",
+            "--database",
+            database,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "applied store migration 0001" in result.stderr
+    assert "Context impl" not in result.stderr
+    assert "non-transactional DDL" not in result.stderr
 
 
 def test_unknown_command_exit_two() -> None:

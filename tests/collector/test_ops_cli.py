@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from collector import __version__
+from collector._address import split_host_port
 from collector.ops_cli import (
     CliError,
     OpsClient,
@@ -282,7 +285,9 @@ def test_show_lists_findings(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -
     run(fleet, "device", "show", fleet.laptop)
 
     findings = capsys.readouterr().out.split("Findings\n", 1)[1]
-    kinds = [line.split()[2] for line in findings.splitlines()[1:]]
+    lines = findings.splitlines()
+    assert lines[0].split() == ["SEVERITY", "KIND", "SUBJECT", "DETAIL"]
+    kinds = [line.split()[1] for line in lines[1:]]
     assert kinds == ["disk_failing", "battery_worn", "password_expiring"]
 
 
@@ -344,6 +349,40 @@ def test_show_ambiguous_hostname(
     assert "2 devices have the hostname 'twin'" in captured.err
 
 
+def test_show_ambiguous_json_stderr(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(fleet, "--json", "device", "show", "twin")
+
+    captured = capsys.readouterr()
+    candidates, error_line = captured.err.rsplit("\n", 2)[:2]
+    assert code == 1
+    assert captured.out == ""
+    listed = {device["device_id"] for device in json.loads(candidates)["devices"]}
+    assert listed == set(fleet.twins)
+    assert "2 devices have the hostname 'twin'" in error_line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["device", "show", ""],
+        ["device", "show", "  "],
+        ["findings", "--device", ""],
+    ],
+)
+def test_empty_device_rejected(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["--collector", closed_port_address(), "--insecure", *args])
+
+    assert raised.value.code == 2
+    assert (
+        ": must not be empty; give a device id or a hostname" in capsys.readouterr().err
+    )
+
+
 # findings
 
 
@@ -352,12 +391,53 @@ def test_findings_table(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> Non
 
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert lines[0].split() == ["SEVERITY", "HOSTNAME", "KIND", "SUBJECT", "DETAIL"]
-    assert [line.split()[:4] for line in lines[1:]] == [
-        ["critical", "lab-01", "disk_failing", "sda"],
-        ["warning", "lab-01", "battery_worn", "BAT0"],
-        ["warning", "lab-01", "password_expiring", "alice"],
+    assert lines[0].split() == [
+        "SEVERITY",
+        "DEVICE",
+        "ID",
+        "HOSTNAME",
+        "KIND",
+        "SUBJECT",
+        "DETAIL",
     ]
+    assert [line.split()[:5] for line in lines[1:]] == [
+        ["critical", fleet.laptop, "lab-01", "disk_failing", "sda"],
+        ["warning", fleet.laptop, "lab-01", "battery_worn", "BAT0"],
+        ["warning", fleet.laptop, "lab-01", "password_expiring", "alice"],
+    ]
+
+
+def test_findings_namesakes_apart(
+    server: ServerHandle, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    namesakes = sorted(str(uuid.uuid4()) for _ in range(2))
+    store = Store.open(database_url)
+    try:
+        store.ingest([IncomingReport(d, worn_twin_report(), now) for d in namesakes])
+    finally:
+        store.close()
+
+    code = main(["--collector", server.address, "--insecure", "findings"])
+
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert code == 0
+    assert [row[1:4] for row in rows] == [
+        [namesakes[0], "twin", "battery_worn"],
+        [namesakes[1], "twin", "battery_worn"],
+    ]
+
+
+def worn_twin_report() -> report_pb2.Report:
+    battery = report_pb2.Battery(
+        name="BAT0", design_capacity=50_000, full_capacity=25_000, health_percent=50.0
+    )
+    return report_pb2.Report(
+        sequence=1,
+        full=True,
+        host=report_pb2.HostFacts(hostname="twin"),
+        batteries=report_pb2.BatterySection(batteries=[battery]),
+    )
 
 
 def test_findings_device_filter(
@@ -401,6 +481,75 @@ def test_unreachable_collector(capsys: pytest.CaptureFixture[str]) -> None:
     assert "FLEETMEND_COLLECTOR" in err
 
 
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1:99999", "port 99999, outside 1 to 65535"),
+        ("127.0.0.1:0", "port 0, outside 1 to 65535"),
+        ("http://127.0.0.1:50051", "has a scheme"),
+        ("127.0.0.1:50051:1", "write an IPv6 address in brackets"),
+        ("127.0.0.1", "is not HOST:PORT"),
+        ("127.0.0.1:", "has no port"),
+        (":50051", "is not HOST:PORT"),
+        ("", "is not HOST:PORT"),
+        ("[lab-01]:50051", "not an IPv6 address"),
+    ],
+)
+def test_invalid_collector_address(
+    capsys: pytest.CaptureFixture[str], address: str, reason: str
+) -> None:
+    code = main(["--collector", address, "--insecure", "devices"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert err.startswith("fleetmend: error: invalid collector address in --collector")
+    assert reason in err
+
+
+def test_invalid_address_names_variable(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLEETMEND_COLLECTOR", "127.0.0.1:99999")
+
+    code = main(["--insecure", "devices"])
+
+    assert code == 2
+    assert (
+        "address in FLEETMEND_COLLECTOR: '127.0.0.1:99999'" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("127.0.0.1:50051", ("127.0.0.1", 50051)),
+        ("[::1]:1", ("::1", 1)),
+        ("collector.example.org:65535", ("collector.example.org", 65535)),
+    ],
+)
+def test_split_host_port_valid(address: str, expected: tuple[str, int]) -> None:
+    assert split_host_port(address) == expected
+
+
+def test_unresolvable_host_hint() -> None:
+    # grpc's "dns://SERVER/NAME" target sends the lookup to SERVER, here a
+    # closed port on loopback, so the lookup fails without leaving the machine.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        dns_port = closed.getsockname()[1]
+    target = f"dns://127.0.0.1:{dns_port}/nonsense:50051"
+    with grpc.insecure_channel(target) as channel:
+        client = OpsClient(ops_pb2_grpc.OpsServiceStub(channel), "nonsense:50051", 10)
+
+        with pytest.raises(CliError) as raised:
+            client.call("ListDevices", ops_pb2.ListDevicesRequest())
+
+    message = str(raised.value)
+    assert "cannot resolve the host of the collector at nonsense:50051" in message
+    assert message.endswith("check the host name or use an IP address")
+
+
 def test_invalid_page_token(fleet: Fleet) -> None:
     with grpc.insecure_channel(fleet.address) as channel:
         client = OpsClient(ops_pb2_grpc.OpsServiceStub(channel), fleet.address, 10)
@@ -412,6 +561,64 @@ def test_invalid_page_token(fleet: Fleet) -> None:
             client.call("ListDevices", request)
 
     assert raised.value.exit_code == 1
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "abc"])
+def test_bad_timeout_rejected(capsys: pytest.CaptureFixture[str], timeout: str) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["--insecure", "--timeout", timeout, "devices"])
+
+    err = capsys.readouterr().err
+    assert raised.value.code == 2
+    assert "argument --timeout: expected a number of seconds greater than 0" in err
+
+
+def test_page_size_not_number(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["--insecure", "devices", "--page-size", "abc"])
+
+    err = capsys.readouterr().err
+    assert raised.value.code == 2
+    assert "_positive_int" not in err
+    assert "expected a whole number of at least 1, got 'abc'" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["devices"],
+        ["device"],
+        ["device", "show"],
+        ["findings"],
+    ],
+)
+def test_help_every_command(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main([*args, "--help"])
+
+    out = capsys.readouterr().out
+    assert raised.value.code == 0
+    assert out.startswith("usage: fleetmend")
+
+
+def test_help_states_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["findings", "--help"])
+
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 30)" in out
+    assert "(default: 1000)" in out
+
+
+def test_version_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+
+    assert raised.value.code == 0
+    assert capsys.readouterr().out == f"{__version__}\n"
 
 
 def test_usage_error_exit_two(capsys: pytest.CaptureFixture[str]) -> None:

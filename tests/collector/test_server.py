@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import gc
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,18 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import create_engine, text
 
-from collector._ingest import (
-    MAX_STRING_CHARS,
-    InvalidMessageError,
-    validate_device_id,
-    validate_report,
-)
 from collector._ops import (
     decode_devices_token,
     effective_page_size,
     encode_devices_token,
 )
-from collector.server import ServerHandle, start_server_thread
+from collector._validation import (
+    MAX_STRING_CHARS,
+    InvalidMessageError,
+    validate_device_id,
+    validate_report,
+)
+from collector.server import ServerHandle, split_listen_address, start_server_thread
 from collector.store import Store
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, ops_pb2, ops_pb2_grpc, report_pb2
 
@@ -750,8 +753,63 @@ def test_start_rejects_non_loopback(database_url: str) -> None:
 
 
 def test_start_port_in_use(server: ServerHandle, database_url: str) -> None:
-    with pytest.raises(OSError, match="could not bind"):
+    with pytest.raises(OSError, match="could not bind.*: Address already in use"):
         start_server_thread(database_url, server.address, insecure=True)
+
+
+def test_start_port_taken_by_socket(database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+
+        with pytest.raises(OSError, match="in use; another process listens"):
+            start_server_thread(database_url, address, insecure=True)
+
+
+def test_start_privileged_port(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path}/collector.db"
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 1))
+        except PermissionError:
+            pass
+        else:
+            pytest.skip("this process may bind ports below 1024")
+
+    with pytest.raises(OSError, match="Permission denied; ports below 1024"):
+        start_server_thread(database_url, "127.0.0.1:1", insecure=True)
+
+
+@pytest.mark.parametrize(
+    ("listen", "reason"),
+    [
+        ("127.0.0.1:50061:1", "IPv6 address in brackets"),
+        ("127.0.0.1:70000", "port 70000, outside 0 to 65535"),
+        ("http://127.0.0.1:50061", "has a scheme"),
+        ("[127.0.0.1]:50061", "not an IPv6 address"),
+        (":50061", "is not HOST:PORT"),
+    ],
+)
+def test_start_invalid_listen(tmp_path: Path, listen: str, reason: str) -> None:
+    database_url = f"sqlite:///{tmp_path}/collector.db"
+
+    with pytest.raises(ValueError, match=reason) as raised:
+        start_server_thread(database_url, listen, insecure=True)
+
+    assert "loopback" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:65535", ("::1", 65535)),
+        ("localhost:50051", ("localhost", 50051)),
+    ],
+)
+def test_split_listen_valid(listen: str, expected: tuple[str, int]) -> None:
+    assert split_listen_address(listen) == expected
 
 
 def test_handle_address_has_port(server: ServerHandle) -> None:
@@ -783,16 +841,17 @@ def test_device_id_canonical_accepted() -> None:
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        (report_pb2.Report(sequence=0), "greater than 0"),
+        (report_pb2.Report(sequence=0), "sequence 0 is outside 1 to"),
         (
             report_pb2.Report(
                 sequence=1,
                 usage=report_pb2.UsageSection(
+                    enabled=True,
                     apps=[
                         report_pb2.AppUsage(
                             app_id="vpn", hours_of_week=[168], minutes=[1]
                         )
-                    ]
+                    ],
                 ),
             ),
             "maximum is 167",
@@ -849,3 +908,207 @@ def test_devices_token_round_trip() -> None:
 @pytest.mark.parametrize(("requested", "used"), [(0, 100), (7, 7), (5000, 1000)])
 def test_page_size_default_and_max(requested: int, used: int) -> None:
     assert effective_page_size(requested) == used
+
+
+# One bad report among many devices
+
+
+def send_reports(
+    address: str, device_id: str, reports: list[report_pb2.Report]
+) -> tuple[str, int]:
+    """Run one stream on its own channel; return its status name and last ack."""
+    requests = [
+        hello(device_id),
+        *(agent_pb2.ConnectRequest(report=r) for r in reports),
+    ]
+    last_ack = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        try:
+            for response in stub.Connect(iter(requests), timeout=60):
+                if response.HasField("ack"):
+                    last_ack = response.ack.committed_sequence
+        except grpc.RpcError as error:
+            return error.code().name, last_ack
+    return "OK", last_ack
+
+
+def run_streams_together(
+    address: str, streams: dict[str, list[report_pb2.Report]]
+) -> dict[str, tuple[str, int]]:
+    """Run every stream at once, on threads, so that their reports share batches."""
+    results: dict[str, tuple[str, int]] = {}
+
+    def run(device_id: str, reports: list[report_pb2.Report]) -> None:
+        results[device_id] = send_reports(address, device_id, reports)
+
+    threads = [
+        threading.Thread(target=run, args=(device_id, reports))
+        for device_id, reports in streams.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def hosts_reports(count: int, hostname: str = "lab") -> list[report_pb2.Report]:
+    return [
+        report_pb2.Report(sequence=n, full=n == 1, host=host(hostname))
+        for n in range(1, count + 1)
+    ]
+
+
+def test_uint64_sequence_fails_alone(server: ServerHandle, reader: Store) -> None:
+    good = {new_device_id(): hosts_reports(50) for _ in range(20)}
+    poison = new_device_id()
+    streams = {**good, poison: [report_pb2.Report(sequence=2**64 - 1, full=True)]}
+
+    results = run_streams_together(server.address, streams)
+
+    assert results[poison][0] == "INVALID_ARGUMENT"
+    assert {results[device_id] for device_id in good} == {("OK", 50)}
+    assert reader.count_reports() == 20 * 50
+
+
+def add_poison_trigger(database_url: str) -> None:
+    """Make the database reject a device row whose hostname is "poison".
+
+    This stands for a value that passes validation but that the database
+    refuses, so the store raises only when the batch is committed.
+    """
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.execute(
+                text(
+                    "CREATE TRIGGER reject_poison BEFORE UPDATE ON devices "
+                    "WHEN NEW.hostname = 'poison' "
+                    "BEGIN SELECT RAISE(ABORT, 'poison hostname'); END"
+                )
+            )
+        else:
+            connection.execute(
+                text(
+                    "CREATE FUNCTION reject_poison() RETURNS trigger AS $$ BEGIN "
+                    "IF NEW.hostname = 'poison' THEN RAISE EXCEPTION "
+                    "'poison hostname' USING ERRCODE = 'check_violation'; END IF; "
+                    "RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            connection.execute(
+                text(
+                    "CREATE TRIGGER reject_poison BEFORE UPDATE ON devices "
+                    "FOR EACH ROW EXECUTE FUNCTION reject_poison()"
+                )
+            )
+    engine.dispose()
+
+
+def test_store_rejection_fails_alone(
+    server: ServerHandle, database_url: str, reader: Store
+) -> None:
+    add_poison_trigger(database_url)
+    good = {new_device_id(): hosts_reports(50) for _ in range(20)}
+    poison = new_device_id()
+    streams = {**good, poison: hosts_reports(5, hostname="poison")}
+
+    results = run_streams_together(server.address, streams)
+
+    assert results[poison] == ("INVALID_ARGUMENT", 0)
+    assert {results[device_id] for device_id in good} == {("OK", 50)}
+    assert reader.count_reports() == 20 * 50
+
+
+def test_store_rejection_names_cause(
+    agents: agent_pb2_grpc.AgentServiceStub, database_url: str
+) -> None:
+    add_poison_trigger(database_url)
+    requests = [hello(new_device_id()), report(1, host=host("poison"))]
+
+    _, error = run_failing_stream(agents.Connect(iter(requests)))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "report 1 cannot be stored" in error.details()
+    assert "poison hostname" in error.details()
+    assert "sqlite:" not in error.details()
+    assert "postgresql" not in error.details()
+
+
+def test_failed_commit_no_stray_errors(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    handle = start_server_thread(database_url, insecure=True)
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE reports"))
+    engine.dispose()
+    device_id = new_device_id()
+    requests = [hello(device_id), *(report(n) for n in range(1, 201))]
+
+    with caplog.at_level(logging.ERROR):
+        try:
+            with grpc.insecure_channel(handle.address) as channel:
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                _, error = run_failing_stream(stub.Connect(iter(requests), timeout=30))
+        finally:
+            handle.stop()
+        # asyncio logs a future whose exception was never retrieved when the
+        # future is garbage collected.
+        gc.collect()
+
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    stray = [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert stray == []
+    tracebacks = [r for r in caplog.records if r.exc_info is not None]
+    assert len(tracebacks) == 1
+
+
+# Several streams of one device
+
+
+def test_second_stream_warns(
+    agents: agent_pb2_grpc.AgentServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    device_id = new_device_id()
+    first = Conversation(agents)
+    first.send(hello(device_id))
+    first.receive()
+
+    with caplog.at_level(logging.WARNING, logger="collector"):
+        second = Conversation(agents)
+        second.send(hello(device_id))
+        second.receive()
+        second.send(report(1))
+        acked_second = second.receive().ack.committed_sequence
+        first.send(report(2))
+        acked_first = first.receive().ack.committed_sequence
+    first.close()
+    second.close()
+
+    warnings = [
+        r.getMessage() for r in caplog.records if "another stream" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert device_id in warnings[0]
+    assert warnings[0].count("127.0.0.1:") == 2
+    assert acked_second == 1
+    assert acked_first == 2
+
+
+def test_streams_of_two_devices_no_warning(
+    agents: agent_pb2_grpc.AgentServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = Conversation(agents)
+    first.send(hello(new_device_id()))
+    first.receive()
+
+    with caplog.at_level(logging.WARNING, logger="collector"):
+        second = Conversation(agents)
+        second.send(hello(new_device_id()))
+        second.receive()
+    first.close()
+    second.close()
+
+    assert [r for r in caplog.records if "another stream" in r.getMessage()] == []

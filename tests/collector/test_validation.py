@@ -1,0 +1,277 @@
+"""Validation of agent messages: values out of range and values that contradict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from collector._validation import (
+    MAX_TIMESTAMP_SECONDS,
+    MIN_TIMESTAMP_SECONDS,
+    InvalidMessageError,
+    validate_hello,
+    validate_report,
+)
+from fleetmend.v1 import agent_pb2, report_pb2
+
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+DEVICE_ID = "3f0c8a52-93c4-4f5e-9d47-0b6f2f4d1a6e"
+# 2026-05-04 09:00 UTC.
+SOME_TIME = Timestamp(seconds=1_777_885_200)
+
+
+def with_collect_time(seconds: int, nanos: int = 0) -> report_pb2.Report:
+    return report_pb2.Report(
+        sequence=1, collect_time=Timestamp(seconds=seconds, nanos=nanos)
+    )
+
+
+def with_volume(total_bytes: int, free_bytes: int) -> report_pb2.Report:
+    volume = report_pb2.Volume(
+        mount_point="/", total_bytes=total_bytes, free_bytes=free_bytes
+    )
+    return report_pb2.Report(sequence=1, host=report_pb2.HostFacts(volumes=[volume]))
+
+
+def with_credential(
+    expiry: int, expire_time: Timestamp | None = None
+) -> report_pb2.Report:
+    credential = report_pb2.Credential(
+        kind=report_pb2.CREDENTIAL_KIND_LOCAL_PASSWORD,
+        account="dave",
+        expiry=expiry,  # type: ignore[arg-type]
+        expire_time=expire_time,
+    )
+    section = report_pb2.CredentialSection(credentials=[credential])
+    return report_pb2.Report(sequence=1, credentials=section)
+
+
+def with_apps(*apps: report_pb2.AppUsage, enabled: bool = True) -> report_pb2.Report:
+    usage = report_pb2.UsageSection(enabled=enabled, window_days=28, apps=apps)
+    return report_pb2.Report(sequence=1, usage=usage)
+
+
+def app(app_id: str, hours: list[int], minutes: list[int]) -> report_pb2.AppUsage:
+    return report_pb2.AppUsage(app_id=app_id, hours_of_week=hours, minutes=minutes)
+
+
+def with_battery(**fields: object) -> report_pb2.Report:
+    battery = report_pb2.Battery(name="BAT1", **fields)  # type: ignore[arg-type]
+    section = report_pb2.BatterySection(batteries=[battery])
+    return report_pb2.Report(sequence=1, batteries=section)
+
+
+def with_temperature(celsius: int) -> report_pb2.Report:
+    disk = report_pb2.Disk(
+        name="nvme0n1", nvme_health=report_pb2.NvmeHealth(temperature_celsius=celsius)
+    )
+    return report_pb2.Report(sequence=1, disks=report_pb2.DiskSection(disks=[disk]))
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        pytest.param(
+            report_pb2.Report(sequence=2**63),
+            "sequence 9223372036854775808",
+            id="sequence-above-int64",
+        ),
+        pytest.param(
+            report_pb2.Report(sequence=2**64 - 1),
+            "outside 1 to 9223372036854775807",
+            id="sequence-max-uint64",
+        ),
+        pytest.param(
+            with_collect_time(MAX_TIMESTAMP_SECONDS + 1),
+            "Report.collect_time has seconds 253402300800",
+            id="collect-after-9999",
+        ),
+        pytest.param(
+            with_collect_time(MIN_TIMESTAMP_SECONDS - 1),
+            "Report.collect_time has seconds -62135596801",
+            id="collect-before-1",
+        ),
+        pytest.param(
+            with_collect_time(0, nanos=2_000_000_000),
+            "nanos 2000000000",
+            id="collect-nanos-big",
+        ),
+        pytest.param(
+            with_collect_time(0, nanos=-1), "nanos -1", id="collect-nanos-negative"
+        ),
+        pytest.param(
+            report_pb2.Report(
+                sequence=1,
+                host=report_pb2.HostFacts(boot_time=Timestamp(seconds=2**40)),
+            ),
+            "HostFacts.boot_time has seconds",
+            id="boot-time",
+        ),
+        pytest.param(
+            with_credential(
+                report_pb2.CREDENTIAL_EXPIRY_AT_TIME, Timestamp(seconds=-(2**40))
+            ),
+            "Credential.expire_time has seconds",
+            id="expire-time",
+        ),
+        pytest.param(
+            with_credential(report_pb2.CREDENTIAL_EXPIRY_AT_TIME),
+            "CREDENTIAL_EXPIRY_AT_TIME but no expire_time",
+            id="at-time-without-time",
+        ),
+        pytest.param(
+            with_credential(report_pb2.CREDENTIAL_EXPIRY_NEVER, SOME_TIME),
+            "its expiry is CREDENTIAL_EXPIRY_NEVER",
+            id="never-with-time",
+        ),
+        pytest.param(
+            with_credential(report_pb2.CREDENTIAL_EXPIRY_UNSPECIFIED, SOME_TIME),
+            "its expiry is CREDENTIAL_EXPIRY_UNSPECIFIED",
+            id="unspecified-with-time",
+        ),
+        pytest.param(
+            with_volume(total_bytes=100, free_bytes=500),
+            "free_bytes 500 of volume '/' is larger than its total_bytes 100",
+            id="free-above-total",
+        ),
+        pytest.param(
+            with_apps(app("sap", [9], [241])),
+            "minutes 241 in hour_of_week 9",
+            id="minutes-above-240",
+        ),
+        pytest.param(
+            with_apps(app("sap", [9], [10**9])), "minutes 1000000000", id="minutes-huge"
+        ),
+        pytest.param(
+            with_apps(app("sap", [9], [0])),
+            "minutes 0 in hour_of_week 9",
+            id="minutes-zero",
+        ),
+        pytest.param(
+            with_apps(app("sap", [9, 9], [5, 5])),
+            "hour_of_week 9 more than once",
+            id="hour-twice",
+        ),
+        pytest.param(
+            with_apps(app("", [9], [5])), "AppUsage.app_id ''", id="app-id-empty"
+        ),
+        pytest.param(
+            with_apps(app("Bad Id!", [9], [5])),
+            "AppUsage.app_id 'Bad Id!' does not match",
+            id="app-id-bad",
+        ),
+        pytest.param(
+            with_apps(app("a" * 65, [9], [5])), "does not match", id="app-id-long"
+        ),
+        pytest.param(
+            with_apps(app("sap", [9], [5]), app("sap", [10], [5])),
+            "'sap' is listed more than once",
+            id="app-id-twice",
+        ),
+        pytest.param(
+            with_apps(app("sap", [9], [5]), enabled=False),
+            "enabled is false but apps lists 1",
+            id="disabled-with-apps",
+        ),
+        pytest.param(
+            with_battery(
+                design_capacity=50_000_000,
+                full_capacity=20_000_000,
+                health_percent=99.0,
+            ),
+            "health_percent 99 of battery 'BAT1' disagrees",
+            id="health-disagrees",
+        ),
+        pytest.param(
+            with_battery(health_percent=math.nan), "health_percent nan", id="health-nan"
+        ),
+        pytest.param(
+            with_battery(health_percent=-5.0),
+            "health_percent -5.0",
+            id="health-negative",
+        ),
+        pytest.param(
+            with_temperature(-300),
+            "temperature_celsius -300 of disk 'nvme0n1'",
+            id="temperature-low",
+        ),
+        pytest.param(
+            with_temperature(201), "temperature_celsius 201", id="temperature-high"
+        ),
+        pytest.param(
+            report_pb2.Report(sequence=1, host=report_pb2.HostFacts(hostname="a\x00b")),
+            "HostFacts.hostname 'a\\\\x00b' contains a NUL character",
+            id="hostname-nul",
+        ),
+    ],
+)
+def test_report_invalid(bad: report_pb2.Report, reason: str) -> None:
+    with pytest.raises(InvalidMessageError, match=reason):
+        validate_report(bad)
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        pytest.param(report_pb2.Report(sequence=2**63 - 1), id="sequence-max"),
+        pytest.param(
+            with_collect_time(MAX_TIMESTAMP_SECONDS, nanos=999_999_999),
+            id="collect-last",
+        ),
+        pytest.param(with_collect_time(MIN_TIMESTAMP_SECONDS), id="collect-first"),
+        pytest.param(
+            with_credential(report_pb2.CREDENTIAL_EXPIRY_AT_TIME, SOME_TIME),
+            id="at-time",
+        ),
+        pytest.param(
+            with_credential(report_pb2.CREDENTIAL_EXPIRY_MUST_CHANGE_NOW),
+            id="must-change",
+        ),
+        pytest.param(with_credential(9, SOME_TIME), id="unknown-expiry-with-time"),
+        pytest.param(
+            with_volume(total_bytes=100, free_bytes=100), id="free-equals-total"
+        ),
+        pytest.param(
+            with_apps(app("sap-gui", [9, 3], [240, 1])), id="minutes-240-unsorted"
+        ),
+        pytest.param(
+            with_apps(app("a" * 64, [0], [1]), app("vpn_2", [167], [60])), id="app-ids"
+        ),
+        pytest.param(with_apps(enabled=False), id="disabled-empty"),
+        pytest.param(
+            with_battery(
+                design_capacity=50_000, full_capacity=20_000, health_percent=40.9
+            ),
+            id="health-within-1",
+        ),
+        pytest.param(
+            with_battery(design_capacity=0, full_capacity=20_000, health_percent=40.0),
+            id="health-zero-design",
+        ),
+        pytest.param(with_battery(health_percent=103.0), id="health-alone"),
+        pytest.param(with_temperature(-60), id="temperature-lowest"),
+        pytest.param(with_temperature(200), id="temperature-highest"),
+    ],
+)
+def test_report_valid(good: report_pb2.Report) -> None:
+    validate_report(good)
+
+
+def test_hello_nil_uuid_invalid() -> None:
+    hello = agent_pb2.Hello(device_id=NIL_UUID, agent_version="0.1.0")
+
+    with pytest.raises(InvalidMessageError, match="nil UUID"):
+        validate_hello(hello)
+
+
+def test_hello_nul_version_invalid() -> None:
+    hello = agent_pb2.Hello(device_id=DEVICE_ID, agent_version="0.1\x00")
+
+    with pytest.raises(InvalidMessageError, match="agent_version"):
+        validate_hello(hello)
+
+
+def test_hello_valid() -> None:
+    validate_hello(agent_pb2.Hello(device_id=DEVICE_ID, agent_version="0.1.0"))
