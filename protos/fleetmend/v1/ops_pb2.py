@@ -23,36 +23,37 @@ _sym_db = _symbol_database.Default()
 
 
 from fleetmend.v1 import report_pb2 as fleetmend_dot_v1_dot_report__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leetmend/v1/ops.proto\x12\x0c\x66leetmend.v1\x1a\x19\x66leetmend/v1/report.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\"U\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.fleetmend.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"9\n\x11GetDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Device\"O\n\x13ListFindingsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\"X\n\x14ListFindingsResponse\x12\'\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x15.fleetmend.v1.Finding\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xe2\x03\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x33\n\x0f\x66irst_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ommitted_sequence\x18\x06 \x01(\x04\x12\x34\n\x10last_report_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04host\x18\x08 \x01(\x0b\x32\x17.fleetmend.v1.HostFacts\x12(\n\x05\x64isks\x18\t \x01(\x0b\x32\x19.fleetmend.v1.DiskSection\x12/\n\tbatteries\x18\n \x01(\x0b\x32\x1c.fleetmend.v1.BatterySection\x12\x34\n\x0b\x63redentials\x18\x0b \x01(\x0b\x32\x1f.fleetmend.v1.CredentialSection\x12)\n\x05usage\x18\x0c \x01(\x0b\x32\x1a.fleetmend.v1.UsageSection\"\xd4\x01\n\x07\x46inding\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.fleetmend.v1.FindingKind\x12(\n\x08severity\x18\x04 \x01(\x0e\x32\x16.fleetmend.v1.Severity\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x30\n\x0cobserve_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xec\x01\n\x0b\x46indingKind\x12\x1c\n\x18\x46INDING_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46INDING_KIND_DISK_FAILING\x10\x01\x12\x1a\n\x16\x46INDING_KIND_DISK_WORN\x10\x02\x12\x1d\n\x19\x46INDING_KIND_BATTERY_WORN\x10\x03\x12!\n\x1d\x46INDING_KIND_PASSWORD_EXPIRED\x10\x04\x12\"\n\x1e\x46INDING_KIND_PASSWORD_EXPIRING\x10\x05\x12\x1e\n\x1a\x46INDING_KIND_DEVICE_SILENT\x10\x06*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x32\x85\x02\n\nOpsService\x12R\n\x0bListDevices\x12 .fleetmend.v1.ListDevicesRequest\x1a!.fleetmend.v1.ListDevicesResponse\x12L\n\tGetDevice\x12\x1e.fleetmend.v1.GetDeviceRequest\x1a\x1f.fleetmend.v1.GetDeviceResponse\x12U\n\x0cListFindings\x12!.fleetmend.v1.ListFindingsRequest\x1a\".fleetmend.v1.ListFindingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leetmend/v1/ops.proto\x12\x0c\x66leetmend.v1\x1a\x19\x66leetmend/v1/report.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\"U\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.fleetmend.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"9\n\x11GetDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Device\"O\n\x13ListFindingsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\"X\n\x14ListFindingsResponse\x12\'\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x15.fleetmend.v1.Finding\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc2\x04\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x33\n\x0f\x66irst_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ommitted_sequence\x18\x06 \x01(\x04\x12\x34\n\x10last_report_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04host\x18\x08 \x01(\x0b\x32\x17.fleetmend.v1.HostFacts\x12(\n\x05\x64isks\x18\t \x01(\x0b\x32\x19.fleetmend.v1.DiskSection\x12/\n\tbatteries\x18\n \x01(\x0b\x32\x1c.fleetmend.v1.BatterySection\x12\x34\n\x0b\x63redentials\x18\x0b \x01(\x0b\x32\x1f.fleetmend.v1.CredentialSection\x12)\n\x05usage\x18\x0c \x01(\x0b\x32\x1a.fleetmend.v1.UsageSection\x12\x17\n\x0f\x64ropped_reports\x18\r \x01(\x04\x12/\n\x0c\x63lock_offset\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63lock_skewed\x18\x0f \x01(\x08\"\xd4\x01\n\x07\x46inding\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.fleetmend.v1.FindingKind\x12(\n\x08severity\x18\x04 \x01(\x0e\x32\x16.fleetmend.v1.Severity\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x30\n\x0cobserve_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xec\x01\n\x0b\x46indingKind\x12\x1c\n\x18\x46INDING_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46INDING_KIND_DISK_FAILING\x10\x01\x12\x1a\n\x16\x46INDING_KIND_DISK_WORN\x10\x02\x12\x1d\n\x19\x46INDING_KIND_BATTERY_WORN\x10\x03\x12!\n\x1d\x46INDING_KIND_PASSWORD_EXPIRED\x10\x04\x12\"\n\x1e\x46INDING_KIND_PASSWORD_EXPIRING\x10\x05\x12\x1e\n\x1a\x46INDING_KIND_DEVICE_SILENT\x10\x06*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x32\x85\x02\n\nOpsService\x12R\n\x0bListDevices\x12 .fleetmend.v1.ListDevicesRequest\x1a!.fleetmend.v1.ListDevicesResponse\x12L\n\tGetDevice\x12\x1e.fleetmend.v1.GetDeviceRequest\x1a\x1f.fleetmend.v1.GetDeviceResponse\x12U\n\x0cListFindings\x12!.fleetmend.v1.ListFindingsRequest\x1a\".fleetmend.v1.ListFindingsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetmend.v1.ops_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINDINGKIND']._serialized_start=1236
-  _globals['_FINDINGKIND']._serialized_end=1472
-  _globals['_SEVERITY']._serialized_start=1474
-  _globals['_SEVERITY']._serialized_end=1574
-  _globals['_LISTDEVICESREQUEST']._serialized_start=100
-  _globals['_LISTDEVICESREQUEST']._serialized_end=177
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=179
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=264
-  _globals['_GETDEVICEREQUEST']._serialized_start=266
-  _globals['_GETDEVICEREQUEST']._serialized_end=303
-  _globals['_GETDEVICERESPONSE']._serialized_start=305
-  _globals['_GETDEVICERESPONSE']._serialized_end=362
-  _globals['_LISTFINDINGSREQUEST']._serialized_start=364
-  _globals['_LISTFINDINGSREQUEST']._serialized_end=443
-  _globals['_LISTFINDINGSRESPONSE']._serialized_start=445
-  _globals['_LISTFINDINGSRESPONSE']._serialized_end=533
-  _globals['_DEVICE']._serialized_start=536
-  _globals['_DEVICE']._serialized_end=1018
-  _globals['_FINDING']._serialized_start=1021
-  _globals['_FINDING']._serialized_end=1233
-  _globals['_OPSSERVICE']._serialized_start=1577
-  _globals['_OPSSERVICE']._serialized_end=1838
+  _globals['_FINDINGKIND']._serialized_start=1364
+  _globals['_FINDINGKIND']._serialized_end=1600
+  _globals['_SEVERITY']._serialized_start=1602
+  _globals['_SEVERITY']._serialized_end=1702
+  _globals['_LISTDEVICESREQUEST']._serialized_start=132
+  _globals['_LISTDEVICESREQUEST']._serialized_end=209
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=211
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=296
+  _globals['_GETDEVICEREQUEST']._serialized_start=298
+  _globals['_GETDEVICEREQUEST']._serialized_end=335
+  _globals['_GETDEVICERESPONSE']._serialized_start=337
+  _globals['_GETDEVICERESPONSE']._serialized_end=394
+  _globals['_LISTFINDINGSREQUEST']._serialized_start=396
+  _globals['_LISTFINDINGSREQUEST']._serialized_end=475
+  _globals['_LISTFINDINGSRESPONSE']._serialized_start=477
+  _globals['_LISTFINDINGSRESPONSE']._serialized_end=565
+  _globals['_DEVICE']._serialized_start=568
+  _globals['_DEVICE']._serialized_end=1146
+  _globals['_FINDING']._serialized_start=1149
+  _globals['_FINDING']._serialized_end=1361
+  _globals['_OPSSERVICE']._serialized_start=1705
+  _globals['_OPSSERVICE']._serialized_end=1966
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from fleetmend.v1 import report_pb2 as _report_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -227,10 +228,21 @@ class Device(_message.Message):
     BATTERIES_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    DROPPED_REPORTS_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
+    CLOCK_SKEWED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     hostname: _builtins.str
     agent_version: _builtins.str
     committed_sequence: _builtins.int
+    dropped_reports: _builtins.int
+    """Routine reports the device's agent dropped while it could not reach the
+    collector, summed over the device's life.
+    """
+    clock_skewed: _builtins.bool
+    """True when the last report's clock_offset was beyond the collector's skew
+    limit; its readings are then stored with the receive time beside them.
+    """
     @_builtins.property
     def first_seen_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -249,6 +261,13 @@ class Device(_message.Message):
     def credentials(self) -> _report_pb2.CredentialSection: ...
     @_builtins.property
     def usage(self) -> _report_pb2.UsageSection: ...
+    @_builtins.property
+    def clock_offset(self) -> _duration_pb2.Duration:
+        """Difference between the device's clock and the collector's, from the last
+        report: collect_time minus the time the collector received it. Positive
+        means the device's clock is ahead.
+        """
+
     def __init__(
         self,
         *,
@@ -264,10 +283,13 @@ class Device(_message.Message):
         batteries: _report_pb2.BatterySection | None = ...,
         credentials: _report_pb2.CredentialSection | None = ...,
         usage: _report_pb2.UsageSection | None = ...,
+        dropped_reports: _builtins.int = ...,
+        clock_offset: _duration_pb2.Duration | None = ...,
+        clock_skewed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "credentials", b"credentials", "disks", b"disks", "first_seen_time", b"first_seen_time", "host", b"host", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "clock_offset", b"clock_offset", "credentials", b"credentials", "disks", b"disks", "first_seen_time", b"first_seen_time", "host", b"host", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "batteries", b"batteries", "committed_sequence", b"committed_sequence", "credentials", b"credentials", "device_id", b"device_id", "disks", b"disks", "first_seen_time", b"first_seen_time", "host", b"host", "hostname", b"hostname", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "batteries", b"batteries", "clock_offset", b"clock_offset", "clock_skewed", b"clock_skewed", "committed_sequence", b"committed_sequence", "credentials", b"credentials", "device_id", b"device_id", "disks", b"disks", "dropped_reports", b"dropped_reports", "first_seen_time", b"first_seen_time", "host", b"host", "hostname", b"hostname", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

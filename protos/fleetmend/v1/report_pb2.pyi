@@ -229,12 +229,18 @@ class Report(_message.Message):
     BATTERIES_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    DROPPED_REPORTS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Per-device sequence number, starting at 1 and never reused. The collector
     stores each (device, sequence) pair at most once.
     """
     full: _builtins.bool
     """True when every section is present."""
+    dropped_reports: _builtins.int
+    """Routine reports that the agent's spool dropped to stay under its size cap
+    since the previous report that carried this count. Such reports were
+    never sent; the collector adds the count to the device's total.
+    """
     @_builtins.property
     def collect_time(self) -> _timestamp_pb2.Timestamp:
         """When the agent assembled the report, by the agent's clock."""
@@ -260,10 +266,11 @@ class Report(_message.Message):
         batteries: Global___BatterySection | None = ...,
         credentials: Global___CredentialSection | None = ...,
         usage: Global___UsageSection | None = ...,
+        dropped_reports: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "host", b"host", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "full", b"full", "host", b"host", "sequence", b"sequence", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "dropped_reports", b"dropped_reports", "full", b"full", "host", b"host", "sequence", b"sequence", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
