@@ -6,6 +6,7 @@ isort:skip_file
 from fleetmend.v1 import report_pb2 as _report_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -49,18 +50,27 @@ class Hello(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    SEND_TIME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """UUID made by the agent at its first start, in canonical text form."""
     agent_version: _builtins.str
+    @_builtins.property
+    def send_time(self) -> _timestamp_pb2.Timestamp:
+        """The agent's clock when it sent the hello. The collector compares it with
+        its own clock to find the device's clock offset, which tells a skewed
+        clock apart from a report that was collected long ago and sent late.
+        """
+
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         agent_version: _builtins.str = ...,
+        send_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "device_id", b"device_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "device_id", b"device_id", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
