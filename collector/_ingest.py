@@ -1,21 +1,30 @@
-"""The ingest path: the Connect stream handler and the batcher that commits reports."""
+"""The ingest path: the Connect stream handler and the batcher that commits reports.
+
+The handler also applies the per-device rate limit and flags reports whose
+collect_time comes from a skewed clock.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NoReturn
 
 import grpc
 from sqlalchemy import exc as sqlalchemy_errors
 
 from collector._validation import (
+    ClockLimits,
     InvalidMessageError,
+    clock_offset,
+    clock_skew_reason,
+    is_offset_skewed,
     parse_connect_request,
     validate_hello,
     validate_report,
@@ -33,6 +42,15 @@ MAX_UNACKED_PER_STREAM = 1000
 
 # Repeats of the same failed commit are logged as one line at most this often.
 REPEATED_FAILURE_LOG_INTERVAL_SECONDS = 10.0
+
+# At the agent's default of one report per 300 s, a week offline is 2,016
+# reports, which this burst and rate admit in about 5 s. A looping agent still
+# cannot take over the batcher.
+DEFAULT_REPORTS_PER_SECOND = 200.0
+DEFAULT_REPORT_BURST = 1000
+# Rejections by the rate limit are logged as one line per device at most this
+# often, with their count.
+RATE_LIMIT_LOG_INTERVAL_SECONDS = 60.0
 
 
 def utc_now() -> datetime:
@@ -149,6 +167,160 @@ class _FailureLog:
             self._kind[-1],
         )
         self._unlogged_repeats = 0
+
+
+# Rate limits
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Limits that the Connect handler applies to every device's reports."""
+
+    # Sustained reports per second per device, over all its streams. A rate of
+    # 0 turns the limit off.
+    reports_per_second: float = DEFAULT_REPORTS_PER_SECOND
+    # Reports a device may send at once before the sustained rate applies.
+    report_burst: int = DEFAULT_REPORT_BURST
+    clock: ClockLimits = field(default_factory=ClockLimits)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.reports_per_second) or self.reports_per_second < 0:
+            raise ValueError(
+                f"reports_per_second must be 0 or more, got {self.reports_per_second}"
+            )
+        if self.report_burst < 1:
+            raise ValueError(
+                f"report_burst must be at least 1, got {self.report_burst}"
+            )
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    refill_time: float
+
+
+class DeviceRateLimiter:
+    """A token bucket of reports per device id, shared by all its streams.
+
+    A device starts with burst tokens and gains reports_per_second tokens a
+    second, up to burst, and each report takes one. A rate of 0 admits every
+    report. The limiter is not thread-safe, because only the event loop calls it.
+    """
+
+    # Seconds between sweeps that forget refilled buckets. A full bucket is the
+    # same as a new one, so memory grows with recently active devices only.
+    SWEEP_INTERVAL_SECONDS = 60.0
+
+    def __init__(
+        self,
+        reports_per_second: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate = reports_per_second
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._next_sweep = clock() + self.SWEEP_INTERVAL_SECONDS
+
+    def try_acquire(self, device_id: str) -> bool:
+        """Take a token from the device's bucket; return False if it has none."""
+        if self._rate == 0:
+            return True
+        now = self._clock()
+        self._sweep(now)
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = _Bucket(self._burst, now)
+            self._buckets[device_id] = bucket
+        else:
+            self._refill(bucket, now)
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def _refill(self, bucket: _Bucket, now: float) -> None:
+        gained = (now - bucket.refill_time) * self._rate
+        bucket.tokens = min(self._burst, bucket.tokens + gained)
+        bucket.refill_time = now
+
+    def _sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.SWEEP_INTERVAL_SECONDS
+        for device_id, bucket in list(self._buckets.items()):
+            self._refill(bucket, now)
+            if bucket.tokens >= self._burst:
+                del self._buckets[device_id]
+
+
+@dataclass
+class _Rejections:
+    line_time: float
+    unlogged: int = 0
+
+
+class _RateLimitLog:
+    """Logs rate-limit rejections: one line per device per interval, with a count.
+
+    The first rejection of a device is logged at once. Later ones within
+    interval_seconds are counted and logged by the next rejection after the
+    interval, or by flush().
+    """
+
+    def __init__(
+        self,
+        limits: IngestLimits,
+        interval_seconds: float = RATE_LIMIT_LOG_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = limits
+        self._interval_seconds = interval_seconds
+        self._clock = clock
+        self._devices: dict[str, _Rejections] = {}
+
+    def rejected(self, device_id: str, peer: str) -> None:
+        now = self._clock()
+        entry = self._devices.get(device_id)
+        if entry is None:
+            logger.warning(
+                "device %s from %s exceeded the rate limit of %g reports per "
+                "second (burst %d); ending its stream with RESOURCE_EXHAUSTED",
+                device_id,
+                peer,
+                self._limits.reports_per_second,
+                self._limits.report_burst,
+            )
+            self._devices[device_id] = _Rejections(line_time=now)
+            return
+        entry.unlogged += 1
+        if now - entry.line_time >= self._interval_seconds:
+            self._log_count(device_id, entry, now)
+
+    def flush(self) -> None:
+        """Log the counts that are due and forget devices quiet for an interval."""
+        now = self._clock()
+        for device_id, entry in list(self._devices.items()):
+            if now - entry.line_time < self._interval_seconds:
+                continue
+            if entry.unlogged:
+                self._log_count(device_id, entry, now)
+            else:
+                del self._devices[device_id]
+
+    def _log_count(self, device_id: str, entry: _Rejections, now: float) -> None:
+        logger.warning(
+            "device %s exceeded the rate limit of %g reports per second %d more "
+            "times in the last %.0f s",
+            device_id,
+            self._limits.reports_per_second,
+            entry.unlogged,
+            now - entry.line_time,
+        )
+        entry.line_time = now
+        entry.unlogged = 0
 
 
 # Batching
@@ -316,6 +488,10 @@ class _StreamInvalid:
     reason: str
 
 
+class _StreamLimited:
+    """Queue marker: the device sent reports faster than its rate limit."""
+
+
 class _StreamFailed:
     """Queue marker: the reader stopped because reading the stream failed."""
 
@@ -326,9 +502,11 @@ class _QueuedReport:
     future: asyncio.Future[int]
 
 
-_StreamItem = (
-    _QueuedReport | _StreamEnd | _StreamShutdown | _StreamInvalid | _StreamFailed
+# Markers that end a stream once the reports queued before them are acked.
+_StreamStop = (
+    _StreamEnd | _StreamShutdown | _StreamInvalid | _StreamLimited | _StreamFailed
 )
+_StreamItem = _QueuedReport | _StreamStop
 
 
 @dataclass(eq=False)
@@ -337,6 +515,9 @@ class _Stream:
 
     device_id: str
     peer: str
+    # The device's clock minus the collector's at the hello, None if unknown.
+    clock_offset: timedelta | None = None
+    skewed_reports: int = 0
     items: collections.deque[_StreamItem] = field(default_factory=collections.deque)
     available: asyncio.Event = field(default_factory=asyncio.Event)
     credit: asyncio.Semaphore = field(
@@ -369,6 +550,10 @@ class AgentServicer:
     the batcher, while the handler's own task waits for commits in order and
     sends cumulative acks. Reading waits for commits only while
     MAX_UNACKED_PER_STREAM reports of the stream are not yet acknowledged.
+
+    A report over the device's rate limit ends the stream with
+    RESOURCE_EXHAUSTED once the reports before it are acknowledged. Reports are
+    flagged as clock-skewed by the clock offset that the stream's hello showed.
     """
 
     def __init__(
@@ -377,10 +562,17 @@ class AgentServicer:
         batcher: Batcher,
         *,
         clock: Callable[[], datetime] = utc_now,
+        limits: IngestLimits | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._batcher = batcher
         self._clock = clock
+        self._limits = limits or IngestLimits()
+        self._rate_limiter = DeviceRateLimiter(
+            self._limits.reports_per_second, self._limits.report_burst, monotonic
+        )
+        self._rate_limit_log = _RateLimitLog(self._limits, clock=monotonic)
         self._streams: set[_Stream] = set()
         self._closing = False
 
@@ -401,6 +593,10 @@ class AgentServicer:
         """Return the ids of devices with an open stream, sorted."""
         return sorted({stream.device_id for stream in self._streams})
 
+    def flush_logs(self) -> None:
+        """Log the rate-limit rejections counted since their device's last line."""
+        self._rate_limit_log.flush()
+
     def begin_shutdown(self) -> None:
         """Stop reading on every stream and end each once its reports are acked."""
         self._closing = True
@@ -419,11 +615,17 @@ class AgentServicer:
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
             )
         first = await context.read()
+        received_time = self._clock()
         if first is grpc.aio.EOF:
             logger.info("stream from %s closed before its hello", peer)
             return
         hello = await self._read_hello(context, peer, first)
-        committed = await self._record_hello(context, peer, hello)
+        stream = _Stream(
+            device_id=hello.device_id,
+            peer=peer,
+            clock_offset=clock_offset(hello, received_time),
+        )
+        committed = await self._record_hello(context, stream, hello, received_time)
         if self._closing:
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
@@ -431,15 +633,16 @@ class AgentServicer:
         welcome = agent_pb2.Welcome(committed_sequence=committed)
         await context.write(agent_pb2.ConnectResponse(welcome=welcome))
 
-        stream = _Stream(device_id=hello.device_id, peer=peer)
         self._warn_if_already_open(stream)
         self._streams.add(stream)
         logger.info(
-            "stream opened: device %s from %s, agent %s, committed sequence %d",
+            "stream opened: device %s from %s, agent %s, committed sequence %d, "
+            "clock offset %s",
             stream.device_id,
             peer,
             hello.agent_version or "unknown",
             committed,
+            _describe_offset(stream.clock_offset),
         )
         stream.reader = asyncio.create_task(self._read_reports(context, stream))
         try:
@@ -447,7 +650,20 @@ class AgentServicer:
         finally:
             stream.reader.cancel()
             self._streams.discard(stream)
-            logger.info("stream closed: device %s from %s", stream.device_id, peer)
+            self._log_stream_closed(stream)
+
+    def _log_stream_closed(self, stream: _Stream) -> None:
+        if stream.skewed_reports:
+            logger.info(
+                "stream closed: device %s from %s, %d reports flagged as clock-skewed",
+                stream.device_id,
+                stream.peer,
+                stream.skewed_reports,
+            )
+        else:
+            logger.info(
+                "stream closed: device %s from %s", stream.device_id, stream.peer
+            )
 
     def _warn_if_already_open(self, stream: _Stream) -> None:
         # Two agents that share one state folder send different reports under
@@ -477,18 +693,36 @@ class AgentServicer:
         return request.hello
 
     async def _record_hello(
-        self, context: grpc.aio.ServicerContext, peer: str, hello: agent_pb2.Hello
+        self,
+        context: grpc.aio.ServicerContext,
+        stream: _Stream,
+        hello: agent_pb2.Hello,
+        received_time: datetime,
     ) -> int:
+        skewed = is_offset_skewed(stream.clock_offset, self._limits.clock)
+        if skewed:
+            logger.warning(
+                "device %s from %s has a skewed clock: %s, beyond the limit of "
+                "%g s; its reports are stored with the receive time beside them",
+                stream.device_id,
+                stream.peer,
+                _describe_offset(stream.clock_offset),
+                self._limits.clock.skew_limit.total_seconds(),
+            )
         try:
             return await asyncio.to_thread(
                 self._store.record_hello,
                 hello.device_id,
                 hello.agent_version,
-                self._clock(),
+                received_time,
+                clock_offset=stream.clock_offset,
+                clock_skewed=skewed,
             )
         except Exception:
             logger.exception(
-                "recording the hello of device %s from %s failed", hello.device_id, peer
+                "recording the hello of device %s from %s failed",
+                hello.device_id,
+                stream.peer,
             )
             await _abort(
                 context,
@@ -544,8 +778,14 @@ class AgentServicer:
         while True:
             await stream.credit.acquire()
             payload = await context.read()
+            received_time = self._clock()
             if payload is grpc.aio.EOF:
                 stream.push(_StreamEnd())
+                return
+            # Checked before parsing, so that a flood costs no decoding.
+            if not self._rate_limiter.try_acquire(stream.device_id):
+                self._rate_limit_log.rejected(stream.device_id, stream.peer)
+                stream.push(_StreamLimited())
                 return
             try:
                 report = self._parse_report(payload)
@@ -555,10 +795,31 @@ class AgentServicer:
             incoming = IncomingReport(
                 device_id=stream.device_id,
                 report=report,
-                received_time=self._clock(),
+                received_time=received_time,
+                clock_skewed=self._flag_clock_skew(stream, report, received_time),
             )
             future = self._batcher.submit(incoming)
             stream.push(_QueuedReport(report.sequence, future))
+
+    def _flag_clock_skew(
+        self, stream: _Stream, report: report_pb2.Report, received_time: datetime
+    ) -> bool:
+        """Return whether the report is clock-skewed, logging the first of a stream."""
+        reason = clock_skew_reason(
+            report, received_time, stream.clock_offset, self._limits.clock
+        )
+        if reason is None:
+            return False
+        stream.skewed_reports += 1
+        if stream.skewed_reports == 1:
+            logger.info(
+                "report %d of device %s from %s is flagged as clock-skewed: %s",
+                report.sequence,
+                stream.device_id,
+                stream.peer,
+                reason,
+            )
+        return True
 
     @staticmethod
     def _parse_report(payload: bytes) -> report_pb2.Report:
@@ -629,10 +890,7 @@ class AgentServicer:
             )
 
     async def _end_stream(
-        self,
-        context: grpc.aio.ServicerContext,
-        stream: _Stream,
-        item: _StreamEnd | _StreamShutdown | _StreamInvalid | _StreamFailed,
+        self, context: grpc.aio.ServicerContext, stream: _Stream, item: _StreamStop
     ) -> None:
         if isinstance(item, _StreamFailed):
             await _abort(
@@ -642,6 +900,14 @@ class AgentServicer:
             )
         if isinstance(item, _StreamInvalid):
             await self._reject(context, stream.peer, stream.device_id, item.reason)
+        if isinstance(item, _StreamLimited):
+            await _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {self._limits.reports_per_second:g} reports per second "
+                f"(burst {self._limits.report_burst}) from this device; reconnect "
+                "with backoff and send the rest again",
+            )
         if isinstance(item, _StreamShutdown):
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
@@ -654,6 +920,12 @@ def _data_error_text(error: Exception) -> str:
     if isinstance(error, StoreError):
         return describe_root_cause(error)
     return str(error)
+
+
+def _describe_offset(offset: timedelta | None) -> str:
+    if offset is None:
+        return "unknown"
+    return f"{offset.total_seconds():+.3f} s"
 
 
 def _front_is_committed(stream: _Stream) -> bool:

@@ -1,7 +1,8 @@
 """Validation of agent messages before anything from them is queued or stored.
 
 Every check raises InvalidMessageError with the field and the value, which the
-Connect handler sends to the agent as INVALID_ARGUMENT.
+Connect handler sends to the agent as INVALID_ARGUMENT. The clock checks at the
+end reject nothing: they flag reports whose collect_time is not to be trusted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
@@ -98,6 +101,8 @@ def validate_hello(hello: agent_pb2.Hello) -> None:
             f"more than the maximum of {MAX_AGENT_VERSION_CHARS}"
         )
     _check_no_nul("Hello.agent_version", hello.agent_version)
+    if hello.HasField("send_time"):
+        _validate_timestamp("fleetmend.v1.Hello.send_time", hello.send_time)
 
 
 def validate_report(report: report_pb2.Report) -> None:
@@ -286,3 +291,92 @@ def _validate_timestamp(name: str, timestamp: Timestamp) -> None:
         raise InvalidMessageError(
             f"{name} has nanos {nanos}, outside 0 to {MAX_TIMESTAMP_NANOS}"
         )
+
+
+# Clock skew
+
+DEFAULT_CLOCK_SKEW_LIMIT = timedelta(minutes=5)
+# Older than any report that an agent's spool keeps.
+DEFAULT_MAX_REPORT_AGE = timedelta(days=30)
+
+
+@dataclass(frozen=True)
+class ClockLimits:
+    """Bounds beyond which a device's clock or a report's collect_time is skewed."""
+
+    # Largest clock offset, either way, that still counts as a correct clock.
+    skew_limit: timedelta = DEFAULT_CLOCK_SKEW_LIMIT
+    # A collect_time this long before the receive time is not believed.
+    max_report_age: timedelta = DEFAULT_MAX_REPORT_AGE
+
+    def __post_init__(self) -> None:
+        for name in ("skew_limit", "max_report_age"):
+            span = getattr(self, name)
+            if span <= timedelta(0):
+                raise ValueError(f"{name} must be longer than 0, got {span}")
+
+
+def clock_offset(hello: agent_pb2.Hello, received_time: datetime) -> timedelta | None:
+    """Return the device's clock minus the collector's at the hello.
+
+    received_time is the collector's clock when the hello arrived, so the
+    offset also contains the network delay, which is negative. Returns None
+    when the hello has no send_time (agents before the field existed). The
+    hello must have passed validate_hello.
+    """
+    if not hello.HasField("send_time"):
+        return None
+    return hello.send_time.ToDatetime(tzinfo=UTC) - received_time
+
+
+def is_offset_skewed(offset: timedelta | None, limits: ClockLimits) -> bool:
+    """Return True if a known clock offset is beyond the skew limit either way."""
+    return offset is not None and abs(offset) > limits.skew_limit
+
+
+def clock_skew_reason(
+    report: report_pb2.Report,
+    received_time: datetime,
+    offset: timedelta | None,
+    limits: ClockLimits,
+) -> str | None:
+    """Return why the report's collect_time is not to be trusted, or None.
+
+    A report is clock-skewed when the device's offset is beyond the limit, when
+    its collect_time is later than the device's own clock at receipt
+    (received_time + offset) plus the limit, or when it is more than
+    max_report_age before received_time. An unknown offset counts as 0 for
+    the second check. A report collected long ago by a correct clock and sent
+    late is not skewed. The report must have passed validate_report.
+    """
+    if offset is not None and is_offset_skewed(offset, limits):
+        return (
+            f"the device's clock is {offset.total_seconds():+.1f} s off the "
+            f"collector's, beyond the limit of {_seconds(limits.skew_limit)}"
+        )
+    if not report.HasField("collect_time"):
+        return None
+    collected = report.collect_time.ToDatetime(tzinfo=UTC)
+    device_now = received_time + (offset or timedelta(0))
+    if collected > device_now + limits.skew_limit:
+        ahead = collected - device_now
+        return (
+            f"collect_time {collected.isoformat()} is {_seconds(ahead)} later "
+            "than the device's own clock when the report arrived"
+        )
+    if collected < received_time - limits.max_report_age:
+        age = received_time - collected
+        return (
+            f"collect_time {collected.isoformat()} is {_days(age)} before the "
+            f"report arrived, more than the maximum age of "
+            f"{_days(limits.max_report_age)}"
+        )
+    return None
+
+
+def _seconds(span: timedelta) -> str:
+    return f"{span.total_seconds():g} s"
+
+
+def _days(span: timedelta) -> str:
+    return f"{span / timedelta(days=1):.1f} days"

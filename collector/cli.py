@@ -7,9 +7,20 @@ import asyncio
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 from collector import __version__, server
+from collector._ingest import (
+    DEFAULT_REPORT_BURST,
+    DEFAULT_REPORTS_PER_SECOND,
+    IngestLimits,
+)
+from collector._validation import (
+    DEFAULT_CLOCK_SKEW_LIMIT,
+    DEFAULT_MAX_REPORT_AGE,
+    ClockLimits,
+)
 from collector.paths import default_database_url
 from collector.store import Store, StoreError
 
@@ -18,6 +29,14 @@ logger = logging.getLogger(__name__)
 PROG = "fleetmend-collector"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Bounds of the limit options. A message limit under 1 KiB would reject a
+# hello with a long agent version, and gRPC takes it as a signed 32-bit int.
+MIN_MESSAGE_BYTES = 1024
+MAX_MESSAGE_BYTES_LIMIT = 2**31 - 1
+MAX_REPORT_BURST = 10**9
+MAX_REPORTS_PER_SECOND = 1e9
+MAX_CLOCK_SKEW_LIMIT_SECONDS = 10 * 365 * 86400
+MAX_REPORT_AGE_DAYS = 10 * 365
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: %(default)s)"
         ),
     )
+    _add_limit_options(serve)
 
     migrate = commands.add_parser(
         "migrate", help="apply pending database migrations and exit"
@@ -62,6 +82,111 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database_option(migrate)
     _add_log_level_option(migrate, default=argparse.SUPPRESS)
     return parser
+
+
+def _add_limit_options(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--max-message-bytes",
+        type=_whole_number(MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES_LIMIT),
+        default=server.MAX_MESSAGE_BYTES,
+        metavar="BYTES",
+        help=(
+            "largest message accepted; a larger one ends its stream with "
+            "RESOURCE_EXHAUSTED (default: %(default)s)"
+        ),
+    )
+    serve.add_argument(
+        "--max-reports-per-second",
+        type=_number(allow_zero=True, maximum=MAX_REPORTS_PER_SECOND),
+        default=DEFAULT_REPORTS_PER_SECOND,
+        metavar="RATE",
+        help=(
+            "sustained reports per second accepted from one device over all its "
+            "streams; 0 turns the limit off (default: %(default)g)"
+        ),
+    )
+    serve.add_argument(
+        "--report-burst",
+        type=_whole_number(1, MAX_REPORT_BURST),
+        default=DEFAULT_REPORT_BURST,
+        metavar="COUNT",
+        help=(
+            "reports one device may send at once before the rate limit applies "
+            "(default: %(default)s)"
+        ),
+    )
+    serve.add_argument(
+        "--clock-skew-limit",
+        type=_number(allow_zero=False, maximum=MAX_CLOCK_SKEW_LIMIT_SECONDS),
+        default=DEFAULT_CLOCK_SKEW_LIMIT.total_seconds(),
+        metavar="SECONDS",
+        help=(
+            "largest difference between a device's clock and the collector's "
+            "before its reports are flagged as clock-skewed, in seconds "
+            "(default: %(default)g)"
+        ),
+    )
+    serve.add_argument(
+        "--max-report-age",
+        type=_number(allow_zero=False, maximum=MAX_REPORT_AGE_DAYS),
+        default=DEFAULT_MAX_REPORT_AGE / timedelta(days=1),
+        metavar="DAYS",
+        help=(
+            "reports collected longer ago than this when they arrive are "
+            "flagged as clock-skewed, in days (default: %(default)g)"
+        ),
+    )
+
+
+def _whole_number(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"expected a whole number from {minimum} to {maximum}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _number(*, allow_zero: bool, maximum: float) -> Callable[[str], float]:
+    # maximum keeps the value within what timedelta and gRPC accept.
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = value > 0 or (allow_zero and value == 0)
+        if not (math.isfinite(value) and low_ok and value <= maximum):
+            expected = f"from 0 to {maximum:g}"
+            if not allow_zero:
+                expected = f"greater than 0 and at most {maximum:g}"
+            raise argparse.ArgumentTypeError(
+                f"expected a number {expected}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def settings_from_args(args: argparse.Namespace) -> server.ServerSettings:
+    """Return the server settings that the serve options select."""
+    clock = ClockLimits(
+        skew_limit=timedelta(seconds=args.clock_skew_limit),
+        max_report_age=timedelta(days=args.max_report_age),
+    )
+    limits = IngestLimits(
+        reports_per_second=args.max_reports_per_second,
+        report_burst=args.report_burst,
+        clock=clock,
+    )
+    return server.ServerSettings(
+        max_message_bytes=args.max_message_bytes, limits=limits
+    )
 
 
 def _add_log_level_option(parser: argparse.ArgumentParser, default: object) -> None:
@@ -114,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     database_url = args.database or default_database_url()
     if args.command == "migrate":
         return _migrate(database_url)
-    return _serve(database_url, args.listen, args.insecure, args.grace)
+    return _serve(
+        database_url, args.listen, args.insecure, args.grace, settings_from_args(args)
+    )
 
 
 def _configure_logging(level: str) -> None:
@@ -126,7 +253,13 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(alembic_level)
 
 
-def _serve(database_url: str, listen: str, insecure: bool, grace_seconds: float) -> int:
+def _serve(
+    database_url: str,
+    listen: str,
+    insecure: bool,
+    grace_seconds: float,
+    settings: server.ServerSettings,
+) -> int:
     try:
         server.check_plaintext_allowed(listen, insecure=insecure)
     except ValueError as error:
@@ -134,7 +267,11 @@ def _serve(database_url: str, listen: str, insecure: bool, grace_seconds: float)
         return 2
     try:
         serving = server.serve(
-            database_url, listen, insecure=insecure, grace_seconds=grace_seconds
+            database_url,
+            listen,
+            insecure=insecure,
+            grace_seconds=grace_seconds,
+            settings=settings,
         )
         asyncio.run(serving)
     except (OSError, StoreError) as error:

@@ -568,8 +568,30 @@ def _render_summary(device: ops_pb2.Device, now: datetime) -> str:
         ("last seen", format_age(device.last_seen_time, now)),
         ("last report", format_age(device.last_report_time, now)),
         ("committed sequence", str(device.committed_sequence)),
+        ("dropped reports", str(device.dropped_reports)),
+        ("clock", clock_text(device)),
     ]
     return f"Device {device.device_id} ({name})\n" + _indent(_render_pairs(pairs))
+
+
+def clock_text(device: ops_pb2.Device) -> str:
+    """Return the device's clock offset in words, with a warning if it is skewed."""
+    if device.HasField("clock_offset"):
+        seconds = device.clock_offset.ToTimedelta().total_seconds()
+        text = format_offset(seconds)
+    else:
+        text = "offset unknown"
+    if device.clock_skewed:
+        text += " (skewed: reports are dated by their receive time)"
+    return text
+
+
+def format_offset(seconds: float) -> str:
+    """Return a clock offset in words: "12m ahead of the collector" or "behind"."""
+    if abs(seconds) < 1:
+        return "within 1 s of the collector"
+    direction = "ahead of" if seconds > 0 else "behind"
+    return f"{format_duration(abs(seconds))} {direction} the collector"
 
 
 def _render_host(device: ops_pb2.Device, now: datetime) -> str:

@@ -18,8 +18,8 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +27,13 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from collector._address import split_host_port
-from collector._ingest import AGENT_SERVICE, AgentServicer, Batcher, utc_now
+from collector._ingest import (
+    AGENT_SERVICE,
+    AgentServicer,
+    Batcher,
+    IngestLimits,
+    utc_now,
+)
 from collector._ops import OpsServicer
 from collector.store import Store
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc
@@ -36,24 +42,53 @@ logger = logging.getLogger(__name__)
 
 OPS_SERVICE = ops_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name
 
+# Default largest message the collector accepts. A full report of a laptop is
+# a few kilobytes, so this leaves room for any real one.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_TOUCH_INTERVAL_SECONDS = 60.0
+# Agents ping every 20 s, so a minimum of half that never counts their pings
+# as strikes.
+DEFAULT_MIN_PING_INTERVAL_SECONDS = 10.0
+# Pings faster than the minimum that the server accepts on a connection before
+# it closes the connection with GOAWAY too_many_pings. 2 is gRPC's default.
+MAX_PING_STRIKES = 2
 
-SERVER_OPTIONS = [
-    # Off, so that a second collector on the same port fails to start instead
-    # of silently sharing the agents' connections.
-    ("grpc.so_reuseport", 0),
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Transport and ingest limits of a collector, with the serve defaults."""
+
     # A larger message ends its stream with RESOURCE_EXHAUSTED.
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Agents keep their streams open for days. The server pings a connection
-    # after 60 s without traffic to find dead peers, and accepts client pings
-    # as often as every 10 s without closing the connection.
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Shortest interval between client pings on a connection without data.
+    min_ping_interval_seconds: float = DEFAULT_MIN_PING_INTERVAL_SECONDS
+    # How often the last-seen time of devices with an open stream is updated.
+    touch_interval_seconds: float = DEFAULT_TOUCH_INTERVAL_SECONDS
+    limits: IngestLimits = field(default_factory=IngestLimits)
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """Return the gRPC channel arguments of a server with these settings."""
+    return [
+        # Off, so that a second collector on the same port fails to start
+        # instead of silently sharing the agents' connections.
+        ("grpc.so_reuseport", 0),
+        # NOTE: gRPC rejects a larger message before the handler reads it, so
+        # the collector cannot log which device sent it. The agent gets
+        # RESOURCE_EXHAUSTED with both sizes in the details.
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # Agents keep their streams open for days. The server pings a
+        # connection after 60 s without traffic to find dead peers.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Agents ping while no call is open too, between reconnects.
+        ("grpc.keepalive_permit_without_calls", 1),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            round(settings.min_ping_interval_seconds * 1000),
+        ),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
 
 
 def redact_database_url(url: str) -> str:
@@ -161,17 +196,19 @@ class CollectorServer:
         *,
         insecure: bool,
         clock: Callable[[], datetime] = utc_now,
-        touch_interval_seconds: float = DEFAULT_TOUCH_INTERVAL_SECONDS,
+        settings: ServerSettings | None = None,
     ) -> None:
         check_plaintext_allowed(listen, insecure=insecure)
+        self._settings = settings or ServerSettings()
         self._store = store
         self._listen = listen
         self._clock = clock
-        self._touch_interval_seconds = touch_interval_seconds
         self._batcher = Batcher(store)
-        self._agents = AgentServicer(store, self._batcher, clock=clock)
+        self._agents = AgentServicer(
+            store, self._batcher, clock=clock, limits=self._settings.limits
+        )
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server = grpc.aio.server(options=server_options(self._settings))
         self._toucher: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -207,6 +244,24 @@ class CollectorServer:
         await self._server.start()
         self._toucher = asyncio.create_task(self._touch_open_streams())
         logger.info("collector listening on %s (plaintext)", self.address)
+        self._log_settings()
+
+    def _log_settings(self) -> None:
+        limits = self._settings.limits
+        rate = "no rate limit"
+        if limits.reports_per_second:
+            rate = (
+                f"{limits.reports_per_second:g} reports per second per device "
+                f"(burst {limits.report_burst})"
+            )
+        logger.info(
+            "limits: messages up to %d bytes, %s, clock skew limit %g s, "
+            "maximum report age %g days",
+            self._settings.max_message_bytes,
+            rate,
+            limits.clock.skew_limit.total_seconds(),
+            limits.clock.max_report_age / timedelta(days=1),
+        )
 
     def _bind_error(self) -> OSError:
         host, port = split_listen_address(self._listen)
@@ -216,7 +271,10 @@ class CollectorServer:
     async def stop(self, grace_seconds: float = 5.0) -> None:
         """Stop accepting calls, ack what streams queued, then close the store.
 
-        Open calls get up to grace_seconds to finish before they are cancelled.
+        Each open stream stops reading, waits for the commit of every report it
+        has queued, acknowledges them and ends with UNAVAILABLE. Open calls get
+        up to grace_seconds to finish before they are cancelled; reports of a
+        cancelled stream are still committed, but not acknowledged.
         """
         logger.info("collector on %s stopping", self.address)
         await self._health.enter_graceful_shutdown()
@@ -232,7 +290,8 @@ class CollectorServer:
 
     async def _touch_open_streams(self) -> None:
         while True:
-            await asyncio.sleep(self._touch_interval_seconds)
+            await asyncio.sleep(self._settings.touch_interval_seconds)
+            self._agents.flush_logs()
             device_ids = self._agents.open_device_ids()
             if not device_ids:
                 continue
@@ -289,21 +348,26 @@ def start_server_thread(
     *,
     insecure: bool,
     clock: Callable[[], datetime] = utc_now,
-    touch_interval_seconds: float = DEFAULT_TOUCH_INTERVAL_SECONDS,
+    touch_interval_seconds: float | None = None,
+    settings: ServerSettings | None = None,
 ) -> ServerHandle:
     """Migrate the store, start a collector on a background thread, return its handle.
 
-    The thread runs its own event loop until handle.stop(). Errors from opening
-    the store or binding the address are raised here.
+    touch_interval_seconds, if given, replaces the one in settings. The thread
+    runs its own event loop until handle.stop(). Errors from opening the store
+    or binding the address are raised here.
     """
     check_plaintext_allowed(listen, insecure=insecure)
+    settings = settings or ServerSettings()
+    if touch_interval_seconds is not None:
+        settings = replace(settings, touch_interval_seconds=touch_interval_seconds)
     logger.info("collector database: %s", redact_database_url(database_url))
     store = open_store(database_url)
     loop = asyncio.new_event_loop()
     started: concurrent.futures.Future[CollectorServer] = concurrent.futures.Future()
     thread = threading.Thread(
         target=_run_loop,
-        args=(loop, store, listen, insecure, clock, touch_interval_seconds, started),
+        args=(loop, store, listen, insecure, clock, settings, started),
         name=f"fleetmend-collector {listen}",
         daemon=True,
     )
@@ -323,18 +387,14 @@ def _run_loop(
     listen: str,
     insecure: bool,
     clock: Callable[[], datetime],
-    touch_interval_seconds: float,
+    settings: ServerSettings,
     started: concurrent.futures.Future[CollectorServer],
 ) -> None:
     asyncio.set_event_loop(loop)
 
     async def start() -> CollectorServer:
         server = CollectorServer(
-            store,
-            listen,
-            insecure=insecure,
-            clock=clock,
-            touch_interval_seconds=touch_interval_seconds,
+            store, listen, insecure=insecure, clock=clock, settings=settings
         )
         await server.start()
         return server
@@ -359,6 +419,7 @@ async def serve(
     *,
     insecure: bool,
     grace_seconds: float = 5.0,
+    settings: ServerSettings | None = None,
     ready: Callable[[CollectorServer], None] | None = None,
 ) -> None:
     """Migrate the store and serve until SIGTERM or SIGINT, then stop gracefully.
@@ -369,7 +430,7 @@ async def serve(
     logger.info("collector database: %s", redact_database_url(database_url))
     store = await asyncio.to_thread(open_store, database_url)
     try:
-        server = CollectorServer(store, listen, insecure=insecure)
+        server = CollectorServer(store, listen, insecure=insecure, settings=settings)
         await server.start()
     except BaseException:
         store.close()

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 
 from google.protobuf.message import DecodeError
@@ -86,16 +86,32 @@ class Store:
             return _migrations.pending_revisions(connection)
 
     def record_hello(
-        self, device_id: str, agent_version: str, seen_time: datetime
+        self,
+        device_id: str,
+        agent_version: str,
+        seen_time: datetime,
+        *,
+        clock_offset: timedelta | None = None,
+        clock_skewed: bool = False,
     ) -> int:
-        """Create the device if new, set its agent version and last-seen time.
+        """Create the device if new, set its agent version, clock and last-seen time.
 
-        Returns the highest sequence number committed for the device (0 if none).
-        The last-seen time never moves back: an earlier seen_time keeps the
-        stored one.
+        clock_offset is the device's clock minus the collector's, or None when
+        the hello did not carry the device's time. It replaces the stored one,
+        and so does clock_skewed. Returns the highest sequence number committed
+        for the device (0 if none). The last-seen time never moves back: an
+        earlier seen_time keeps the stored one. Raises ValueError for a naive
+        seen_time or an offset beyond 2**63 - 1 microseconds.
         """
         with self._write(f"recording the hello of device {device_id}") as connection:
-            return _ingest.record_hello(connection, device_id, agent_version, seen_time)
+            return _ingest.record_hello(
+                connection,
+                device_id,
+                agent_version,
+                seen_time,
+                clock_offset,
+                clock_skewed,
+            )
 
     def touch(self, device_ids: Sequence[str], seen_time: datetime) -> None:
         """Set the last-seen time of devices with an open stream.
@@ -117,9 +133,14 @@ class Store:
 
         An unknown device is created. The last-seen time becomes the latest
         received time of the batch's new reports, unless it is later already.
-        Raises ValueError, before anything is written, for an empty device id, a
-        sequence number outside 1 to 2**63 - 1, a naive received time or an
-        invalid collect_time.
+        Each newly stored report adds its dropped_reports to the device's total,
+        so a repeated report adds nothing. The report with the highest sequence
+        number sets the device's clock_skewed flag and, unless it is flagged,
+        its last report time.
+
+        The total stops at 2**63 - 1. Raises ValueError, before anything is
+        written, for an empty device id, a sequence number outside 1 to
+        2**63 - 1, a naive received time or an invalid collect_time.
         """
         with self._write(f"storing a batch of {len(batch)} reports") as connection:
             return _ingest.ingest(connection, batch)

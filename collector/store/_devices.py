@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,6 +19,9 @@ _SUMMARY_COLUMNS = (
     "last_seen",
     "committed_sequence",
     "last_report_time",
+    "dropped_reports",
+    "clock_offset_microseconds",
+    "clock_skewed",
 )
 
 
@@ -82,7 +85,13 @@ def _device_message(
         hostname=record["hostname"],
         agent_version=record["agent_version"],
         committed_sequence=record["committed_sequence"],
+        dropped_reports=record["dropped_reports"],
+        clock_skewed=record["clock_skewed"],
     )
+    offset_microseconds = record["clock_offset_microseconds"]
+    if offset_microseconds is not None:
+        offset = timedelta(microseconds=offset_microseconds)
+        device.clock_offset.FromTimedelta(offset)
     _set_time(device.first_seen_time, record["first_seen"])
     _set_time(device.last_seen_time, record["last_seen"])
     _set_time(device.last_report_time, record["last_report_time"])

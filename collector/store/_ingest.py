@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, case, select, update
@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from collector.store._model import IncomingReport
 from collector.store._schema import (
+    MAX_BIGINT,
     MAX_SEQUENCE,
     SECTIONS,
     SectionName,
@@ -38,6 +39,8 @@ class _DeviceState:
     committed_sequence: int
     last_seen: datetime
     last_report_time: datetime | None
+    dropped_reports: int
+    clock_skewed: bool
     sections: dict[SectionName, _Section]
     hostname: str | None = None
     changed: set[str] = field(default_factory=set)
@@ -55,22 +58,42 @@ class _ReportRow:
 
 
 def record_hello(
-    connection: Connection, device_id: str, agent_version: str, seen_time: datetime
+    connection: Connection,
+    device_id: str,
+    agent_version: str,
+    seen_time: datetime,
+    clock_offset: timedelta | None,
+    clock_skewed: bool,
 ) -> int:
-    """Upsert a device's agent version and last-seen time; return its sequence."""
+    """Upsert a device's agent version, clock offset and last-seen time.
+
+    Returns the device's committed sequence number.
+    """
     _check_device_id(device_id)
     _check_aware(seen_time)
+    offset_microseconds = None
+    if clock_offset is not None:
+        offset_microseconds = clock_offset // timedelta(microseconds=1)
+        if abs(offset_microseconds) > MAX_BIGINT:
+            raise ValueError(
+                f"clock offset {clock_offset} of device {device_id} does not fit "
+                "in 64 bits of microseconds"
+            )
     insert = _dialect_insert(connection)
     new_row = insert.values(
         device_id=device_id,
         agent_version=agent_version,
         first_seen=seen_time,
         last_seen=seen_time,
+        clock_offset_microseconds=offset_microseconds,
+        clock_skewed=clock_skewed,
     )
     statement = new_row.on_conflict_do_update(
         index_elements=[devices.c.device_id],
         set_={
             "agent_version": new_row.excluded.agent_version,
+            "clock_offset_microseconds": new_row.excluded.clock_offset_microseconds,
+            "clock_skewed": new_row.excluded.clock_skewed,
             "last_seen": case(
                 (
                     devices.c.last_seen < new_row.excluded.last_seen,
@@ -205,6 +228,8 @@ def _lock_devices(
         devices.c.committed_sequence,
         devices.c.last_seen,
         devices.c.last_report_time,
+        devices.c.dropped_reports,
+        devices.c.clock_skewed,
         *(devices.c[f"{name}_sequence"] for name in SECTIONS),
     ]
     states: dict[str, _DeviceState] = {}
@@ -224,6 +249,8 @@ def _lock_devices(
                 committed_sequence=record["committed_sequence"],
                 last_seen=record["last_seen"],
                 last_report_time=record["last_report_time"],
+                dropped_reports=record["dropped_reports"],
+                clock_skewed=record["clock_skewed"],
                 sections=sections,
             )
     return states
@@ -241,6 +268,7 @@ def _insert_reports(
             "collect_time": row.collect_time,
             "is_full": row.item.report.full,
             "payload": row.item.report.SerializeToString(),
+            "clock_skewed": row.item.clock_skewed,
         }
         for row in rows
     ]
@@ -264,9 +292,18 @@ def _apply(state: _DeviceState, row: _ReportRow) -> None:
         state.last_seen = received
         state.changed.add("last_seen")
 
+    if report.dropped_reports:
+        # The total saturates instead of overflowing the signed 64-bit column,
+        # whatever uint64 the agent sent.
+        total = state.dropped_reports + report.dropped_reports
+        state.dropped_reports = min(total, MAX_BIGINT)
+        state.changed.add("dropped_reports")
+
     if row.sequence > state.committed_sequence:
         state.committed_sequence = row.sequence
-        state.last_report_time = row.collect_time or received
+        trusted_time = None if row.item.clock_skewed else row.collect_time
+        state.last_report_time = trusted_time or received
+        state.clock_skewed = row.item.clock_skewed
         state.changed.add("committed_sequence")
 
     for name in SECTIONS:
@@ -287,7 +324,13 @@ def _write_devices(connection: Connection, states: list[_DeviceState]) -> None:
         groups.setdefault(changed_sections, []).append(_device_values(state))
 
     for changed_sections, values in groups.items():
-        columns = ["last_seen", "committed_sequence", "last_report_time"]
+        columns = [
+            "last_seen",
+            "committed_sequence",
+            "last_report_time",
+            "dropped_reports",
+            "clock_skewed",
+        ]
         for name in changed_sections:
             columns += [f"{name}_pb", f"{name}_sequence"]
         if "host" in changed_sections:
@@ -312,6 +355,8 @@ def _device_values(state: _DeviceState) -> dict[str, Any]:
         "new_last_seen": state.last_seen,
         "new_committed_sequence": state.committed_sequence,
         "new_last_report_time": state.last_report_time,
+        "new_dropped_reports": state.dropped_reports,
+        "new_clock_skewed": state.clock_skewed,
     }
     for name in SECTIONS:
         if name in state.changed:

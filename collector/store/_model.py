@@ -15,6 +15,9 @@ class IncomingReport:
     device_id: str
     report: report_pb2.Report
     received_time: datetime
+    # True when the report's collect_time is not to be trusted; the store then
+    # dates the device's last report by received_time.
+    clock_skewed: bool = False
 
 
 class StoreError(Exception):

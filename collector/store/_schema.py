@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    false,
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -44,9 +45,12 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+# Largest value of a BigInteger column, which is signed 64-bit on both
+# databases.
+MAX_BIGINT = 2**63 - 1
 # Signed 64-bit columns hold the uint64 sequence numbers, so larger ones are
 # rejected before they reach the database.
-MAX_SEQUENCE = 2**63 - 1
+MAX_SEQUENCE = MAX_BIGINT
 
 
 def device_id_type() -> TypeEngine[str]:
@@ -114,9 +118,18 @@ devices = Table(
     Column("last_seen", UtcDateTime, nullable=False),
     Column("committed_sequence", BigInteger, nullable=False, server_default="0"),
     # collect_time of the report with the highest sequence number, or its
-    # received time when that report carries no collect_time.
+    # received time when that report carries no collect_time or is flagged as
+    # clock-skewed.
     Column("last_report_time", UtcDateTime, nullable=True),
     *_section_columns(),
+    # Sum of Report.dropped_reports over the device's stored reports.
+    Column("dropped_reports", BigInteger, nullable=False, server_default="0"),
+    # The device's clock minus the collector's at the latest hello that carried
+    # a send time, in microseconds; NULL when the latest hello carried none.
+    Column("clock_offset_microseconds", BigInteger, nullable=True),
+    # Whether the device's clock was off at its latest hello or at the report
+    # that last raised committed_sequence, whichever came later.
+    Column("clock_skewed", Boolean, nullable=False, server_default=false()),
 )
 
 # One row per stored report, with the serialized fleetmend.v1.Report.
@@ -134,4 +147,8 @@ reports = Table(
     Column("collect_time", UtcDateTime, nullable=True),
     Column("is_full", Boolean, nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    # True when the collect_time is not to be trusted: the device's clock was
+    # off, or the report was stamped in the future or too far in the past.
+    # Readers then go by received_time.
+    Column("clock_skewed", Boolean, nullable=False, server_default=false()),
 )

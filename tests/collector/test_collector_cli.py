@@ -7,17 +7,23 @@ import selectors
 import signal
 import socket
 import subprocess
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 import platformdirs
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, text
 
-from collector.cli import build_parser, main
+from collector.cli import build_parser, main, settings_from_args
 from collector.paths import default_data_dir, default_database_url
 from collector.store import Store
+from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
 from tests.conftest import BIN_DIR, free_port
 
 LISTENING = re.compile(r"collector listening on (127\.0\.0\.1:\d+)")
@@ -172,6 +178,80 @@ def test_grace_zero_accepted() -> None:
     assert args.grace == 0.0
 
 
+def test_limit_defaults() -> None:
+    args = build_parser().parse_args(["serve"])
+
+    settings = settings_from_args(args)
+
+    assert settings.max_message_bytes == 4 * 1024 * 1024
+    assert settings.limits.reports_per_second == 200
+    assert settings.limits.report_burst == 1000
+    assert settings.limits.clock.skew_limit == timedelta(minutes=5)
+    assert settings.limits.clock.max_report_age == timedelta(days=30)
+
+
+def test_limit_options_parsed() -> None:
+    argv = [
+        "serve",
+        "--max-message-bytes",
+        "65536",
+        "--max-reports-per-second",
+        "0",
+        "--report-burst",
+        "7",
+        "--clock-skew-limit",
+        "90",
+        "--max-report-age",
+        "2.5",
+    ]
+
+    settings = settings_from_args(build_parser().parse_args(argv))
+
+    assert settings.max_message_bytes == 65536
+    assert settings.limits.reports_per_second == 0
+    assert settings.limits.report_burst == 7
+    assert settings.limits.clock.skew_limit == timedelta(seconds=90)
+    assert settings.limits.clock.max_report_age == timedelta(days=2.5)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--max-message-bytes", "1023"),
+        ("--max-message-bytes", str(2**31)),
+        ("--max-message-bytes", "4MiB"),
+        ("--max-reports-per-second", "-1"),
+        ("--max-reports-per-second", "nan"),
+        ("--report-burst", "0"),
+        ("--report-burst", "1.5"),
+        ("--clock-skew-limit", "0"),
+        ("--clock-skew-limit", "inf"),
+        ("--max-report-age", "0"),
+        ("--max-report-age", "1e300"),
+    ],
+)
+def test_limit_option_invalid(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(["serve", "--insecure", f"{option}={value}"])
+
+    err = capsys.readouterr().err
+    assert raised.value.code == 2
+    assert f"argument {option}: expected a" in err
+
+
+def test_serve_help_states_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4194304)" in out
+    assert "0 turns the limit off (default: 200)" in out
+    assert "in seconds (default: 300)" in out
+    assert "in days (default: 30)" in out
+
+
 @pytest.mark.parametrize("command", ["serve", "migrate"])
 @pytest.mark.parametrize("database", ["", "  "])
 def test_empty_database_rejected(
@@ -286,3 +366,115 @@ def test_serve_process_health_and_sigterm(tmp_path: Path) -> None:
     assert "received SIGTERM" in rest
     assert f"collector on {address} stopped" in rest
     assert (tmp_path / "data" / "collector.db").exists()
+
+
+class StreamingAgent:
+    """An agent stream on a thread that sends reports until the collector ends it.
+
+    Reports go out as fast as the stream takes them, so that some are always
+    queued or being committed when the collector stops.
+    """
+
+    def __init__(self, address: str, device_id: str) -> None:
+        self.device_id = device_id
+        self.acked = 0
+        self.error: grpc.RpcError | None = None
+        self._address = address
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _requests(self) -> Iterator[agent_pb2.ConnectRequest]:
+        yield agent_pb2.ConnectRequest(
+            hello=agent_pb2.Hello(device_id=self.device_id, agent_version="0.1.0")
+        )
+        sequence = 0
+        while not self._ended.is_set():
+            sequence += 1
+            yield agent_pb2.ConnectRequest(
+                report=report_pb2.Report(sequence=sequence, full=sequence == 1)
+            )
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self._address) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            try:
+                for response in stub.Connect(self._requests(), timeout=120):
+                    if response.HasField("ack"):
+                        self.acked = response.ack.committed_sequence
+            except grpc.RpcError as error:
+                self.error = error
+            finally:
+                self._ended.set()
+
+    def wait_acked(self, count: int) -> None:
+        deadline = time.monotonic() + 30
+        while self.acked < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.acked >= count, f"only {self.acked} reports acked"
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive()
+
+
+def stored_sequences(database: str, device_id: str) -> set[int]:
+    engine = create_engine(database)
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT sequence FROM reports WHERE device_id = :device"),
+            {"device": device_id},
+        )
+        sequences = {int(sequence) for (sequence,) in rows}
+    engine.dispose()
+    return sequences
+
+
+def test_sigterm_commits_acked_reports(tmp_path: Path) -> None:
+    grace_seconds = 10
+    database = f"sqlite:///{tmp_path}/collector.db"
+    process = subprocess.Popen(
+        [
+            str(BIN_DIR / "fleetmend-collector"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            database,
+            "--insecure",
+            "--grace",
+            str(grace_seconds),
+            # Off, so that the agent's stream is never cut by the limit.
+            "--max-reports-per-second",
+            "0",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = read_until(process, LISTENING)
+        agent = StreamingAgent(address, str(uuid.uuid4()))
+        agent.wait_acked(500)
+
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        acked_at_signal = agent.acked
+        _, rest = process.communicate(timeout=grace_seconds + 20)
+        stop_seconds = time.monotonic() - signalled
+        agent.join()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    stored = stored_sequences(database, agent.device_id)
+    assert process.returncode == 0
+    assert stop_seconds < grace_seconds
+    assert agent.error is not None
+    assert agent.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (agent.error.details() or "")
+    # Reports queued when the signal came were committed and acked as well.
+    assert agent.acked > acked_at_signal
+    assert set(range(1, agent.acked + 1)) <= stored
+    assert "received SIGTERM" in rest

@@ -22,6 +22,7 @@ from collector.ops_cli import (
     OpsClient,
     enum_label,
     format_duration,
+    format_offset,
     main,
     render_table,
 )
@@ -116,6 +117,7 @@ def laptop_report(now: datetime) -> report_pb2.Report:
         sequence=1,
         full=True,
         collect_time=timestamp(now),
+        dropped_reports=12,
         host=host,
         disks=report_pb2.DiskSection(
             disks=[ata, nvme, strange],
@@ -152,10 +154,24 @@ def fleet(server: ServerHandle, database_url: str) -> Fleet:
     twins = (str(uuid.uuid4()), str(uuid.uuid4()))
     store = Store.open(database_url)
     try:
-        batch = [IncomingReport(laptop, laptop_report(now), now)]
-        batch += [IncomingReport(twin, twin_report(), now) for twin in twins]
-        for incoming in batch:
-            store.record_hello(incoming.device_id, "0.1.0", now)
+        # The first twin's clock is 3 h ahead, so its report is flagged.
+        batch = [
+            IncomingReport(laptop, laptop_report(now), now),
+            IncomingReport(twins[0], twin_report(), now, clock_skewed=True),
+            IncomingReport(twins[1], twin_report(), now),
+        ]
+        # Network delay makes the offset of a correct clock slightly negative.
+        store.record_hello(
+            laptop, "0.1.0", now, clock_offset=timedelta(milliseconds=-4)
+        )
+        store.record_hello(
+            twins[0],
+            "0.1.0",
+            now,
+            clock_offset=timedelta(hours=3, minutes=5),
+            clock_skewed=True,
+        )
+        store.record_hello(twins[1], "0.1.0", now)
         store.ingest(batch)
     finally:
         store.close()
@@ -289,6 +305,64 @@ def test_show_lists_findings(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -
     assert lines[0].split() == ["SEVERITY", "KIND", "SUBJECT", "DETAIL"]
     kinds = [line.split()[1] for line in lines[1:]]
     assert kinds == ["disk_failing", "battery_worn", "password_expiring"]
+
+
+def summary_value(out: str, label: str) -> str:
+    line = next(line for line in out.splitlines() if line.strip().startswith(label))
+    return line.strip().removeprefix(label).strip()
+
+
+def test_show_dropped_reports(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    run(fleet, "device", "show", fleet.laptop)
+
+    out = capsys.readouterr().out
+    assert summary_value(out, "dropped reports") == "12"
+
+
+def test_show_clock_in_step(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    run(fleet, "device", "show", fleet.laptop)
+
+    out = capsys.readouterr().out
+    assert summary_value(out, "clock") == "within 1 s of the collector"
+
+
+def test_show_clock_skewed(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    run(fleet, "device", "show", fleet.twins[0])
+
+    clock = summary_value(capsys.readouterr().out, "clock")
+    assert clock.startswith("3h ahead of the collector")
+    assert "skewed" in clock
+
+
+def test_show_clock_unknown(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    run(fleet, "device", "show", fleet.twins[1])
+
+    out = capsys.readouterr().out
+    assert summary_value(out, "clock") == "offset unknown"
+    assert summary_value(out, "dropped reports") == "0"
+
+
+def test_show_json_clock_fields(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(fleet, "--json", "device", "show", fleet.twins[0])
+
+    device = json.loads(capsys.readouterr().out)["device"]
+    assert device["clock_offset"] == "11100s"
+    assert device["clock_skewed"] is True
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.4, "within 1 s of the collector"),
+        (-0.9, "within 1 s of the collector"),
+        (-90, "1m behind the collector"),
+        (7200, "2h ahead of the collector"),
+    ],
+)
+def test_offset_words(seconds: float, text: str) -> None:
+    assert format_offset(seconds) == text
 
 
 def test_show_unreported_sections(

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import create_engine, text
 
+from collector._ingest import DEFAULT_REPORT_BURST
 from collector._ops import (
     decode_devices_token,
     effective_page_size,
@@ -295,7 +296,8 @@ def test_many_reports_one_stream(
     agents: agent_pb2_grpc.AgentServiceStub, reader: Store
 ) -> None:
     device_id = new_device_id()
-    count = 2000
+    # As many as the rate limit lets a device send at once.
+    count = DEFAULT_REPORT_BURST
     requests = [hello(device_id), *(report(n) for n in range(1, count + 1))]
 
     responses = run_stream(agents, requests)

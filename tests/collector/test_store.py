@@ -12,9 +12,14 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
+from collector.migrations import alembic_config
 from collector.store import IncomingReport, Store, StoreError
+from collector.store._schema import metadata
 from fleetmend.v1 import ops_pb2, report_pb2
 
 DEVICE = "5f0c7d2e-8a41-4c3b-9e0d-2b6f1a7c9d31"
@@ -126,9 +131,14 @@ def incoming(
     report: report_pb2.Report,
     received_time: datetime = RECEIVED,
     device_id: str = DEVICE,
+    *,
+    clock_skewed: bool = False,
 ) -> IncomingReport:
     return IncomingReport(
-        device_id=device_id, report=report, received_time=received_time
+        device_id=device_id,
+        report=report,
+        received_time=received_time,
+        clock_skewed=clock_skewed,
     )
 
 
@@ -142,9 +152,9 @@ def stored_device(store: Store, device_id: str = DEVICE) -> ops_pb2.Device:
 
 
 def test_migrate_empty_database(empty_store: Store) -> None:
-    assert empty_store.pending_migrations() == ["0001"]
+    assert empty_store.pending_migrations() == ["0001", "0002"]
 
-    assert empty_store.migrate() == ["0001"]
+    assert empty_store.migrate() == ["0001", "0002"]
 
     assert empty_store.pending_migrations() == []
     assert empty_store.count_reports() == 0
@@ -176,7 +186,7 @@ def test_migrate_concurrent(empty_store: Store, database_url: str) -> None:
     other.close()
 
     assert errors == []
-    assert sorted(results) == [[], ["0001"]]
+    assert sorted(results) == [[], ["0001", "0002"]]
 
 
 def test_migrate_unknown_revision(store: Store, database_url: str) -> None:
@@ -191,6 +201,126 @@ def test_migrate_unknown_revision(store: Store, database_url: str) -> None:
         store.migrate()
 
     assert "newer collector" in str(pending_error.value)
+
+
+def migrate_to(database_url: str, revision: str) -> None:
+    """Upgrade or downgrade the database to revision, as an older collector would."""
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config(connection)
+            current = MigrationContext.configure(connection).get_current_revision()
+            if current is not None and int(current) > int(revision):
+                command.downgrade(config, revision)
+            else:
+                command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def seed_revision_0001(database_url: str) -> None:
+    """Write one device and two reports with the columns of revision 0001."""
+    report = full_report(2)
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO devices (device_id, hostname, hostname_key, "
+                    "agent_version, first_seen, last_seen, committed_sequence, "
+                    "host_pb, host_sequence) VALUES (:id, 'pc-ops-017', "
+                    "'pc-ops-017', '0.1.0', :seen, :seen, 2, :host, 2)"
+                ),
+                {
+                    "id": DEVICE,
+                    "seen": RECEIVED.replace(tzinfo=None),
+                    "host": report.host.SerializeToString(),
+                },
+            )
+            for sequence in (1, 2):
+                connection.execute(
+                    text(
+                        "INSERT INTO reports (device_id, sequence, received_time, "
+                        "is_full, payload) VALUES (:id, :sequence, :seen, :full, "
+                        ":payload)"
+                    ),
+                    {
+                        "id": DEVICE,
+                        "sequence": sequence,
+                        "seen": RECEIVED.replace(tzinfo=None),
+                        "full": sequence == 2,
+                        "payload": full_report(sequence).SerializeToString(),
+                    },
+                )
+    finally:
+        engine.dispose()
+
+
+def test_migrate_from_0001_keeps_data(empty_store: Store, database_url: str) -> None:
+    migrate_to(database_url, "0001")
+    seed_revision_0001(database_url)
+
+    applied = empty_store.migrate()
+
+    device = stored_device(empty_store)
+    assert applied == ["0002"]
+    assert empty_store.count_reports(DEVICE) == 2
+    assert device.hostname == "pc-ops-017"
+    assert device.committed_sequence == 2
+    assert device.host == host_facts()
+    assert device.dropped_reports == 0
+    assert not device.HasField("clock_offset")
+    assert not device.clock_skewed
+
+
+def test_migrate_from_0001_then_ingest(empty_store: Store, database_url: str) -> None:
+    migrate_to(database_url, "0001")
+    seed_revision_0001(database_url)
+    empty_store.migrate()
+    resent = full_report(2)
+    resent.dropped_reports = 9
+    newer = full_report(3)
+    newer.dropped_reports = 4
+
+    committed = empty_store.ingest([incoming(resent), incoming(newer)])
+
+    assert committed == {DEVICE: 3}
+    assert empty_store.count_reports(DEVICE) == 3
+    assert stored_device(empty_store).dropped_reports == 4
+
+
+def test_migrate_from_0001_flags_false(empty_store: Store, database_url: str) -> None:
+    migrate_to(database_url, "0001")
+    seed_revision_0001(database_url)
+    empty_store.migrate()
+
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        flags = connection.execute(
+            text("SELECT clock_skewed FROM reports ORDER BY sequence")
+        ).all()
+    engine.dispose()
+
+    assert [bool(flag) for (flag,) in flags] == [False, False]
+
+
+def test_schema_matches_migrations(store: Store, database_url: str) -> None:
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        differences = compare_metadata(context, metadata)
+    engine.dispose()
+
+    assert differences == []
+
+
+def test_downgrade_0002_keeps_reports(store: Store, database_url: str) -> None:
+    store.ingest([incoming(full_report(1)), incoming(full_report(2))])
+
+    migrate_to(database_url, "0001")
+
+    assert store.pending_migrations() == ["0002"]
+    assert store.count_reports(DEVICE) == 2
 
 
 def test_ingest_before_migrate(empty_store: Store) -> None:
@@ -480,6 +610,102 @@ def test_ingest_largest_sequence(store: Store) -> None:
     assert committed == {DEVICE: 2**63 - 1}
 
 
+def report_dropping(sequence: int, dropped: int) -> report_pb2.Report:
+    report = full_report(sequence)
+    report.dropped_reports = dropped
+    return report
+
+
+def test_ingest_dropped_reports_summed(store: Store) -> None:
+    store.ingest([incoming(report_dropping(1, 3))])
+
+    store.ingest([incoming(report_dropping(3, 5)), incoming(report_dropping(2, 0))])
+
+    assert stored_device(store).dropped_reports == 8
+
+
+def test_ingest_dropped_duplicate_once(store: Store) -> None:
+    store.ingest([incoming(report_dropping(1, 3))])
+
+    store.ingest([incoming(report_dropping(1, 3))])
+    store.ingest([incoming(report_dropping(2, 4)), incoming(report_dropping(2, 4))])
+
+    assert stored_device(store).dropped_reports == 7
+
+
+def test_ingest_dropped_saturates(store: Store) -> None:
+    store.ingest([incoming(report_dropping(1, 2**63 - 5))])
+    store.ingest([incoming(report_dropping(2, 10))])
+
+    assert stored_device(store).dropped_reports == 2**63 - 1
+
+
+def test_ingest_dropped_uint64_max(store: Store) -> None:
+    store.ingest([incoming(report_dropping(1, 2**64 - 1))])
+
+    assert stored_device(store).dropped_reports == 2**63 - 1
+
+
+def stored_flags(database_url: str) -> dict[int, bool]:
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT sequence, clock_skewed FROM reports"))
+        flags = {int(sequence): bool(flag) for sequence, flag in rows}
+    engine.dispose()
+    return flags
+
+
+def test_ingest_skewed_flag_stored(store: Store, database_url: str) -> None:
+    store.ingest(
+        [incoming(full_report(1)), incoming(full_report(2), clock_skewed=True)]
+    )
+
+    assert stored_flags(database_url) == {1: False, 2: True}
+
+
+def test_ingest_skewed_dated_by_receipt(store: Store) -> None:
+    report = full_report(1)
+    report.collect_time.FromDatetime(RECEIVED + timedelta(days=400))
+
+    store.ingest([incoming(report, clock_skewed=True)])
+
+    device = stored_device(store)
+    assert device.clock_skewed
+    assert device.last_report_time.ToDatetime(tzinfo=UTC) == RECEIVED
+
+
+def test_ingest_older_skewed_keeps_flag(store: Store) -> None:
+    store.ingest([incoming(full_report(5))])
+
+    store.ingest([incoming(full_report(4), clock_skewed=True)])
+
+    device = stored_device(store)
+    assert not device.clock_skewed
+    assert device.last_report_time.ToDatetime(tzinfo=UTC) == RECEIVED - timedelta(
+        seconds=2
+    )
+
+
+def test_ingest_newer_report_clears_flag(store: Store) -> None:
+    store.ingest([incoming(full_report(1), clock_skewed=True)])
+
+    store.ingest([incoming(full_report(2))])
+
+    assert not stored_device(store).clock_skewed
+
+
+def test_ingest_skewed_report_sets_flag(store: Store) -> None:
+    store.record_hello(
+        DEVICE, "0.1.0", RECEIVED, clock_offset=timedelta(0), clock_skewed=False
+    )
+
+    store.ingest([incoming(full_report(1), clock_skewed=True)])
+
+    device = stored_device(store)
+    assert device.clock_skewed
+    assert device.clock_offset.ToTimedelta() == timedelta(0)
+
+
 # Last-seen times
 
 
@@ -543,6 +769,51 @@ def test_record_hello_known_device(store: Store) -> None:
     assert device.agent_version == "0.2.1"
     assert device.last_seen_time.ToDatetime(tzinfo=UTC) == RECEIVED + timedelta(hours=2)
     assert device.first_seen_time.ToDatetime(tzinfo=UTC) == RECEIVED
+
+
+def test_record_hello_clock_offset(store: Store) -> None:
+    offset = timedelta(minutes=-42, microseconds=-250)
+
+    store.record_hello(
+        DEVICE, "0.1.0", RECEIVED, clock_offset=offset, clock_skewed=True
+    )
+
+    device = stored_device(store)
+    assert device.clock_offset.ToTimedelta() == offset
+    assert device.clock_skewed
+
+
+def test_record_hello_replaces_offset(store: Store) -> None:
+    store.record_hello(
+        DEVICE, "0.1.0", RECEIVED, clock_offset=timedelta(hours=3), clock_skewed=True
+    )
+
+    store.record_hello(
+        DEVICE, "0.1.0", RECEIVED, clock_offset=timedelta(seconds=2), clock_skewed=False
+    )
+
+    device = stored_device(store)
+    assert device.clock_offset.ToTimedelta() == timedelta(seconds=2)
+    assert not device.clock_skewed
+
+
+def test_record_hello_without_offset(store: Store) -> None:
+    store.record_hello(
+        DEVICE, "0.1.0", RECEIVED, clock_offset=timedelta(hours=3), clock_skewed=True
+    )
+
+    store.record_hello(DEVICE, "0.1.0", RECEIVED)
+
+    device = stored_device(store)
+    assert not device.HasField("clock_offset")
+    assert not device.clock_skewed
+
+
+def test_record_hello_offset_too_large(store: Store) -> None:
+    with pytest.raises(ValueError, match="64 bits"):
+        store.record_hello(
+            DEVICE, "0.1.0", RECEIVED, clock_offset=timedelta(days=999_999_999)
+        )
 
 
 def test_touch(store: Store) -> None:

@@ -1,8 +1,12 @@
-"""Validation of agent messages: values out of range and values that contradict."""
+"""Validation of agent messages: values out of range and values that contradict.
+
+The clock checks flag reports instead of rejecting them.
+"""
 
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -10,7 +14,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from collector._validation import (
     MAX_TIMESTAMP_SECONDS,
     MIN_TIMESTAMP_SECONDS,
+    ClockLimits,
     InvalidMessageError,
+    clock_offset,
+    clock_skew_reason,
+    is_offset_skewed,
     validate_hello,
     validate_report,
 )
@@ -275,3 +283,133 @@ def test_hello_nul_version_invalid() -> None:
 
 def test_hello_valid() -> None:
     validate_hello(agent_pb2.Hello(device_id=DEVICE_ID, agent_version="0.1.0"))
+
+
+def test_hello_send_time_out_of_range() -> None:
+    hello = agent_pb2.Hello(
+        device_id=DEVICE_ID, send_time=Timestamp(seconds=MAX_TIMESTAMP_SECONDS + 1)
+    )
+
+    with pytest.raises(InvalidMessageError, match="Hello.send_time has seconds"):
+        validate_hello(hello)
+
+
+def test_hello_send_time_valid() -> None:
+    validate_hello(agent_pb2.Hello(device_id=DEVICE_ID, send_time=SOME_TIME))
+
+
+# Clock skew
+
+RECEIVED = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
+LIMITS = ClockLimits(skew_limit=timedelta(minutes=5), max_report_age=timedelta(days=30))
+
+
+def collected_at(moment: datetime) -> report_pb2.Report:
+    report = report_pb2.Report(sequence=1)
+    report.collect_time.FromDatetime(moment)
+    return report
+
+
+def test_offset_from_send_time() -> None:
+    hello = agent_pb2.Hello(device_id=DEVICE_ID)
+    hello.send_time.FromDatetime(RECEIVED + timedelta(minutes=7, microseconds=5))
+
+    assert clock_offset(hello, RECEIVED) == timedelta(minutes=7, microseconds=5)
+
+
+def test_offset_unknown_without_send_time() -> None:
+    assert clock_offset(agent_pb2.Hello(device_id=DEVICE_ID), RECEIVED) is None
+
+
+@pytest.mark.parametrize(
+    ("offset", "skewed"),
+    [
+        (None, False),
+        (timedelta(0), False),
+        (timedelta(minutes=5), False),
+        (timedelta(minutes=-5), False),
+        (timedelta(minutes=5, seconds=1), True),
+        (timedelta(minutes=-5, seconds=-1), True),
+    ],
+)
+def test_offset_skewed(offset: timedelta | None, skewed: bool) -> None:
+    assert is_offset_skewed(offset, LIMITS) is skewed
+
+
+@pytest.mark.parametrize(
+    ("collected", "offset"),
+    [
+        pytest.param(RECEIVED - timedelta(seconds=2), timedelta(0), id="just-now"),
+        pytest.param(RECEIVED - timedelta(hours=9), timedelta(0), id="backlog"),
+        pytest.param(
+            RECEIVED - timedelta(days=29, hours=23), timedelta(0), id="backlog-29d"
+        ),
+        pytest.param(
+            RECEIVED + timedelta(minutes=4), timedelta(seconds=-1), id="slightly-ahead"
+        ),
+        pytest.param(
+            RECEIVED + timedelta(minutes=7), timedelta(minutes=4), id="ahead-in-limit"
+        ),
+        pytest.param(RECEIVED + timedelta(minutes=4), None, id="unknown-offset-near"),
+    ],
+)
+def test_report_not_skewed(collected: datetime, offset: timedelta | None) -> None:
+    report = collected_at(collected)
+
+    assert clock_skew_reason(report, RECEIVED, offset, LIMITS) is None
+
+
+@pytest.mark.parametrize(
+    ("report", "offset", "reason"),
+    [
+        pytest.param(
+            collected_at(RECEIVED + timedelta(hours=2)),
+            timedelta(hours=2),
+            "the device's clock is +7200.0 s off",
+            id="offset-ahead",
+        ),
+        pytest.param(
+            report_pb2.Report(sequence=1),
+            timedelta(hours=-3),
+            "the device's clock is -10800.0 s off",
+            id="offset-behind-no-collect-time",
+        ),
+        pytest.param(
+            collected_at(RECEIVED + timedelta(minutes=6)),
+            timedelta(seconds=-1),
+            "later than the device's own clock",
+            id="future-stamp",
+        ),
+        pytest.param(
+            collected_at(RECEIVED + timedelta(minutes=6)),
+            None,
+            "later than the device's own clock",
+            id="future-unknown-offset",
+        ),
+        pytest.param(
+            collected_at(RECEIVED - timedelta(days=31)),
+            timedelta(0),
+            "31.0 days before the report arrived",
+            id="too-old",
+        ),
+    ],
+)
+def test_report_skewed(
+    report: report_pb2.Report, offset: timedelta | None, reason: str
+) -> None:
+    found = clock_skew_reason(report, RECEIVED, offset, LIMITS)
+
+    assert found is not None
+    assert reason in found
+
+
+def test_no_collect_time_not_skewed() -> None:
+    report = report_pb2.Report(sequence=1)
+
+    assert clock_skew_reason(report, RECEIVED, timedelta(0), LIMITS) is None
+
+
+@pytest.mark.parametrize("name", ["skew_limit", "max_report_age"])
+def test_clock_limits_positive(name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ClockLimits(**{name: timedelta(0)})

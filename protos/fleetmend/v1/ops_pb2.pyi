@@ -240,8 +240,9 @@ class Device(_message.Message):
     collector, summed over the device's life.
     """
     clock_skewed: _builtins.bool
-    """True when the last report's clock_offset was beyond the collector's skew
-    limit; its readings are then stored with the receive time beside them.
+    """True when the last hello's offset was beyond the collector's skew limit,
+    or the latest report was dated too far in the future or the past; such
+    reports are stored with the receive time beside them.
     """
     @_builtins.property
     def first_seen_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -263,9 +264,10 @@ class Device(_message.Message):
     def usage(self) -> _report_pb2.UsageSection: ...
     @_builtins.property
     def clock_offset(self) -> _duration_pb2.Duration:
-        """Difference between the device's clock and the collector's, from the last
-        report: collect_time minus the time the collector received it. Positive
-        means the device's clock is ahead.
+        """Difference between the device's clock and the collector's, measured at
+        the device's last hello: Hello.send_time minus the time the collector
+        received it. Positive means the device's clock is ahead. Unset when the
+        agent sent no send_time.
         """
 
     def __init__(
