@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from collector import __version__, server
-from collector._ingest import (
+from collector._limits import (
     DEFAULT_REPORT_BURST,
     DEFAULT_REPORTS_PER_SECOND,
     IngestLimits,

@@ -27,13 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from collector._address import split_host_port
-from collector._ingest import (
-    AGENT_SERVICE,
-    AgentServicer,
-    Batcher,
-    IngestLimits,
-    utc_now,
-)
+from collector._ingest import AGENT_SERVICE, AgentServicer, Batcher, utc_now
+from collector._limits import IngestLimits
 from collector._ops import OpsServicer
 from collector.store import Store
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
-from collector._ingest import DeviceRateLimiter, IngestLimits, _RateLimitLog
+from collector._limits import DeviceRateLimiter, IngestLimits, RateLimitLog
 from collector._validation import ClockLimits
 from collector.server import (
     ServerHandle,
@@ -39,6 +39,7 @@ from tests.collector.test_server import (
 )
 
 INGEST_LOGGER = "collector._ingest"
+LIMITS_LOGGER = "collector._limits"
 
 
 class Monotonic:
@@ -117,7 +118,7 @@ def test_rate_limit_logs_device(
     device_id = new_device_id()
     requests = [hello(device_id), *(report(n) for n in range(1, 9))]
 
-    with caplog.at_level(logging.WARNING, logger=INGEST_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=LIMITS_LOGGER):
         run_failing_stream(agents.Connect(iter(requests), timeout=30))
 
     lines = [r.getMessage() for r in caplog.records if "rate limit" in r.getMessage()]
@@ -225,14 +226,14 @@ def test_limiter_zero_rate_unlimited() -> None:
 
 
 def rate_limit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == INGEST_LOGGER]
+    return [r.getMessage() for r in caplog.records if r.name == LIMITS_LOGGER]
 
 
 def test_limit_log_counts_repeats(caplog: pytest.LogCaptureFixture) -> None:
     clock = Monotonic()
-    log = _RateLimitLog(IngestLimits(), interval_seconds=60, clock=clock)
+    log = RateLimitLog(IngestLimits(), interval_seconds=60, clock=clock)
 
-    with caplog.at_level(logging.WARNING, logger=INGEST_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=LIMITS_LOGGER):
         log.rejected("dev-1", "ipv4:127.0.0.1:1")
         clock.now += 10
         log.rejected("dev-1", "ipv4:127.0.0.1:2")
@@ -250,9 +251,9 @@ def test_limit_log_counts_repeats(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_limit_log_flush_writes_count(caplog: pytest.LogCaptureFixture) -> None:
     clock = Monotonic()
-    log = _RateLimitLog(IngestLimits(), interval_seconds=60, clock=clock)
+    log = RateLimitLog(IngestLimits(), interval_seconds=60, clock=clock)
 
-    with caplog.at_level(logging.WARNING, logger=INGEST_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=LIMITS_LOGGER):
         log.rejected("dev-1", "peer")
         log.rejected("dev-1", "peer")
         log.flush()
@@ -268,9 +269,9 @@ def test_limit_log_flush_writes_count(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_limit_log_forgets_quiet(caplog: pytest.LogCaptureFixture) -> None:
     clock = Monotonic()
-    log = _RateLimitLog(IngestLimits(), interval_seconds=60, clock=clock)
+    log = RateLimitLog(IngestLimits(), interval_seconds=60, clock=clock)
 
-    with caplog.at_level(logging.WARNING, logger=INGEST_LOGGER):
+    with caplog.at_level(logging.WARNING, logger=LIMITS_LOGGER):
         log.rejected("dev-1", "peer")
         clock.now += 61
         log.flush()

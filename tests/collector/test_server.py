@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import create_engine, text
 
-from collector._ingest import DEFAULT_REPORT_BURST
+from collector._limits import DEFAULT_REPORT_BURST
 from collector._ops import (
     decode_devices_token,
     effective_page_size,

@@ -1,0 +1,176 @@
+"""Per-device rate limits on reports, and their rate-limited log."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from collector._validation import ClockLimits
+
+logger = logging.getLogger(__name__)
+
+# At the agent's default of one report per 300 s, a week offline is 2,016
+# reports, which this burst and rate admit in about 5 s. A looping agent still
+# cannot take over the batcher.
+DEFAULT_REPORTS_PER_SECOND = 200.0
+DEFAULT_REPORT_BURST = 1000
+# Rejections by the rate limit are logged as one line per device at most this
+# often, with their count.
+RATE_LIMIT_LOG_INTERVAL_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Limits that the Connect handler applies to every device's reports."""
+
+    # Sustained reports per second per device, over all its streams. A rate of
+    # 0 turns the limit off.
+    reports_per_second: float = DEFAULT_REPORTS_PER_SECOND
+    # Reports a device may send at once before the sustained rate applies.
+    report_burst: int = DEFAULT_REPORT_BURST
+    clock: ClockLimits = field(default_factory=ClockLimits)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.reports_per_second) or self.reports_per_second < 0:
+            raise ValueError(
+                f"reports_per_second must be 0 or more, got {self.reports_per_second}"
+            )
+        if self.report_burst < 1:
+            raise ValueError(
+                f"report_burst must be at least 1, got {self.report_burst}"
+            )
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    refill_time: float
+
+
+class DeviceRateLimiter:
+    """A token bucket of reports per device id, shared by all its streams.
+
+    A device starts with burst tokens and gains reports_per_second tokens a
+    second, up to burst, and each report takes one. A rate of 0 admits every
+    report. The limiter is not thread-safe, because only the event loop calls it.
+    """
+
+    # Seconds between sweeps that forget refilled buckets. A full bucket is the
+    # same as a new one, so memory grows with recently active devices only.
+    SWEEP_INTERVAL_SECONDS = 60.0
+
+    def __init__(
+        self,
+        reports_per_second: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate = reports_per_second
+        self._burst = float(burst)
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._next_sweep = clock() + self.SWEEP_INTERVAL_SECONDS
+
+    def try_acquire(self, device_id: str) -> bool:
+        """Take a token from the device's bucket; return False if it has none."""
+        if self._rate == 0:
+            return True
+        now = self._clock()
+        self._sweep(now)
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            bucket = _Bucket(self._burst, now)
+            self._buckets[device_id] = bucket
+        else:
+            self._refill(bucket, now)
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def _refill(self, bucket: _Bucket, now: float) -> None:
+        gained = (now - bucket.refill_time) * self._rate
+        bucket.tokens = min(self._burst, bucket.tokens + gained)
+        bucket.refill_time = now
+
+    def _sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.SWEEP_INTERVAL_SECONDS
+        for device_id, bucket in list(self._buckets.items()):
+            self._refill(bucket, now)
+            if bucket.tokens >= self._burst:
+                del self._buckets[device_id]
+
+
+@dataclass
+class _Rejections:
+    line_time: float
+    unlogged: int = 0
+
+
+class RateLimitLog:
+    """Logs rate-limit rejections: one line per device per interval, with a count.
+
+    The first rejection of a device is logged at once. Later ones within
+    interval_seconds are counted and logged by the next rejection after the
+    interval, or by flush().
+    """
+
+    def __init__(
+        self,
+        limits: IngestLimits,
+        interval_seconds: float = RATE_LIMIT_LOG_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._limits = limits
+        self._interval_seconds = interval_seconds
+        self._clock = clock
+        self._devices: dict[str, _Rejections] = {}
+
+    def rejected(self, device_id: str, peer: str) -> None:
+        now = self._clock()
+        entry = self._devices.get(device_id)
+        if entry is None:
+            logger.warning(
+                "device %s from %s exceeded the rate limit of %g reports per "
+                "second (burst %d); ending its stream with RESOURCE_EXHAUSTED",
+                device_id,
+                peer,
+                self._limits.reports_per_second,
+                self._limits.report_burst,
+            )
+            self._devices[device_id] = _Rejections(line_time=now)
+            return
+        entry.unlogged += 1
+        if now - entry.line_time >= self._interval_seconds:
+            self._log_count(device_id, entry, now)
+
+    def flush(self) -> None:
+        """Log the counts that are due and forget devices quiet for an interval."""
+        now = self._clock()
+        for device_id, entry in list(self._devices.items()):
+            if now - entry.line_time < self._interval_seconds:
+                continue
+            if entry.unlogged:
+                self._log_count(device_id, entry, now)
+            else:
+                del self._devices[device_id]
+
+    def _log_count(self, device_id: str, entry: _Rejections, now: float) -> None:
+        logger.warning(
+            "device %s exceeded the rate limit of %g reports per second %d more "
+            "times in the last %.0f s",
+            device_id,
+            self._limits.reports_per_second,
+            entry.unlogged,
+            now - entry.line_time,
+        )
+        entry.line_time = now
+        entry.unlogged = 0
+
+
+# Batching
