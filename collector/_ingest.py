@@ -388,8 +388,9 @@ class AgentServicer:
 
     Each stream has a reader task that parses, validates and queues reports for
     the batcher, while the handler's own task waits for commits in order and
-    sends cumulative acks. Reading waits for commits only while
-    MAX_UNACKED_PER_STREAM reports of the stream are not yet acknowledged.
+    acknowledges the committed reports by sequence number. Reading waits for
+    commits only while MAX_UNACKED_PER_STREAM reports of the stream are not yet
+    acknowledged.
 
     A report over the device's rate limit ends the stream with
     RESOURCE_EXHAUSTED once the reports before it are acknowledged. Reports are
@@ -675,25 +676,30 @@ class AgentServicer:
     async def _send_acks(
         self, context: grpc.aio.ServicerContext, stream: _Stream
     ) -> None:
-        """Send an ack each time committed reports raise the stream's maximum.
+        """Acknowledge each committed report of the stream by its sequence number.
 
         Reports are awaited in the order they arrived, and every report whose
-        commit has already finished is folded into the same ack.
+        commit has already finished is folded into the same ack. An ack names
+        each report, because an agent sends a fresh full report before its
+        older backlog, so a highest-so-far number would not say which of the
+        lower ones are committed.
         """
         highest = 0
-        acked = 0
+        committed: list[int] = []
         while True:
-            if highest > acked and not _front_is_committed(stream):
-                await context.write(_ack(highest))
-                acked = highest
+            if committed and not _front_is_committed(stream):
+                await context.write(_ack(highest, committed))
+                committed = []
             item = await stream.pop()
             if isinstance(item, _QueuedReport):
                 stream.credit.release()
                 await self._wait_commit(context, stream, item)
-                highest = max(highest, item.sequence)
+                # The future's result is the device's highest committed number.
+                highest = max(highest, item.future.result(), item.sequence)
+                committed.append(item.sequence)
                 continue
-            if highest > acked:
-                await context.write(_ack(highest))
+            if committed:
+                await context.write(_ack(highest, committed))
             await self._end_stream(context, stream, item)
             return
 
@@ -775,5 +781,6 @@ def _front_is_committed(stream: _Stream) -> bool:
     return not isinstance(front, _QueuedReport) or front.future.done()
 
 
-def _ack(sequence: int) -> agent_pb2.ConnectResponse:
-    return agent_pb2.ConnectResponse(ack=agent_pb2.Ack(committed_sequence=sequence))
+def _ack(highest: int, sequences: list[int]) -> agent_pb2.ConnectResponse:
+    ack = agent_pb2.Ack(committed_sequence=highest, sequences=sequences)
+    return agent_pb2.ConnectResponse(ack=ack)

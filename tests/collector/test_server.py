@@ -292,6 +292,21 @@ def test_out_of_order_reports_stored(
     assert stored.host.hostname == "third"
 
 
+def test_acks_name_each_report(
+    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+) -> None:
+    device_id = new_device_id()
+    # A fresh full report first, then an older backlog, then a repeat.
+    sequences = [50, 10, 11, 12, 10]
+
+    responses = run_stream(agents, [hello(device_id), *(report(n) for n in sequences)])
+
+    named = [n for r in responses if r.HasField("ack") for n in r.ack.sequences]
+    assert named == sequences
+    assert acked(responses)[-1] == 50
+    assert reader.count_reports(device_id) == 4
+
+
 def test_many_reports_one_stream(
     agents: agent_pb2_grpc.AgentServiceStub, reader: Store
 ) -> None:

@@ -3,10 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from fleetmend.v1 import report_pb2 as _report_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -109,7 +111,9 @@ class Welcome(_message.Message):
     COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
     committed_sequence: _builtins.int
     """Highest sequence number the collector has committed for this device, 0 if
-    none. The agent drops every queued report up to it.
+    none. The agent numbers its next reports above it. It does not mean that
+    every lower number is committed: an agent drains its backlog after a
+    fresh full report, so lower numbers can still be on their way.
     """
     def __init__(
         self,
@@ -129,18 +133,25 @@ class Ack(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMITTED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    SEQUENCES_FIELD_NUMBER: _builtins.int
     committed_sequence: _builtins.int
-    """Every report of this stream with a sequence number up to this one is
-    committed.
-    """
+    """Highest sequence number committed for this device so far."""
+    @_builtins.property
+    def sequences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The reports of this stream committed since the previous ack, in the
+        order they arrived, including repeats of reports already stored. The
+        agent deletes exactly these from its spool.
+        """
+
     def __init__(
         self,
         *,
         committed_sequence: _builtins.int = ...,
+        sequences: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_sequence", b"committed_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_sequence", b"committed_sequence", "sequences", b"sequences"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,7 +49,7 @@ class AgentServiceServicer:
     def Connect(self, request_iterator, context):
         """One long-lived stream per agent. The agent sends a hello first and then
         reports; the collector answers the hello with a welcome and acknowledges
-        committed reports with cumulative acks.
+        each committed report by its sequence number.
 
         Status codes: INVALID_ARGUMENT when the first message is not a hello or a
         message is malformed (nothing from it is stored); UNAVAILABLE while the

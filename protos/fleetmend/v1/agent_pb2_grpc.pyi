@@ -36,7 +36,7 @@ class AgentServiceStub:
     Connect: _grpc.StreamStreamMultiCallable[_agent_pb2.ConnectRequest, _agent_pb2.ConnectResponse]
     """One long-lived stream per agent. The agent sends a hello first and then
     reports; the collector answers the hello with a welcome and acknowledges
-    committed reports with cumulative acks.
+    each committed report by its sequence number.
 
     Status codes: INVALID_ARGUMENT when the first message is not a hello or a
     message is malformed (nothing from it is stored); UNAVAILABLE while the
@@ -52,7 +52,7 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Connect: _aio.StreamStreamMultiCallable[_agent_pb2.ConnectRequest, _agent_pb2.ConnectResponse]  # type: ignore[assignment]
     """One long-lived stream per agent. The agent sends a hello first and then
     reports; the collector answers the hello with a welcome and acknowledges
-    committed reports with cumulative acks.
+    each committed report by its sequence number.
 
     Status codes: INVALID_ARGUMENT when the first message is not a hello or a
     message is malformed (nothing from it is stored); UNAVAILABLE while the
@@ -71,7 +71,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ConnectResponse], _abc.AsyncIterator[_agent_pb2.ConnectResponse]]:
         """One long-lived stream per agent. The agent sends a hello first and then
         reports; the collector answers the hello with a welcome and acknowledges
-        committed reports with cumulative acks.
+        each committed report by its sequence number.
 
         Status codes: INVALID_ARGUMENT when the first message is not a hello or a
         message is malformed (nothing from it is stored); UNAVAILABLE while the
