@@ -18,6 +18,8 @@ from agent import __version__, paths
 from agent.config import AgentConfig, ConfigError, env_name, load_config
 from agent.report import ReportBuilder
 from agent.sections import probe_sources, read_safely, usage_source
+from agent.spool import SPOOL_FILE, SpoolError, SpoolStats, read_stats
+from agent.spool import describe as describe_spool
 from agent.state import Identity, StateError, StateStore
 from fleetmend.v1 import report_pb2
 
@@ -184,6 +186,14 @@ def cmd_collect(config: AgentConfig, output_format: str) -> int:
     return 0
 
 
+def _spool_stats(config: AgentConfig) -> tuple[SpoolStats | None, str | None]:
+    """Read the spool without changing it; return its stats or the problem."""
+    try:
+        return read_stats(config.state_dir / SPOOL_FILE, config.spool_max_bytes), None
+    except SpoolError as exc:
+        return None, str(exc)
+
+
 def cmd_show(config: AgentConfig) -> int:
     from agent.render import render_disclosure
     from agent.usage.catalog import CatalogError
@@ -196,11 +206,16 @@ def cmd_show(config: AgentConfig) -> int:
             print(f"fleetmend-agent: {exc}", file=sys.stderr)
             return 1
         names = [app.name for app in catalog.apps]
-    sys.stdout.write(render_disclosure(config, names))
+    stats, problem = _spool_stats(config)
+    sys.stdout.write(render_disclosure(config, names, stats))
+    if problem is not None:
+        print(f"fleetmend-agent: {problem}", file=sys.stderr)
     return 0
 
 
-def _diagnose_problems(config: AgentConfig, state: StateStore) -> list[str]:
+def _diagnose_problems(
+    config: AgentConfig, state: StateStore, spool_problem: str | None
+) -> list[str]:
     """Check what the settings point at; return each problem in one line."""
     from agent.usage.catalog import CatalogError
 
@@ -208,6 +223,8 @@ def _diagnose_problems(config: AgentConfig, state: StateStore) -> list[str]:
         f"environment variable {name} is not a Fleetmend setting (misspelt?)"
         for name in config.unknown_variables
     ]
+    if spool_problem is not None:
+        problems.append(spool_problem)
     if state.path.exists():
         try:
             state.read()
@@ -234,6 +251,11 @@ def cmd_diagnose(config: AgentConfig) -> int:
     print(f"config file: {config.config_file} ({file_note})")
     identity_note = "exists" if state.path.exists() else "not created yet"
     print(f"identity file: {state.path} ({identity_note})")
+    stats, spool_problem = _spool_stats(config)
+    if stats is not None:
+        print(describe_spool(stats))
+    elif spool_problem is None:
+        print(f"spool {config.state_dir / SPOOL_FILE}: not created yet")
     catalogs = ["built-in default catalog", *map(str, config.usage_catalogs)]
     print(f"usage catalogs: {', '.join(catalogs)}")
     print("settings (value, then source; each can be set by its environment variable):")
@@ -242,7 +264,7 @@ def cmd_diagnose(config: AgentConfig) -> int:
         value = json.dumps(setting.value)
         print(f"  {name:<{width}}  {value:<40} {setting.source:<30} {env_name(name)}")
 
-    problems = _diagnose_problems(config, state)
+    problems = _diagnose_problems(config, state, spool_problem)
     if not problems:
         print("no problems found")
         return 0
@@ -323,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "diagnose":
             return cmd_diagnose(config)
         return cmd_run(config, args.exit_after)
-    except StateError as exc:
+    except (StateError, SpoolError) as exc:
         print(f"fleetmend-agent: {exc}", file=sys.stderr)
         return 1
 

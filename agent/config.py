@@ -15,6 +15,9 @@ diagnose`` can print it. The TOML file looks like this::
     [intervals]          # seconds
     host = 900
     report_min = 300
+
+    [spool]
+    max_bytes = 16777216 # reports kept while the collector is unreachable
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import paths
+from agent.spool import DEFAULT_MAX_BYTES
 
 ENV_PREFIX = "FLEETMEND_"
 
@@ -105,6 +109,10 @@ class AgentConfig:
     def log_level(self) -> str:
         return str(self.get("log_level"))
 
+    @property
+    def spool_max_bytes(self) -> int:
+        return int(self.get("spool.max_bytes"))
+
     def interval(self, name: str) -> int:
         return int(self.get(f"intervals.{name}"))
 
@@ -161,6 +169,16 @@ def _check_interval(seconds: int) -> int:
     return seconds
 
 
+# Below this a single full report may not fit.
+MIN_SPOOL_BYTES = 4096
+
+
+def _check_spool_bytes(value: int) -> int:
+    if value < MIN_SPOOL_BYTES:
+        raise ValueError(f"expected at least {MIN_SPOOL_BYTES} bytes, got {value}")
+    return value
+
+
 def check_collector_address(value: str) -> str:
     """Return value if it is HOST:PORT (IPv6 in brackets); else raise ValueError."""
     text = value.strip()
@@ -215,6 +233,12 @@ def _specs() -> list[_Spec]:
         _Spec("usage.enabled", "bool", _unchanged, lambda: True),
         _Spec("usage.resolve_hosts", "bool", _unchanged, lambda: True),
         _Spec("usage.catalogs", "paths", _unchanged, list),
+        _Spec(
+            "spool.max_bytes",
+            "int",
+            _check_spool_bytes,
+            functools.partial(int, DEFAULT_MAX_BYTES),
+        ),
     ]
     for name, seconds in DEFAULT_INTERVALS.items():
         specs.append(

@@ -1,9 +1,28 @@
-"""The agent's end of the Connect stream: send reports, track acks, reconnect.
+"""The agent's end of the Connect stream: send spooled reports, apply acks, reconnect.
 
-Reports wait in memory until the collector's cumulative ack covers them and are
-sent again after a reconnect. NOTE: the queue does not survive an agent crash
-and is capped at MAX_PENDING reports (the oldest go first); a durable spool is
-what removes both limits.
+Reports reach the link only through the spool (agent.spool), which commits
+each one before it is sent and deletes it when an ack covers it. After every
+welcome the link sends a fresh full report first and then drains the spool
+oldest first, with at most ``max_in_flight`` unacknowledged reports on the
+wire; the next ones go as acks come back.
+
+Acks: the collector names the sequence of every report of the stream that it
+has committed (``Ack.sequences``), and the link deletes exactly those from the
+spool. The sequence numbers are not in order on the wire (the fresh full
+report has the highest number but goes first), so ``committed_sequence`` alone
+cannot say which older reports are committed. From a collector that sends no
+``sequences``, an ack naming report X covers X and every report sent before it
+on the same stream, by send order. If such a collector acks only the highest
+sequence of a stream, older reports sent after the full report are never
+acked, so after one such stall the link drains in sequence order until the
+spool is empty. The welcome's committed sequence deletes nothing from the
+spool: reports that the collector already has are sent again, and the
+collector drops the repeats.
+
+A stream is replaced when gRPC keepalive finds the connection dead or when
+reports are in flight and no ack arrives within ``ack_timeout`` seconds.
+Proxies come from the standard https_proxy, http_proxy, grpc_proxy and
+no_proxy variables, which gRPC core reads itself.
 """
 
 from __future__ import annotations
@@ -12,20 +31,42 @@ import logging
 import queue
 import random
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import grpc
 
+from agent import clock as clock_module
+from agent.spool import Spool
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
 
 log = logging.getLogger(__name__)
 
-# A week of reports at the default report_min of 300 seconds.
-MAX_PENDING = 2016
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Unacknowledged reports on the wire at once, so that a fleet reconnecting
+# with week-long backlogs does not flood the collector.
+MAX_IN_FLIGHT = 64
+# Without an ack for this long while reports are in flight (or without a
+# welcome after the hello), the stream is cancelled and replaced.
+ACK_TIMEOUT_SECONDS = 45.0
+WATCHDOG_POLL_SECONDS = 1.0
+
+# Keepalive pings every 20 s, even without calls, and a 10 s wait for the
+# ping ack, so a half-open TCP connection is found within about 30 s. The
+# collector accepts pings as often as every 10 s, so it does not end the
+# connection with GOAWAY too_many_pings. max_pings_without_data 0 keeps pinging
+# on a stream without data (gRPC core stops after 2 pings otherwise), and
+# ping_timeout_ms bounds the wait for any ping ack, which is 60 s by default in
+# grpcio 1.85 (measured: an idle blackholed stream failed after 60 s without it).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+]
 
 _CLOSE = object()
 
@@ -34,77 +75,118 @@ class LinkError(Exception):
     """The collector rejected the stream in a way that retrying cannot fix."""
 
 
+@dataclass
+class _Stream:
+    """The send-side state of one Connect stream."""
+
+    outbox: queue.Queue[object]
+    started: float
+    call: grpc.Future | None = None
+    welcomed: bool = False
+    # Sequences sent on this stream and not yet acked, in send order.
+    in_flight: list[int] = field(default_factory=list)
+    # Highest sequence taken from the spool by the drain so far.
+    cursor: int = 0
+    highest_acked: int = 0
+    last_progress: float = 0.0
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+def _no_fresh_report(committed: int) -> report_pb2.Report | None:
+    return None
+
+
 class Link:
-    """Keep one Connect stream to the collector open and deliver queued reports."""
+    """Keep one Connect stream to the collector open and deliver spooled reports."""
 
     def __init__(
         self,
         target: str,
         hello: agent_pb2.Hello,
+        spool: Spool,
         *,
         insecure: bool,
-        on_connected: Callable[[int], None] = lambda committed: None,
-        max_pending: int = MAX_PENDING,
+        on_connected: Callable[[int], report_pb2.Report | None] = _no_fresh_report,
+        max_in_flight: int = MAX_IN_FLIGHT,
+        ack_timeout: float = ACK_TIMEOUT_SECONDS,
     ) -> None:
+        """Prepare a link; run() connects.
+
+        on_connected gets the welcome's committed sequence and returns the
+        fresh full report to send first, already spooled, or None.
+        """
         if not insecure:
             raise LinkError(
                 "TLS is not available yet: pass --insecure (plaintext) for a "
                 "collector on a loopback address"
             )
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be 1 or more, got {max_in_flight}")
         self.target = target
+        self.spool = spool
         self._hello = hello
         self._on_connected = on_connected
-        self._max_pending = max_pending
+        self._max_in_flight = max_in_flight
+        self._window = max_in_flight
+        self._ack_timeout = ack_timeout
         self._lock = threading.Lock()
-        self._pending: OrderedDict[int, report_pb2.Report] = OrderedDict()
-        self._outbox: queue.Queue[object] | None = None
-        self._call: grpc.Future | None = None
-        self._drained = threading.Condition(self._lock)
+        self._stream: _Stream | None = None
+        self._progress = threading.Event()
+        # False after a stream stalled behind its fresh full report: then the
+        # backlog goes first, in sequence order, until the spool is empty.
+        self._full_first = True
         self.committed_sequence = 0
         self.acked_reports = 0
-        self.dropped_reports = 0
         self.connects = 0
+        self.watchdog_cancels = 0
 
     # -- used by the agent's main loop -----------------------------------------
 
     def submit(self, report: report_pb2.Report) -> None:
-        """Queue a report and send it now if the stream is up."""
-        with self._lock:
-            self._pending[report.sequence] = report
-            while len(self._pending) > self._max_pending:
-                dropped, _ = self._pending.popitem(last=False)
-                self.dropped_reports += 1
-                log.warning(
-                    "dropped unacknowledged report %d: more than %d are waiting",
-                    dropped,
-                    self._max_pending,
-                )
-            if self._outbox is not None:
-                self._outbox.put(agent_pb2.ConnectRequest(report=report))
+        """Commit a report to the spool, then send it if the window allows."""
+        self.spool.put(report)
+        self.wake()
+
+    def wake(self) -> None:
+        """Send spooled reports that fit in the window; call after a spool put."""
+        self._fill()
 
     @property
     def pending(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        """Reports in the spool (on disk or in memory) that no ack covers yet."""
+        return self.spool.stats().pending_reports
 
     @property
     def connected(self) -> bool:
         with self._lock:
-            return self._outbox is not None
+            return self._stream is not None and self._stream.welcomed
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return 0 if self._stream is None else len(self._stream.in_flight)
 
     def wait_drained(self, timeout: float) -> bool:
-        """Wait until every queued report is acknowledged; return False on timeout."""
-        with self._drained:
-            return self._drained.wait_for(lambda: not self._pending, timeout)
+        """Wait until the spool holds no reports; return False on timeout."""
+        clock = clock_module.clock
+        deadline = clock.monotonic() + timeout
+        while self.pending:
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                return False
+            clock.wait(self._progress, min(remaining, 0.5))
+            self._progress.clear()
+        return True
 
     def close(self) -> None:
         """End the current stream, if any; run() then returns once stop is set."""
         with self._lock:
-            outbox, call = self._outbox, self._call
-        if outbox is not None:
-            outbox.put(_CLOSE)
-        if call is not None:
-            call.cancel()
+            stream = self._stream
+        if stream is None:
+            return
+        stream.outbox.put(_CLOSE)
+        if stream.call is not None:
+            stream.call.cancel()
 
     # -- the connection loop -----------------------------------------------------
 
@@ -119,100 +201,240 @@ class Link:
                 # The collector ended the stream without an error; a short
                 # pause keeps a collector that does so at once from being
                 # called in a tight loop.
-                stop.wait(self._backoff(1))
+                clock_module.clock.wait(stop, self._backoff(1))
             except grpc.RpcError as exc:
                 if stop.is_set():
                     break
-                # A stream that got as far as the welcome was healthy: the next
-                # attempt starts the backoff sequence again.
-                if self.connects != connects_before:
-                    failures = 0
                 code = exc.code() if hasattr(exc, "code") else None
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    log.error(
-                        "collector %s rejected the stream: %s",
-                        self.target,
-                        exc.details(),
-                    )
+                # A stream that got as far as the welcome was healthy, so the
+                # backoff starts again, unless the collector is rate-limiting.
+                if (
+                    self.connects != connects_before
+                    and code != grpc.StatusCode.RESOURCE_EXHAUSTED
+                ):
+                    failures = 0
+                failures += 1
+                self._log_failure(exc, code, self._backoff(failures), stop)
+            except Exception:
+                # A spool or state error while streaming; the reports stay
+                # spooled and the next stream sends them again.
                 failures += 1
                 delay = self._backoff(failures)
-                log.warning(
-                    "stream to collector %s failed (%s: %s); reconnecting in %.1f s",
+                log.exception(
+                    "stream to collector %s stopped on an agent error; "
+                    "reconnecting in %.1f s",
                     self.target,
-                    code.name if code else "error",
-                    exc.details() if hasattr(exc, "details") else exc,
                     delay,
                 )
-                stop.wait(delay)
+                clock_module.clock.wait(stop, delay)
             finally:
                 with self._lock:
-                    self._outbox = None
-                    self._call = None
+                    stream, self._stream = self._stream, None
+                if stream is not None:
+                    stream.ended.set()
+
+    def _log_failure(
+        self,
+        exc: grpc.RpcError,
+        code: grpc.StatusCode | None,
+        delay: float,
+        stop: threading.Event,
+    ) -> None:
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # A rate limit: the reports stay spooled and a smaller window
+            # spreads them out on the next stream.
+            self._window = max(1, self._window // 2)
+            log.warning(
+                "collector %s is limiting this device (%s); %d reports stay "
+                "spooled, at most %d in flight next time; reconnecting in %.1f s",
+                self.target,
+                details,
+                self.pending,
+                self._window,
+                delay,
+            )
+        else:
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                # NOTE: a report that the collector rejects stays spooled and
+                # is sent again on every stream until the cap drops it.
+                log.error("collector %s rejected the stream: %s", self.target, details)
+            log.warning(
+                "stream to collector %s failed (%s: %s); reconnecting in %.1f s",
+                self.target,
+                code.name if code else "error",
+                details,
+                delay,
+            )
+        clock_module.clock.wait(stop, delay)
 
     @staticmethod
     def _backoff(failures: int) -> float:
         """Exponential backoff with full jitter, capped at BACKOFF_MAX_SECONDS."""
-        ceiling = min(
-            BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** (failures - 1)
-        )
+        # The exponent stops growing long before a float overflows; a day of
+        # failed attempts at the cap is well over a thousand failures.
+        exponent = min(max(failures - 1, 0), 32)
+        ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2**exponent)
         return random.uniform(0, ceiling)  # noqa: S311 - jitter, not security
 
     def _stream_once(self) -> None:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            *KEEPALIVE_OPTIONS,
         ]
         with grpc.insecure_channel(self.target, options=options) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
-            outbox: queue.Queue[object] = queue.Queue()
-            outbox.put(agent_pb2.ConnectRequest(hello=self._hello))
-            call = stub.Connect(_drain(outbox))
+            now = clock_module.clock.monotonic()
+            stream = _Stream(outbox=queue.Queue(), started=now, last_progress=now)
+            hello = agent_pb2.Hello()
+            hello.CopyFrom(self._hello)
+            hello.send_time.FromDatetime(clock_module.clock.now())
+            stream.outbox.put(agent_pb2.ConnectRequest(hello=hello))
+            call = stub.Connect(_drain(stream.outbox))
+            stream.call = call
             with self._lock:
-                self._call = call
-            self._receive(call, outbox)
+                self._stream = stream
+            watchdog = threading.Thread(
+                target=self._watch,
+                args=(stream,),
+                name="fleetmend-link-watchdog",
+                daemon=True,
+            )
+            watchdog.start()
+            try:
+                self._receive(call, stream)
+            finally:
+                stream.ended.set()
+
+    def _watch(self, stream: _Stream) -> None:
+        """Cancel the stream when acks (or the welcome) stop coming."""
+        clock = clock_module.clock
+        poll = min(WATCHDOG_POLL_SECONDS, self._ack_timeout / 4)
+        while not clock.wait(stream.ended, poll):
+            with self._lock:
+                waiting = not stream.welcomed or bool(stream.in_flight)
+                silent = clock.monotonic() - stream.last_progress
+                in_flight = len(stream.in_flight)
+            if waiting and silent > self._ack_timeout:
+                self.watchdog_cancels += 1
+                self._note_stall(stream)
+                log.warning(
+                    "no %s from collector %s for %.0f s with %d reports in flight; "
+                    "replacing the stream",
+                    "ack" if stream.welcomed else "welcome",
+                    self.target,
+                    silent,
+                    in_flight,
+                )
+                if stream.call is not None:
+                    stream.call.cancel()
+                return
+
+    def _note_stall(self, stream: _Stream) -> None:
+        """Send the backlog in sequence order next time if acks stopped behind it.
+
+        A collector that acks the highest committed sequence of a stream never
+        acks older reports sent after a newer one. In sequence order such a
+        collector's acks cover the backlog again.
+        """
+        with self._lock:
+            stalled_behind_newer = bool(stream.in_flight) and (
+                stream.highest_acked > min(stream.in_flight)
+            )
+        if stalled_behind_newer and self._full_first:
+            self._full_first = False
+            log.warning(
+                "collector %s acknowledged no older report sent after a newer "
+                "one; the next stream sends the backlog in sequence order",
+                self.target,
+            )
 
     def _receive(
-        self, call: Iterator[agent_pb2.ConnectResponse], outbox: queue.Queue[object]
+        self, call: Iterator[agent_pb2.ConnectResponse], stream: _Stream
     ) -> None:
         for response in call:
             kind = response.WhichOneof("message")
             if kind == "welcome":
-                self._welcome(response.welcome.committed_sequence, outbox)
+                self._welcome(response.welcome.committed_sequence, stream)
             elif kind == "ack":
-                self._acknowledge(response.ack.committed_sequence)
+                self._acknowledge(response.ack, stream)
             else:
                 log.warning("ignoring a collector message of unknown kind %r", kind)
         log.info("collector %s closed the stream", self.target)
 
-    def _welcome(self, committed: int, outbox: queue.Queue[object]) -> None:
+    def _welcome(self, committed: int, stream: _Stream) -> None:
+        self.committed_sequence = max(self.committed_sequence, committed)
+        fresh = self._on_connected(committed)
         with self._lock:
-            self._prune(committed)
-            self._outbox = outbox
-            for report in self._pending.values():
-                outbox.put(agent_pb2.ConnectRequest(report=report))
-            waiting = len(self._pending)
+            stream.welcomed = True
+            stream.last_progress = clock_module.clock.monotonic()
+            if fresh is not None and self._full_first:
+                self._send(stream, fresh)
             self.connects += 1
         log.info(
-            "connected to collector %s; it has committed up to report %d, "
-            "%d reports waiting to be sent",
+            "connected to collector %s; it has committed up to report %d; "
+            "%d reports waiting in the spool",
             self.target,
             committed,
-            waiting,
+            self.pending,
         )
-        self._on_connected(committed)
+        self._fill()
 
-    def _acknowledge(self, committed: int) -> None:
+    def _acknowledge(self, ack: agent_pb2.Ack, stream: _Stream) -> None:
+        committed = ack.committed_sequence
         with self._lock:
-            self._prune(committed)
-
-    def _prune(self, committed: int) -> None:
-        """Drop queued reports up to committed; the caller holds the lock."""
+            if ack.sequences:
+                # The collector names every committed report of the stream.
+                acked = list(ack.sequences)
+                named = set(acked)
+                stream.in_flight = [s for s in stream.in_flight if s not in named]
+            elif committed in stream.in_flight:
+                # An older collector: the ack is a position in the send order.
+                position = stream.in_flight.index(committed) + 1
+                acked = stream.in_flight[:position]
+                del stream.in_flight[:position]
+            else:
+                acked = []
+            stream.highest_acked = max(stream.highest_acked, *acked, 0)
+            stream.last_progress = clock_module.clock.monotonic()
+            self._window = min(self._max_in_flight, self._window + 1)
+        if not acked:
+            log.debug("ack for report %d matches nothing in flight", committed)
+        self.spool.remove(acked)
+        if not self._full_first and not self.pending:
+            self._full_first = True
+        self.acked_reports += len(acked)
         self.committed_sequence = max(self.committed_sequence, committed)
-        for sequence in [s for s in self._pending if s <= committed]:
-            del self._pending[sequence]
-            self.acked_reports += 1
-        if not self._pending:
-            self._drained.notify_all()
+        self._progress.set()
+        self._fill()
+
+    def _fill(self) -> None:
+        """Send spooled reports, oldest first, until the window is full."""
+        with self._lock:
+            stream = self._stream
+            if stream is None or not stream.welcomed:
+                return
+            while len(stream.in_flight) < self._window:
+                batch = self.spool.pending(
+                    after_sequence=stream.cursor,
+                    limit=self._window - len(stream.in_flight),
+                )
+                if not batch:
+                    return
+                for record in batch:
+                    stream.cursor = record.sequence
+                    if record.sequence not in stream.in_flight:
+                        self._send(stream, record.report())
+
+    @staticmethod
+    def _send(stream: _Stream, report: report_pb2.Report) -> None:
+        """Queue a report on the stream; the caller holds the lock."""
+        if not stream.in_flight:
+            # The ack timeout counts from the first report after a quiet spell.
+            stream.last_progress = clock_module.clock.monotonic()
+        stream.in_flight.append(report.sequence)
+        stream.outbox.put(agent_pb2.ConnectRequest(report=report))
 
 
 def _drain(outbox: queue.Queue[object]) -> Iterator[agent_pb2.ConnectRequest]:

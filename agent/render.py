@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from agent.config import AgentConfig
+from agent.spool import SPOOL_FILE, SpoolStats
 from fleetmend.v1 import report_pb2
 
 
@@ -178,7 +180,31 @@ def render_report(report: report_pb2.Report, now: datetime | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def render_disclosure(config: AgentConfig, catalog_apps: list[str] | None) -> str:
+def render_spool(stats: SpoolStats | None, path: Path, max_bytes: int) -> list[str]:
+    """Describe where reports wait before the collector stores them."""
+    lines = [
+        "",
+        f"Reports wait in {path} (at most {_bytes(max_bytes)}) until the",
+        "collector confirms that it stored them. When the cap is reached, the",
+        "oldest routine reports are dropped and the collector is told how many.",
+    ]
+    if stats is None:
+        lines.append("The spool is not created yet.")
+    else:
+        lines.append(
+            f"Now: {_plural(stats.pending_reports, 'report')} waiting, "
+            f"{_bytes(stats.file_bytes)} on disk, "
+            f"{_plural(stats.dropped_reports, 'report')} dropped and not yet "
+            "reported."
+        )
+    return lines
+
+
+def render_disclosure(
+    config: AgentConfig,
+    catalog_apps: list[str] | None,
+    spool: SpoolStats | None = None,
+) -> str:
     """Describe in plain words what this agent sends to the collector."""
     collector = config.collector or "no collector set"
     if not config.usage_enabled:
@@ -213,6 +239,7 @@ def render_disclosure(config: AgentConfig, catalog_apps: list[str] | None) -> st
             "names in DNS and compares their addresses with the connections of",
             "programs on this computer. The addresses are not sent.",
         ]
+    lines += render_spool(spool, config.state_dir / SPOOL_FILE, config.spool_max_bytes)
     if config.usage_enabled and catalog_apps is not None:
         lines += ["", "Applications in the catalog:"]
         lines += [f"- {name}" for name in catalog_apps]

@@ -7,14 +7,19 @@ sequence number and the time.
 
 from __future__ import annotations
 
+import errno
+import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf.message import Message
 
-from agent.state import Identity, StateStore
+from agent import clock as clock_module
+from agent.state import Identity, StateError, StateStore
 from fleetmend.v1 import report_pb2
+
+log = logging.getLogger(__name__)
 
 # Report fields that hold a section, in wire order.
 SECTIONS = ("host", "disks", "batteries", "credentials", "usage")
@@ -34,14 +39,42 @@ class ReportBuilder:
         self,
         state: StateStore,
         identity: Identity,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
+        """Build reports for identity; clock None reads ``agent.clock.clock``."""
         self._state = state
         self._identity = identity
         self._clock = clock
         self._lock = threading.Lock()
         self._current: dict[str, Message] = {}
         self._last_sent: dict[str, bytes] = {}
+        self._unsaved = False
+
+    def _save(self) -> None:
+        """Persist the identity; on a full disk keep numbering and retry later.
+
+        The caller holds the lock. After a crash with an unsaved number, the
+        agent moves past the spool's highest sequence and the collector's
+        committed one, so that a number already spooled or sent is not reused.
+        """
+        try:
+            self._state.save(self._identity)
+        except StateError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno != errno.ENOSPC:
+                raise
+            if not self._unsaved:
+                log.error("%s; numbering reports in memory until space returns", exc)
+            self._unsaved = True
+            return
+        if self._unsaved:
+            log.info("identity file %s is written again", self._state.path)
+        self._unsaved = False
+
+    def _now(self) -> datetime:
+        if self._clock is not None:
+            return self._clock()
+        return clock_module.clock.now()
 
     @property
     def next_sequence(self) -> int:
@@ -56,7 +89,7 @@ class ReportBuilder:
         with self._lock:
             if committed >= self._identity.next_sequence:
                 self._identity.next_sequence = committed + 1
-                self._state.save(self._identity)
+                self._save()
 
     def update(self, section: str, message: Message) -> None:
         """Store the latest reading of a section."""
@@ -78,24 +111,27 @@ class ReportBuilder:
         """Return a full report of the latest readings without numbering it."""
         with self._lock:
             report = report_pb2.Report(full=True)
-            report.collect_time.FromDatetime(self._clock())
+            report.collect_time.FromDatetime(self._now())
             for name, message in self._current.items():
                 getattr(report, name).CopyFrom(message)
             return report
 
-    def build(self, full: bool) -> report_pb2.Report:
+    def build(self, full: bool, dropped_reports: int = 0) -> report_pb2.Report:
         """Number and return the next report; the sequence is persisted first.
 
         Persisting before the report leaves the builder means that a crash can
-        skip a sequence number but never reuse one.
+        skip a sequence number but never reuse one. dropped_reports is the
+        count of reports that the spool dropped and no earlier report carried.
         """
         with self._lock:
             sequence = self._identity.next_sequence
             self._identity.next_sequence = sequence + 1
-            self._state.save(self._identity)
+            self._save()
 
-            report = report_pb2.Report(sequence=sequence, full=full)
-            report.collect_time.FromDatetime(self._clock())
+            report = report_pb2.Report(
+                sequence=sequence, full=full, dropped_reports=dropped_reports
+            )
+            report.collect_time.FromDatetime(self._now())
             for name in SECTIONS:
                 message = self._current.get(name)
                 if message is None:

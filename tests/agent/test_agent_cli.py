@@ -17,6 +17,7 @@ from agent.config import ConfigError, check_collector_address, load_config
 from agent.render import render_report
 from agent.runtime import Agent
 from agent.sections import SectionSource, UsageSource
+from agent.spool import Spool
 from agent.state import StateError, StateStore
 from fleetmend.v1 import report_pb2
 from tests.conftest import BIN_DIR, free_port
@@ -356,3 +357,124 @@ def test_agent_reports_while_offline(tmp_path: Path) -> None:
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+def test_diagnose_shows_spool(tmp_path: Path) -> None:
+    before = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+    (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
+    spool = Spool(tmp_path / "state" / "spool.db", 1 << 20)
+    spool.put(report_pb2.Report(sequence=1))
+    spool.put(report_pb2.Report(sequence=2))
+    spool.close()
+
+    after = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+
+    assert b"spool.db: not created yet" in before.stdout
+    assert after.returncode == 0, after.stdout
+    assert b"2 reports and 0 remediation records waiting" in after.stdout
+    assert b"spool.max_bytes" in after.stdout
+
+
+def test_diagnose_corrupt_spool(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "spool.db").write_bytes(b"garbage" * 100)
+
+    result = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+
+    assert result.returncode == 1
+    assert b"cannot be read" in result.stdout
+    assert (tmp_path / "state" / "spool.db").read_bytes() == b"garbage" * 100
+
+
+def test_show_mentions_spool(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "show", "--no-usage")
+
+    assert result.returncode == 0, result.stderr
+    assert b"Reports wait in " in result.stdout
+    assert b"spool.db (at most 16.0 MiB)" in result.stdout
+
+
+# Replaces agent.clock.clock with one that runs SPEED times faster than real
+# time, then runs the agent as `fleetmend-agent` would.
+FAST_CLOCK_LAUNCHER = """
+import sys, time
+from datetime import timedelta
+import agent.clock
+from agent.cli import main
+
+SPEED = 3600.0
+
+class FastClock(agent.clock.Clock):
+    def __init__(self):
+        self.real_start = time.monotonic()
+        self.wall_start = agent.clock.Clock().now()
+
+    def _elapsed(self):
+        return (time.monotonic() - self.real_start) * SPEED
+
+    def monotonic(self):
+        return self.real_start + self._elapsed()
+
+    def now(self):
+        return self.wall_start + timedelta(seconds=self._elapsed())
+
+    def wait(self, event, seconds):
+        return event.wait(max(0.0, seconds) / SPEED)
+
+agent.clock.clock = FastClock()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_fast_clock_spools_hours(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            FAST_CLOCK_LAUNCHER,
+            "run",
+            "--collector",
+            f"127.0.0.1:{free_port()}",
+            "--insecure",
+            "--no-usage",
+            "--state-dir",
+            str(state_dir),
+        ],
+        env=agent_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    spool = Spool(state_dir / "spool.db", 1 << 24)
+    reports = [record.report() for record in spool.pending(limit=10_000)]
+    span = reports[-1].collect_time.ToDatetime() - reports[0].collect_time.ToDatetime()
+
+    assert process.returncode == 0, stderr
+    assert b"reports and 0 remediation records waiting" in stderr
+    # At least two simulated hours at one report per 300 s, in 5 real seconds.
+    assert len(reports) >= 24
+    assert span.total_seconds() >= 2 * 3600
+
+
+def test_agent_numbers_past_spool(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    StateStore(state_dir).load_or_create()
+    spool = Spool(state_dir / "spool.db", 1 << 20)
+    spool.put(report_pb2.Report(sequence=50))
+    spool.close()
+    config = load_config(
+        flags={
+            "collector": f"127.0.0.1:{free_port()}",
+            "insecure": True,
+            "state_dir": str(state_dir),
+        },
+        environ={},
+        privileged=False,
+    )
+
+    agent = Agent(config, [], UsageSource(False, [], tmp_path / "usage.db"))
+
+    assert agent.builder.next_sequence == 51

@@ -126,3 +126,22 @@ def test_privileged_default_state_dir() -> None:
 
     assert config.state_dir == Path("/var/lib/fleetmend")
     assert config.config_file == Path("/etc/fleetmend/agent.toml")
+
+
+def test_spool_cap_default_and_env() -> None:
+    default = load_config(environ={}, privileged=False)
+    from_env = load_config(
+        environ={"FLEETMEND_SPOOL_MAX_BYTES": "65536"}, privileged=False
+    )
+
+    assert default.spool_max_bytes == 16 * 1024 * 1024
+    assert default.settings["spool.max_bytes"].source == "default"
+    assert from_env.spool_max_bytes == 65536
+    assert env_name("spool.max_bytes") == "FLEETMEND_SPOOL_MAX_BYTES"
+
+
+def test_spool_cap_too_small(tmp_path: Path) -> None:
+    config_file = write(tmp_path / "agent.toml", "[spool]\nmax_bytes = 100\n")
+
+    with pytest.raises(ConfigError, match="at least 4096 bytes, got 100"):
+        load_config(environ={}, config_file=config_file)

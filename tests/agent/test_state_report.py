@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import clock as clock_module
 from agent.report import ReportBuilder
 from agent.state import Identity, StateError, StateStore
 from fleetmend.v1 import report_pb2
@@ -170,3 +171,29 @@ def test_snapshot_does_not_number(tmp_path: Path) -> None:
     assert report.sequence == 0
     assert report.full
     assert not store.path.exists()
+
+
+def test_dropped_count_in_report(tmp_path: Path) -> None:
+    _, builder = make_builder(tmp_path)
+
+    carrier = builder.build(full=True, dropped_reports=7)
+    plain = builder.build(full=False)
+
+    assert carrier.dropped_reports == 7
+    assert plain.dropped_reports == 0
+
+
+def test_builder_reads_agent_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FixedClock(clock_module.Clock):
+        def now(self) -> datetime:
+            return FIXED_TIME
+
+    monkeypatch.setattr(clock_module, "clock", FixedClock())
+    store = StateStore(tmp_path)
+    builder = ReportBuilder(store, store.load_or_create())
+
+    report = builder.build(full=True)
+
+    assert report.collect_time.ToDatetime(UTC) == FIXED_TIME
