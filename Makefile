@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos check-protos buf-lint bench clean
+.PHONY: run test lint protos check-protos buf-lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ protos: $(STAMP)
 
 check-protos: $(STAMP)
 	$(PY) protos/generate.py --check
+
+# FUZZ_RUNS inputs through the parse and validate path (atheris, libFuzzer).
+FUZZ_RUNS ?= 200000
+fuzz: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[fuzz]'
+	$(PY) fuzz/ingest_fuzz.py -atheris_runs=$(FUZZ_RUNS)
 
 BUF := .tools/node_modules/.bin/buf
 $(BUF):
