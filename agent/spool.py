@@ -263,7 +263,11 @@ class Spool:
             self._put(record)
 
     def put_remediation(self, sequence: int, body: bytes) -> None:
-        """Commit a serialized remediation record; the size cap never drops it."""
+        """Commit a serialized remediation record; the size cap never drops it.
+
+        NOTE: the link does not send these yet, because the wire contract has no
+        remediation record message; they wait in the spool until it has one.
+        """
         self._put(SpooledRecord("remediation", sequence, body))
 
     def _put(self, record: SpooledRecord) -> None:
