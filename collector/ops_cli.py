@@ -743,18 +743,19 @@ def _render_usage(device: ops_pb2.Device) -> str:
     usage = device.usage
     if not usage.enabled:
         return "collection switched off\n"
+    days = "1 day" if usage.window_days == 1 else f"{usage.window_days} days"
     if not usage.apps:
-        return f"no catalogued application used in the last {usage.window_days} days\n"
+        return f"no catalogued application used in the last {days}\n"
     rows = []
     for app in usage.apps:
         total_minutes = sum(app.minutes)
-        busiest = max(zip(app.minutes, app.hours_of_week, strict=True), default=(0, 0))[
-            1
-        ]
+        _, busiest = max(
+            zip(app.minutes, app.hours_of_week, strict=True), default=(0, 0)
+        )
         rows.append(
             [app.app_id, f"{total_minutes / 60:.1f}", _hour_of_week_text(busiest)]
         )
-    title = f"over the last {usage.window_days} days\n"
+    title = f"over the last {days}\n"
     return title + render_table(["APP", "HOURS", "BUSIEST HOUR"], rows)
 
 
