@@ -126,7 +126,7 @@ def _setup_logging(level: str) -> None:
 
 
 class UsageUnavailable(Exception):
-    """The usage catalog or history cannot be read; the message says which and why."""
+    """The usage catalog or history cannot be read; the message names which and why."""
 
 
 def _read_usage(config: AgentConfig) -> report_pb2.UsageSection:

@@ -167,7 +167,7 @@ class Link:
             return 0 if self._stream is None else len(self._stream.in_flight)
 
     def wait_drained(self, timeout: float) -> bool:
-        """Wait until the spool holds no reports; return False on timeout."""
+        """Wait until the spool contains no reports; return False on timeout."""
         clock = clock_module.clock
         deadline = clock.monotonic() + timeout
         while self.pending:

@@ -1,4 +1,4 @@
-"""Where the agent keeps its state and looks for its configuration file."""
+"""Locations of the agent's state directory and configuration file."""
 
 from __future__ import annotations
 

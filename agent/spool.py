@@ -41,8 +41,8 @@ SPOOL_FILE = "spool.db"
 # bytes; SQLite's row and page overhead comes on top in the file.
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 
-# Reports kept in memory while the disk is full, about 21 hours at the default
-# report interval of 300 s; the oldest report is dropped beyond that.
+# Reports kept in memory while the disk is full: about 21 hours at the default
+# report interval of 300 s. Beyond that the oldest report is dropped.
 MAX_UNSPOOLED = 256
 
 ERROR_LOG_INTERVAL_SECONDS = 300.0
@@ -398,7 +398,7 @@ class Spool:
             )
         if total > self.max_bytes:
             self._cap_log.error(
-                "spool %s holds %d bytes of remediation records, more than its cap "
+                "spool %s contains %d bytes of remediation records, more than its cap "
                 "of %d bytes; they are kept because the cap never drops them",
                 self.path,
                 total,

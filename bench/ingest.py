@@ -34,7 +34,7 @@ BIN = Path(sys.executable).parent
 
 
 def sample_report(sequence: int) -> report_pb2.Report:
-    """A delta that changes the host section, about the size of a real one."""
+    """Build a delta that changes the host section, about the size of a real one."""
     report = report_pb2.Report(sequence=sequence)
     report.collect_time.GetCurrentTime()
     host = report.host

@@ -1,7 +1,7 @@
 """Storage of devices and their reports, through SQLAlchemy Core.
 
-The store knows nothing of gRPC: it takes and returns fleetmend.v1 messages and
-plain values. SQLite (WAL mode) is the default; PostgreSQL is selected by a
+The store does not depend on gRPC. It takes and returns fleetmend.v1 messages
+and plain values. SQLite (WAL mode) is the default; PostgreSQL is selected by a
 ``postgresql+psycopg://`` URL. The schema is managed by Alembic migrations.
 
 Times go in and come out timezone-aware and are stored in UTC; a naive datetime

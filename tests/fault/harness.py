@@ -304,7 +304,7 @@ class AgentProcess:
             with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
                 rows = connection.execute("SELECT sequence FROM outbox").fetchall()
         except sqlite3.DatabaseError:
-            # A spool that is being created or is corrupt holds nothing that
+            # A spool that is being created or is corrupt contains nothing that
             # can be counted as pending, so its reports count as lost.
             return set()
         return {int(row[0]) for row in rows}
