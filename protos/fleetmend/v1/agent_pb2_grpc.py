@@ -35,6 +35,11 @@ class AgentServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Enroll = channel.unary_unary(
+                '/fleetmend.v1.AgentService/Enroll',
+                request_serializer=fleetmend_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+                _registered_method=True)
         self.Connect = channel.stream_stream(
                 '/fleetmend.v1.AgentService/Connect',
                 request_serializer=fleetmend_dot_v1_dot_agent__pb2.ConnectRequest.SerializeToString,
@@ -46,15 +51,40 @@ class AgentServiceServicer:
     """The service that agents call.
     """
 
+    def Enroll(self, request, context):
+        """Exchange the fleet's enrollment secret for a node key bound to one device
+        id. The agent sends its own device id; the collector keeps it unless an
+        enrolled device already holds it, and then assigns a new one, returned in
+        the response. Enrolling a revoked device again issues a new key for the
+        same id. Each call issues a new key; earlier keys of the device stay valid
+        until it is revoked.
+
+        Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
+        malformed device id; RESOURCE_EXHAUSTED when the source address made too
+        many attempts (retry after the time in the details); FAILED_PRECONDITION
+        when the collector has no enrollment secret set up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Connect(self, request_iterator, context):
         """One long-lived stream per agent. The agent sends a hello first and then
         reports; the collector answers the hello with a welcome and acknowledges
         each committed report by its sequence number.
 
-        Status codes: INVALID_ARGUMENT when the first message is not a hello or a
-        message is malformed (nothing from it is stored); UNAVAILABLE while the
-        collector shuts down. The agent reconnects after any error, with backoff,
-        and sends again everything not yet acknowledged.
+        The call carries the node key in the "authorization" metadata as
+        "Bearer <node key>", and the stream is bound to the key's device: the
+        hello must name it.
+
+        Status codes: UNAUTHENTICATED for a missing, malformed, unknown or revoked
+        node key, also when the device is revoked while its stream is open;
+        PERMISSION_DENIED when the hello names another device than the key's;
+        ABORTED when a newer stream of the same device replaced this one;
+        INVALID_ARGUMENT when the first message is not a hello or a message is
+        malformed (nothing from it is stored); UNAVAILABLE while the collector
+        shuts down. The agent reconnects after any error, with backoff, and sends
+        again everything not yet acknowledged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -63,6 +93,11 @@ class AgentServiceServicer:
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=fleetmend_dot_v1_dot_agent__pb2.EnrollRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_agent__pb2.EnrollResponse.SerializeToString,
+            ),
             'Connect': grpc.stream_stream_rpc_method_handler(
                     servicer.Connect,
                     request_deserializer=fleetmend_dot_v1_dot_agent__pb2.ConnectRequest.FromString,
@@ -79,6 +114,33 @@ def add_AgentServiceServicer_to_server(servicer, server):
 class AgentService:
     """The service that agents call.
     """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.AgentService/Enroll',
+            fleetmend_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+            fleetmend_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Connect(request_iterator,

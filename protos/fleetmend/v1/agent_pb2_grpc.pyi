@@ -33,15 +33,36 @@ class AgentServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
+    Enroll: _grpc.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]
+    """Exchange the fleet's enrollment secret for a node key bound to one device
+    id. The agent sends its own device id; the collector keeps it unless an
+    enrolled device already holds it, and then assigns a new one, returned in
+    the response. Enrolling a revoked device again issues a new key for the
+    same id. Each call issues a new key; earlier keys of the device stay valid
+    until it is revoked.
+
+    Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
+    malformed device id; RESOURCE_EXHAUSTED when the source address made too
+    many attempts (retry after the time in the details); FAILED_PRECONDITION
+    when the collector has no enrollment secret set up.
+    """
     Connect: _grpc.StreamStreamMultiCallable[_agent_pb2.ConnectRequest, _agent_pb2.ConnectResponse]
     """One long-lived stream per agent. The agent sends a hello first and then
     reports; the collector answers the hello with a welcome and acknowledges
     each committed report by its sequence number.
 
-    Status codes: INVALID_ARGUMENT when the first message is not a hello or a
-    message is malformed (nothing from it is stored); UNAVAILABLE while the
-    collector shuts down. The agent reconnects after any error, with backoff,
-    and sends again everything not yet acknowledged.
+    The call carries the node key in the "authorization" metadata as
+    "Bearer <node key>", and the stream is bound to the key's device: the
+    hello must name it.
+
+    Status codes: UNAUTHENTICATED for a missing, malformed, unknown or revoked
+    node key, also when the device is revoked while its stream is open;
+    PERMISSION_DENIED when the hello names another device than the key's;
+    ABORTED when a newer stream of the same device replaced this one;
+    INVALID_ARGUMENT when the first message is not a hello or a message is
+    malformed (nothing from it is stored); UNAVAILABLE while the collector
+    shuts down. The agent reconnects after any error, with backoff, and sends
+    again everything not yet acknowledged.
     """
 
 @_typing.type_check_only
@@ -49,19 +70,59 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """The service that agents call."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    Enroll: _aio.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]  # type: ignore[assignment]
+    """Exchange the fleet's enrollment secret for a node key bound to one device
+    id. The agent sends its own device id; the collector keeps it unless an
+    enrolled device already holds it, and then assigns a new one, returned in
+    the response. Enrolling a revoked device again issues a new key for the
+    same id. Each call issues a new key; earlier keys of the device stay valid
+    until it is revoked.
+
+    Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
+    malformed device id; RESOURCE_EXHAUSTED when the source address made too
+    many attempts (retry after the time in the details); FAILED_PRECONDITION
+    when the collector has no enrollment secret set up.
+    """
     Connect: _aio.StreamStreamMultiCallable[_agent_pb2.ConnectRequest, _agent_pb2.ConnectResponse]  # type: ignore[assignment]
     """One long-lived stream per agent. The agent sends a hello first and then
     reports; the collector answers the hello with a welcome and acknowledges
     each committed report by its sequence number.
 
-    Status codes: INVALID_ARGUMENT when the first message is not a hello or a
-    message is malformed (nothing from it is stored); UNAVAILABLE while the
-    collector shuts down. The agent reconnects after any error, with backoff,
-    and sends again everything not yet acknowledged.
+    The call carries the node key in the "authorization" metadata as
+    "Bearer <node key>", and the stream is bound to the key's device: the
+    hello must name it.
+
+    Status codes: UNAUTHENTICATED for a missing, malformed, unknown or revoked
+    node key, also when the device is revoked while its stream is open;
+    PERMISSION_DENIED when the hello names another device than the key's;
+    ABORTED when a newer stream of the same device replaced this one;
+    INVALID_ARGUMENT when the first message is not a hello or a message is
+    malformed (nothing from it is stored); UNAVAILABLE while the collector
+    shuts down. The agent reconnects after any error, with backoff, and sends
+    again everything not yet acknowledged.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """The service that agents call."""
+
+    @_abc_1.abstractmethod
+    def Enroll(
+        self,
+        request: _agent_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.EnrollResponse, _abc.Awaitable[_agent_pb2.EnrollResponse]]:
+        """Exchange the fleet's enrollment secret for a node key bound to one device
+        id. The agent sends its own device id; the collector keeps it unless an
+        enrolled device already holds it, and then assigns a new one, returned in
+        the response. Enrolling a revoked device again issues a new key for the
+        same id. Each call issues a new key; earlier keys of the device stay valid
+        until it is revoked.
+
+        Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
+        malformed device id; RESOURCE_EXHAUSTED when the source address made too
+        many attempts (retry after the time in the details); FAILED_PRECONDITION
+        when the collector has no enrollment secret set up.
+        """
 
     @_abc_1.abstractmethod
     def Connect(
@@ -73,10 +134,18 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         reports; the collector answers the hello with a welcome and acknowledges
         each committed report by its sequence number.
 
-        Status codes: INVALID_ARGUMENT when the first message is not a hello or a
-        message is malformed (nothing from it is stored); UNAVAILABLE while the
-        collector shuts down. The agent reconnects after any error, with backoff,
-        and sends again everything not yet acknowledged.
+        The call carries the node key in the "authorization" metadata as
+        "Bearer <node key>", and the stream is bound to the key's device: the
+        hello must name it.
+
+        Status codes: UNAUTHENTICATED for a missing, malformed, unknown or revoked
+        node key, also when the device is revoked while its stream is open;
+        PERMISSION_DENIED when the hello names another device than the key's;
+        ABORTED when a newer stream of the same device replaced this one;
+        INVALID_ARGUMENT when the first message is not a hello or a message is
+        malformed (nothing from it is stored); UNAVAILABLE while the collector
+        shuts down. The agent reconnects after any error, with backoff, and sends
+        again everything not yet acknowledged.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

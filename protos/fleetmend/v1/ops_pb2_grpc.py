@@ -27,6 +27,14 @@ if _version_not_supported:
 
 class OpsServiceStub:
     """The service that operators call through the fleetmend CLI.
+
+    Every call carries an operator token in the "authorization" metadata as
+    "Bearer <token>". A token has one role: viewer (the queries), operator (also
+    the actions, such as declaring an outage) or admin (also managing devices
+    and tokens, and reading the audit log). A call without a valid token fails
+    with UNAUTHENTICATED, a call above the token's role with PERMISSION_DENIED.
+    Every call other than a query is written to the audit log, with its
+    outcome, also when it is refused.
     """
 
     def __init__(self, channel):
@@ -50,10 +58,48 @@ class OpsServiceStub:
                 request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListFindingsRequest.SerializeToString,
                 response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListFindingsResponse.FromString,
                 _registered_method=True)
+        self.DeclareOutage = channel.unary_unary(
+                '/fleetmend.v1.OpsService/DeclareOutage',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.DeclareOutageRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.DeclareOutageResponse.FromString,
+                _registered_method=True)
+        self.ListOutages = channel.unary_unary(
+                '/fleetmend.v1.OpsService/ListOutages',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListOutagesRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListOutagesResponse.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/fleetmend.v1.OpsService/RevokeDevice',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.RevokeDeviceResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/fleetmend.v1.OpsService/ListTokens',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/fleetmend.v1.OpsService/RevokeToken',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/fleetmend.v1.OpsService/ListAuditEvents',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer:
     """The service that operators call through the fleetmend CLI.
+
+    Every call carries an operator token in the "authorization" metadata as
+    "Bearer <token>". A token has one role: viewer (the queries), operator (also
+    the actions, such as declaring an outage) or admin (also managing devices
+    and tokens, and reading the audit log). A call without a valid token fails
+    with UNAUTHENTICATED, a call above the token's role with PERMISSION_DENIED.
+    Every call other than a query is written to the audit log, with its
+    outcome, also when it is refused.
     """
 
     def ListDevices(self, request, context):
@@ -87,6 +133,62 @@ class OpsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclareOutage(self, request, context):
+        """Declare that a catalogued application is unavailable for a span of time,
+        and return the devices whose users usually use it then. Role: operator.
+
+        Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
+        start, a span over 7 days, an unknown time zone or a message over 500
+        characters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOutages(self, request, context):
+        """List outages that end after a time, latest start first. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Revoke every node key of a device and end its open stream at once. The
+        device is refused until it enrolls again, which gives it a new key. Role:
+        admin.
+
+        Status codes: NOT_FOUND for an unknown device id. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """List operator tokens, without their secrets, by name. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Revoke an operator token by name; calls with it fail from then on. Role:
+        admin.
+
+        Status codes: NOT_FOUND for an unknown name. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """List the audit log, newest first. Role: admin.
+
+        Status codes: INVALID_ARGUMENT for a bad page token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +207,36 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListFindingsRequest.FromString,
                     response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListFindingsResponse.SerializeToString,
             ),
+            'DeclareOutage': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclareOutage,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.DeclareOutageRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.DeclareOutageResponse.SerializeToString,
+            ),
+            'ListOutages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOutages,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListOutagesRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListOutagesResponse.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.RevokeDeviceResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListTokensRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'fleetmend.v1.OpsService', rpc_method_handlers)
@@ -115,6 +247,14 @@ def add_OpsServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class OpsService:
     """The service that operators call through the fleetmend CLI.
+
+    Every call carries an operator token in the "authorization" metadata as
+    "Bearer <token>". A token has one role: viewer (the queries), operator (also
+    the actions, such as declaring an outage) or admin (also managing devices
+    and tokens, and reading the audit log). A call without a valid token fails
+    with UNAUTHENTICATED, a call above the token's role with PERMISSION_DENIED.
+    Every call other than a query is written to the audit log, with its
+    outcome, also when it is refused.
     """
 
     @staticmethod
@@ -188,6 +328,168 @@ class OpsService:
             '/fleetmend.v1.OpsService/ListFindings',
             fleetmend_dot_v1_dot_ops__pb2.ListFindingsRequest.SerializeToString,
             fleetmend_dot_v1_dot_ops__pb2.ListFindingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclareOutage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/DeclareOutage',
+            fleetmend_dot_v1_dot_ops__pb2.DeclareOutageRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.DeclareOutageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOutages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/ListOutages',
+            fleetmend_dot_v1_dot_ops__pb2.ListOutagesRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.ListOutagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/RevokeDevice',
+            fleetmend_dot_v1_dot_ops__pb2.RevokeDeviceRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.RevokeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/ListTokens',
+            fleetmend_dot_v1_dot_ops__pb2.ListTokensRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/RevokeToken',
+            fleetmend_dot_v1_dot_ops__pb2.RevokeTokenRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/ListAuditEvents',
+            fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

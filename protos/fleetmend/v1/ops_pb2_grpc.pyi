@@ -27,7 +27,16 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class OpsServiceStub:
-    """The service that operators call through the fleetmend CLI."""
+    """The service that operators call through the fleetmend CLI.
+
+    Every call carries an operator token in the "authorization" metadata as
+    "Bearer <token>". A token has one role: viewer (the queries), operator (also
+    the actions, such as declaring an outage) or admin (also managing devices
+    and tokens, and reading the audit log). A call without a valid token fails
+    with UNAUTHENTICATED, a call above the token's role with PERMISSION_DENIED.
+    Every call other than a query is written to the audit log, with its
+    outcome, also when it is refused.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -52,10 +61,49 @@ class OpsServiceStub:
     Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
     device_id names no known device. Safe to retry.
     """
+    DeclareOutage: _grpc.UnaryUnaryMultiCallable[_ops_pb2.DeclareOutageRequest, _ops_pb2.DeclareOutageResponse]
+    """Declare that a catalogued application is unavailable for a span of time,
+    and return the devices whose users usually use it then. Role: operator.
+
+    Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
+    start, a span over 7 days, an unknown time zone or a message over 500
+    characters.
+    """
+    ListOutages: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ListOutagesRequest, _ops_pb2.ListOutagesResponse]
+    """List outages that end after a time, latest start first. Role: viewer."""
+    RevokeDevice: _grpc.UnaryUnaryMultiCallable[_ops_pb2.RevokeDeviceRequest, _ops_pb2.RevokeDeviceResponse]
+    """Revoke every node key of a device and end its open stream at once. The
+    device is refused until it enrolls again, which gives it a new key. Role:
+    admin.
+
+    Status codes: NOT_FOUND for an unknown device id. Safe to retry.
+    """
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ListTokensRequest, _ops_pb2.ListTokensResponse]
+    """List operator tokens, without their secrets, by name. Role: admin."""
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_ops_pb2.RevokeTokenRequest, _ops_pb2.RevokeTokenResponse]
+    """Revoke an operator token by name; calls with it fail from then on. Role:
+    admin.
+
+    Status codes: NOT_FOUND for an unknown name. Safe to retry.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ListAuditEventsRequest, _ops_pb2.ListAuditEventsResponse]
+    """List the audit log, newest first. Role: admin.
+
+    Status codes: INVALID_ARGUMENT for a bad page token.
+    """
 
 @_typing.type_check_only
 class OpsServiceAsyncStub(OpsServiceStub):
-    """The service that operators call through the fleetmend CLI."""
+    """The service that operators call through the fleetmend CLI.
+
+    Every call carries an operator token in the "authorization" metadata as
+    "Bearer <token>". A token has one role: viewer (the queries), operator (also
+    the actions, such as declaring an outage) or admin (also managing devices
+    and tokens, and reading the audit log). A call without a valid token fails
+    with UNAUTHENTICATED, a call above the token's role with PERMISSION_DENIED.
+    Every call other than a query is written to the audit log, with its
+    outcome, also when it is refused.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListDevices: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListDevicesRequest, _ops_pb2.ListDevicesResponse]  # type: ignore[assignment]
@@ -77,9 +125,48 @@ class OpsServiceAsyncStub(OpsServiceStub):
     Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
     device_id names no known device. Safe to retry.
     """
+    DeclareOutage: _aio.UnaryUnaryMultiCallable[_ops_pb2.DeclareOutageRequest, _ops_pb2.DeclareOutageResponse]  # type: ignore[assignment]
+    """Declare that a catalogued application is unavailable for a span of time,
+    and return the devices whose users usually use it then. Role: operator.
+
+    Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
+    start, a span over 7 days, an unknown time zone or a message over 500
+    characters.
+    """
+    ListOutages: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListOutagesRequest, _ops_pb2.ListOutagesResponse]  # type: ignore[assignment]
+    """List outages that end after a time, latest start first. Role: viewer."""
+    RevokeDevice: _aio.UnaryUnaryMultiCallable[_ops_pb2.RevokeDeviceRequest, _ops_pb2.RevokeDeviceResponse]  # type: ignore[assignment]
+    """Revoke every node key of a device and end its open stream at once. The
+    device is refused until it enrolls again, which gives it a new key. Role:
+    admin.
+
+    Status codes: NOT_FOUND for an unknown device id. Safe to retry.
+    """
+    ListTokens: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListTokensRequest, _ops_pb2.ListTokensResponse]  # type: ignore[assignment]
+    """List operator tokens, without their secrets, by name. Role: admin."""
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_ops_pb2.RevokeTokenRequest, _ops_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    """Revoke an operator token by name; calls with it fail from then on. Role:
+    admin.
+
+    Status codes: NOT_FOUND for an unknown name. Safe to retry.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListAuditEventsRequest, _ops_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """List the audit log, newest first. Role: admin.
+
+    Status codes: INVALID_ARGUMENT for a bad page token.
+    """
 
 class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The service that operators call through the fleetmend CLI."""
+    """The service that operators call through the fleetmend CLI.
+
+    Every call carries an operator token in the "authorization" metadata as
+    "Bearer <token>". A token has one role: viewer (the queries), operator (also
+    the actions, such as declaring an outage) or admin (also managing devices
+    and tokens, and reading the audit log). A call without a valid token fails
+    with UNAUTHENTICATED, a call above the token's role with PERMISSION_DENIED.
+    Every call other than a query is written to the audit log, with its
+    outcome, also when it is refused.
+    """
 
     @_abc_1.abstractmethod
     def ListDevices(
@@ -116,6 +203,72 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Status codes: INVALID_ARGUMENT for a bad page token; NOT_FOUND when
         device_id names no known device. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def DeclareOutage(
+        self,
+        request: _ops_pb2.DeclareOutageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.DeclareOutageResponse, _abc.Awaitable[_ops_pb2.DeclareOutageResponse]]:
+        """Declare that a catalogued application is unavailable for a span of time,
+        and return the devices whose users usually use it then. Role: operator.
+
+        Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
+        start, a span over 7 days, an unknown time zone or a message over 500
+        characters.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOutages(
+        self,
+        request: _ops_pb2.ListOutagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.ListOutagesResponse, _abc.Awaitable[_ops_pb2.ListOutagesResponse]]:
+        """List outages that end after a time, latest start first. Role: viewer."""
+
+    @_abc_1.abstractmethod
+    def RevokeDevice(
+        self,
+        request: _ops_pb2.RevokeDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.RevokeDeviceResponse, _abc.Awaitable[_ops_pb2.RevokeDeviceResponse]]:
+        """Revoke every node key of a device and end its open stream at once. The
+        device is refused until it enrolls again, which gives it a new key. Role:
+        admin.
+
+        Status codes: NOT_FOUND for an unknown device id. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _ops_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.ListTokensResponse, _abc.Awaitable[_ops_pb2.ListTokensResponse]]:
+        """List operator tokens, without their secrets, by name. Role: admin."""
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _ops_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.RevokeTokenResponse, _abc.Awaitable[_ops_pb2.RevokeTokenResponse]]:
+        """Revoke an operator token by name; calls with it fail from then on. Role:
+        admin.
+
+        Status codes: NOT_FOUND for an unknown name. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _ops_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.ListAuditEventsResponse, _abc.Awaitable[_ops_pb2.ListAuditEventsResponse]]:
+        """List the audit log, newest first. Role: admin.
+
+        Status codes: INVALID_ARGUMENT for a bad page token.
         """
 
 def add_OpsServiceServicer_to_server(servicer: OpsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
