@@ -22,3 +22,11 @@ def free_port() -> int:
 def bin_dir() -> Path:
     """Folder of the fleetmend, fleetmend-agent and fleetmend-collector scripts."""
     return BIN_DIR
+
+
+@pytest.fixture
+def tls_dir(tmp_path: Path) -> Path:
+    """A TLS folder with a CA, a certificate for 127.0.0.1 and an enrollment secret."""
+    from tests.trust import make_tls_dir
+
+    return make_tls_dir(tmp_path / "tls")
