@@ -1,4 +1,4 @@
-"""Storage of devices and their reports, through SQLAlchemy Core.
+"""Storage of devices, reports, credentials and the audit log (SQLAlchemy Core).
 
 The store does not depend on gRPC. It takes and returns fleetmend.v1 messages
 and plain values. SQLite (WAL mode) is the default; PostgreSQL is selected by a
@@ -22,23 +22,43 @@ from google.protobuf.message import DecodeError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from collector.store import _devices, _ingest, _migrations
+from collector.auth import Role
+from collector.store import _audit, _devices, _ingest, _migrations, _outages, _trust
 from collector.store._engine import (
     WRITE_OPTION,
     create_store_engine,
     describe_error,
     redact_url,
 )
-from collector.store._model import IncomingReport, StoreError
+from collector.store._model import (
+    AuditRecord,
+    EnrollResult,
+    IncomingReport,
+    NodeKeyRecord,
+    OutageRecord,
+    StoreError,
+    TokenNameTakenError,
+    TokenRecord,
+)
 from fleetmend.v1 import ops_pb2
 
-__all__ = ["IncomingReport", "Store", "StoreError"]
+__all__ = [
+    "AuditRecord",
+    "EnrollResult",
+    "IncomingReport",
+    "NodeKeyRecord",
+    "OutageRecord",
+    "Store",
+    "StoreError",
+    "TokenNameTakenError",
+    "TokenRecord",
+]
 
 logger = logging.getLogger(__name__)
 
 
 class Store:
-    """A collector database: devices, their reports and their latest state.
+    """A collector database: devices, their reports and latest state, credentials.
 
     Every method is thread-safe; the gRPC server calls them from a worker thread.
     Each method runs in its own transaction. Writes on SQLite take the database's
@@ -187,6 +207,163 @@ class Store:
         """Return the number of stored reports, of one device or of all."""
         with self._read("counting reports") as connection:
             return _devices.count_reports(connection, device_id)
+
+    def enroll_device(
+        self,
+        device_id: str,
+        hostname: str,
+        agent_version: str,
+        key_id: str,
+        key_hash: str,
+        now: datetime,
+    ) -> EnrollResult:
+        """Bind a new node key to a device; return the device id it is bound to.
+
+        A device is enrolled while it has a node key that is not revoked. If
+        device_id is enrolled, a new uuid4 id is used instead, and of two
+        concurrent enrollments of one id exactly one keeps it. The device row
+        is created if missing (first and last seen now); its hostname and agent
+        version are set and its revoked_time is cleared. key_hash is the
+        SHA-256 hex digest of the key's secret part. Raises ValueError for an
+        empty device id or a naive now.
+        """
+        with self._write(f"enrolling device {device_id}") as connection:
+            return _trust.enroll_device(
+                connection, device_id, hostname, agent_version, key_id, key_hash, now
+            )
+
+    def find_node_key(self, key_id: str) -> NodeKeyRecord | None:
+        """Return the node key with key_id, revoked or not, or None if unknown."""
+        with self._read("looking up a node key") as connection:
+            return _trust.find_node_key(connection, key_id)
+
+    def revoke_device(self, device_id: str, now: datetime) -> int | None:
+        """Revoke every valid node key of a device.
+
+        Returns the number of keys revoked (0 when the device was revoked
+        already or never enrolled), or None for an unknown device. The
+        device's revoked_time is set to now unless it is set already.
+        """
+        with self._write(f"revoking device {device_id}") as connection:
+            return _trust.revoke_device(connection, device_id, now)
+
+    def create_token(
+        self,
+        name: str,
+        role: Role,
+        token_id: str,
+        token_hash: str,
+        created_by: str,
+        now: datetime,
+    ) -> None:
+        """Store an operator token by its id and the hash of its secret part.
+
+        Raises TokenNameTakenError when a token of that name exists, revoked
+        or not, and ValueError for an invalid name (see auth.check_token_name)
+        or role.
+        """
+        with self._write(f"creating operator token {name!r}") as connection:
+            _trust.create_token(
+                connection, name, role, token_id, token_hash, created_by, now
+            )
+
+    def find_token(self, token_id: str) -> TokenRecord | None:
+        """Return the operator token with token_id, revoked or not, or None."""
+        with self._read("looking up an operator token") as connection:
+            return _trust.find_token(connection, token_id)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """Return every operator token, revoked ones included, by name."""
+        with self._read("listing operator tokens") as connection:
+            return _trust.list_tokens(connection)
+
+    def revoke_token(self, name: str, now: datetime) -> bool | None:
+        """Revoke the operator token called name.
+
+        Returns None for an unknown name, False when the token was revoked
+        already (its revoke time is kept) and True when this call revoked it.
+        """
+        with self._write(f"revoking operator token {name!r}") as connection:
+            return _trust.revoke_token(connection, name, now)
+
+    def mark_token_used(self, token_id: str, now: datetime) -> None:
+        """Set the token's last-use time to now, unless it is later already."""
+        with self._write("recording the use of an operator token") as connection:
+            _trust.mark_token_used(connection, token_id, now)
+
+    def append_audit(
+        self,
+        event_time: datetime,
+        actor: str,
+        role: Role | None,
+        action: str,
+        arguments_json: str,
+        outcome: str,
+        peer: str,
+    ) -> int:
+        """Append an event to the audit log and return its event id.
+
+        Event ids increase with each append. role is None for a call that
+        carried no valid token.
+        """
+        with self._write(f"writing an audit event for {action}") as connection:
+            return _audit.append_audit(
+                connection,
+                event_time,
+                actor,
+                role,
+                action,
+                arguments_json,
+                outcome,
+                peer,
+            )
+
+    def list_audit(
+        self, limit: int, before_event_id: int | None = None, actor: str = ""
+    ) -> list[AuditRecord]:
+        """Return up to limit audit events, newest (highest event id) first.
+
+        before_event_id, if given, keeps events with a lower id, for paging;
+        actor, if not empty, keeps only that actor's events. A negative limit
+        raises ValueError.
+        """
+        with self._read("listing audit events") as connection:
+            return _audit.list_audit(connection, limit, before_event_id, actor)
+
+    def add_outage(
+        self,
+        app_id: str,
+        start_time: datetime,
+        end_time: datetime,
+        time_zone: str,
+        message: str,
+        declared_by: str,
+        declare_time: datetime,
+        affected_device_ids: Sequence[str],
+    ) -> OutageRecord:
+        """Store a declared outage and return it with its new outage id.
+
+        The affected device ids are stored sorted and without repeats. Raises
+        ValueError for an empty app id, naive times or an end not after the
+        start.
+        """
+        with self._write(f"declaring an outage of {app_id!r}") as connection:
+            return _outages.add_outage(
+                connection,
+                app_id,
+                start_time,
+                end_time,
+                time_zone,
+                message,
+                declared_by,
+                declare_time,
+                affected_device_ids,
+            )
+
+    def list_outages(self, end_after: datetime) -> list[OutageRecord]:
+        """Return the outages that end after end_after, latest start first."""
+        with self._read("listing outages") as connection:
+            return _outages.list_outages(connection, end_after)
 
     def close(self) -> None:
         """Dispose of the engine and its connections."""

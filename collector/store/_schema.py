@@ -16,10 +16,12 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
     false,
 )
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -130,6 +132,9 @@ devices = Table(
     # Whether the device's clock was off at its latest hello or at the report
     # that last raised committed_sequence, whichever came later.
     Column("clock_skewed", Boolean, nullable=False, server_default=false()),
+    # When the device was last revoked; NULL while it may enroll and connect.
+    # Enrolling the device again clears it.
+    Column("revoked_time", UtcDateTime, nullable=True),
 )
 
 # One row per stored report, with the serialized fleetmend.v1.Report.
@@ -151,4 +156,78 @@ reports = Table(
     # off, or the report was stamped in the future or too far in the past.
     # Readers then go by received_time.
     Column("clock_skewed", Boolean, nullable=False, server_default=false()),
+)
+
+
+def serial_id_type() -> TypeEngine[int]:
+    """Return the column type of autoincrement ids: 64-bit, INTEGER on SQLite.
+
+    SQLite assigns ids only to an INTEGER PRIMARY KEY column (the rowid), which
+    is 64-bit there anyway.
+    """
+    return BigInteger().with_variant(Integer(), "sqlite")
+
+
+# Node keys issued at enrollment. key_hash is the SHA-256 hex digest of the
+# key's secret part; the key itself is never stored.
+node_keys = Table(
+    "node_keys",
+    metadata,
+    Column("key_id", String, primary_key=True),
+    Column(
+        "device_id",
+        device_id_type(),
+        ForeignKey("devices.device_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("key_hash", String, nullable=False),
+    Column("create_time", UtcDateTime, nullable=False),
+    Column("revoke_time", UtcDateTime, nullable=True),
+)
+
+# Operator tokens. A revoked token keeps its row, and with it its name.
+operator_tokens = Table(
+    "operator_tokens",
+    metadata,
+    Column("token_id", String, primary_key=True),
+    Column("name", String, nullable=False, unique=True),
+    # A collector.auth.Role value.
+    Column("role", Integer, nullable=False),
+    Column("token_hash", String, nullable=False),
+    Column("create_time", UtcDateTime, nullable=False),
+    Column("created_by", String, nullable=False),
+    Column("revoke_time", UtcDateTime, nullable=True),
+    Column("last_use_time", UtcDateTime, nullable=True),
+)
+
+# The audit log: every operator action and every refused call, append-only.
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("event_id", serial_id_type(), primary_key=True, autoincrement=True),
+    Column("event_time", UtcDateTime, nullable=False),
+    Column("actor", String, nullable=False, index=True),
+    # A collector.auth.Role value; NULL when the call carried no valid token.
+    Column("role", Integer, nullable=True),
+    Column("action", String, nullable=False),
+    Column("arguments_json", Text, nullable=False),
+    Column("outcome", String, nullable=False),
+    Column("peer", String, nullable=False),
+)
+
+# Declared outages of applications.
+outages = Table(
+    "outages",
+    metadata,
+    Column("outage_id", serial_id_type(), primary_key=True, autoincrement=True),
+    Column("app_id", String, nullable=False),
+    Column("start_time", UtcDateTime, nullable=False),
+    Column("end_time", UtcDateTime, nullable=False, index=True),
+    Column("time_zone", String, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("declared_by", String, nullable=False),
+    Column("declare_time", UtcDateTime, nullable=False),
+    # JSON array of device ids, sorted.
+    Column("affected_device_ids", Text, nullable=False),
 )

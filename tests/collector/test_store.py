@@ -152,9 +152,9 @@ def stored_device(store: Store, device_id: str = DEVICE) -> ops_pb2.Device:
 
 
 def test_migrate_empty_database(empty_store: Store) -> None:
-    assert empty_store.pending_migrations() == ["0001", "0002"]
+    assert empty_store.pending_migrations() == ["0001", "0002", "0003"]
 
-    assert empty_store.migrate() == ["0001", "0002"]
+    assert empty_store.migrate() == ["0001", "0002", "0003"]
 
     assert empty_store.pending_migrations() == []
     assert empty_store.count_reports() == 0
@@ -186,7 +186,7 @@ def test_migrate_concurrent(empty_store: Store, database_url: str) -> None:
     other.close()
 
     assert errors == []
-    assert sorted(results) == [[], ["0001", "0002"]]
+    assert sorted(results) == [[], ["0001", "0002", "0003"]]
 
 
 def test_migrate_unknown_revision(store: Store, database_url: str) -> None:
@@ -263,7 +263,7 @@ def test_migrate_from_0001_keeps_data(empty_store: Store, database_url: str) -> 
     applied = empty_store.migrate()
 
     device = stored_device(empty_store)
-    assert applied == ["0002"]
+    assert applied == ["0002", "0003"]
     assert empty_store.count_reports(DEVICE) == 2
     assert device.hostname == "pc-ops-017"
     assert device.committed_sequence == 2
@@ -319,8 +319,35 @@ def test_downgrade_0002_keeps_reports(store: Store, database_url: str) -> None:
 
     migrate_to(database_url, "0001")
 
-    assert store.pending_migrations() == ["0002"]
+    assert store.pending_migrations() == ["0002", "0003"]
     assert store.count_reports(DEVICE) == 2
+
+
+def test_migrate_from_0002_keeps_data(empty_store: Store, database_url: str) -> None:
+    migrate_to(database_url, "0001")
+    seed_revision_0001(database_url)
+    migrate_to(database_url, "0002")
+
+    applied = empty_store.migrate()
+
+    device = stored_device(empty_store)
+    assert applied == ["0003"]
+    assert empty_store.count_reports(DEVICE) == 2
+    assert device.committed_sequence == 2
+    assert device.host == host_facts()
+    assert empty_store.revoke_device(DEVICE, RECEIVED) == 0
+
+
+def test_downgrade_0003_keeps_reports(store: Store, database_url: str) -> None:
+    store.ingest([incoming(full_report(1)), incoming(full_report(2))])
+    store.append_audit(RECEIVED, "alice", None, "RevokeDevice", "{}", "OK", "")
+
+    migrate_to(database_url, "0002")
+
+    assert store.pending_migrations() == ["0003"]
+    assert store.count_reports(DEVICE) == 2
+    assert store.migrate() == ["0003"]
+    assert store.list_audit(10) == []
 
 
 def test_ingest_before_migrate(empty_store: Store) -> None:
