@@ -1,28 +1,42 @@
-"""``fleetmend-collector``: run the collector or migrate its database."""
+"""``fleetmend-collector``: run the collector, set it up and manage its tokens.
+
+Commands: ``serve``, ``migrate``, ``init`` (the TLS folder, see collector.tls)
+and ``token create|list|revoke`` (operator tokens, written to the database
+directly, so they work while the collector is stopped).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import json
 import logging
 import math
+import os
 import sys
-from collections.abc import Callable, Sequence
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from collector import __version__, server
+from google.protobuf import json_format
+
+from collector import __version__, auth, server, tls
 from collector._limits import (
     DEFAULT_REPORT_BURST,
     DEFAULT_REPORTS_PER_SECOND,
     IngestLimits,
 )
+from collector._ops_render import format_time, render_table
 from collector._validation import (
     DEFAULT_CLOCK_SKEW_LIMIT,
     DEFAULT_MAX_REPORT_AGE,
     ClockLimits,
 )
-from collector.paths import default_database_url
-from collector.store import Store, StoreError
+from collector.paths import default_data_dir, default_database_url
+from collector.store import Store, StoreError, TokenNameTakenError, TokenRecord
+from fleetmend.v1 import ops_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="run the gRPC server until SIGTERM or SIGINT"
+        "serve",
+        help="run the gRPC server, with TLS unless --insecure, until SIGTERM or SIGINT",
     )
     serve.add_argument(
         "--listen",
@@ -60,9 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database_option(serve)
     _add_log_level_option(serve, default=argparse.SUPPRESS)
     serve.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help=(
+            "folder that `fleetmend-collector init` wrote the certificate, key "
+            f"and enrollment secret to (default: {default_data_dir()})"
+        ),
+    )
+    serve.add_argument(
         "--insecure",
         action="store_true",
-        help="serve plaintext gRPC; required until TLS is available, loopback only",
+        help=(
+            "serve plaintext gRPC without TLS, on a loopback address only; node "
+            "keys and operator tokens are checked all the same"
+        ),
     )
     serve.add_argument(
         "--grace",
@@ -81,7 +109,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_database_option(migrate)
     _add_log_level_option(migrate, default=argparse.SUPPRESS)
+
+    tls.add_init_parser(commands)
+    _add_token_parser(commands)
     return parser
+
+
+def _add_token_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    token = commands.add_parser(
+        "token",
+        help="create, list or revoke operator tokens in the collector database",
+        description=(
+            "Manage the operator tokens that the fleetmend CLI authenticates "
+            "with. These commands write to the database directly and need no "
+            "running collector. Each one is written to the audit log with the "
+            "actor local:<login name>."
+        ),
+    )
+    actions = token.add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
+
+    create = actions.add_parser(
+        "create",
+        help="create a token and print it once",
+        description=(
+            "Create an operator token and print it on stdout, or write it to "
+            "--output. The collector stores only its hash, so it cannot be shown "
+            "again."
+        ),
+    )
+    create.add_argument(
+        "--role",
+        required=True,
+        type=_role_argument,
+        metavar="ROLE",
+        help=(
+            "viewer (queries), operator (also actions such as declaring an "
+            "outage) or admin (also devices, tokens and the audit log)"
+        ),
+    )
+    create.add_argument(
+        "--name",
+        required=True,
+        metavar="NAME",
+        help=(
+            "unique name of the token, shown as the actor in the audit log: 1 to "
+            "64 letters, digits, '.', '_', '@' or '-'"
+        ),
+    )
+    create.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=(
+            "write the token to FILE, a new file created with mode 0600, and "
+            "print only its path"
+        ),
+    )
+
+    listing = actions.add_parser(
+        "list", help="list tokens with their roles and times, never their secrets"
+    )
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"tokens": [OperatorToken]} in the protobuf JSON mapping',
+    )
+
+    revoke = actions.add_parser(
+        "revoke", help="revoke a token by name; calls with it fail from then on"
+    )
+    revoke.add_argument("name", metavar="NAME", help="name of the token")
+
+    for action in (create, listing, revoke):
+        _add_database_option(action)
+        _add_log_level_option(action, default=argparse.SUPPRESS)
+
+
+def _role_argument(text: str) -> auth.Role:
+    try:
+        return auth.Role.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_limit_options(serve: argparse.ArgumentParser) -> None:
@@ -198,7 +311,7 @@ def _add_log_level_option(parser: argparse.ArgumentParser, default: object) -> N
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
         help="minimum level of log messages on stderr (default: INFO for serve, "
-        "WARNING for migrate)",
+        "WARNING for the other commands)",
     )
 
 
@@ -230,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
     _configure_logging(level)
+    if args.command == "init":
+        return tls.run_init(args)
     if args.database is not None and not args.database.strip():
         _print_error(
             "--database is empty; give a database URL such as sqlite:///PATH, "
@@ -239,8 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     database_url = args.database or default_database_url()
     if args.command == "migrate":
         return _migrate(database_url)
+    if args.command == "token":
+        return _run_token_command(database_url, args)
+    tls_dir = args.tls_dir if args.tls_dir is not None else default_data_dir()
     return _serve(
-        database_url, args.listen, args.insecure, args.grace, settings_from_args(args)
+        database_url,
+        args.listen,
+        tls_dir,
+        args.insecure,
+        args.grace,
+        settings_from_args(args),
     )
 
 
@@ -256,6 +379,7 @@ def _configure_logging(level: str) -> None:
 def _serve(
     database_url: str,
     listen: str,
+    tls_dir: Path,
     insecure: bool,
     grace_seconds: float,
     settings: server.ServerSettings,
@@ -269,12 +393,13 @@ def _serve(
         serving = server.serve(
             database_url,
             listen,
+            tls_dir=tls_dir,
             insecure=insecure,
             grace_seconds=grace_seconds,
             settings=settings,
         )
         asyncio.run(serving)
-    except (OSError, StoreError) as error:
+    except (OSError, StoreError, tls.TLSSetupError) as error:
         _print_error(f"serve failed: {error}")
         return 1
     return 0
@@ -296,6 +421,243 @@ def _migrate(database_url: str) -> int:
     for revision in applied:
         print(f"{shown_url}: applied migration {revision}")
     return 0
+
+
+# Operator tokens
+
+
+def _run_token_command(database_url: str, args: argparse.Namespace) -> int:
+    action: str = args.token_command
+    if action == "create":
+        return _create_token(database_url, args.name, args.role, args.output)
+    if action == "list":
+        return _list_tokens(database_url, as_json=args.json)
+    return _revoke_token(database_url, args.name)
+
+
+def _create_token(
+    database_url: str, name: str, role: auth.Role, output: Path | None
+) -> int:
+    try:
+        auth.check_token_name(name)
+    except ValueError as error:
+        _print_error(str(error))
+        return 2
+
+    issued = auth.issue_operator_token()
+    if output is not None:
+        # The file is written before the token is stored, so that a path that
+        # exists or cannot be written leaves no unusable token in the database.
+        try:
+            _write_private_file(output, issued.text + "\n")
+        except OSError as error:
+            _print_error(_output_error(output, error))
+            return 1
+
+    code = _store_token(database_url, name, role, issued)
+    if code != 0:
+        if output is not None:
+            _remove_output(output)
+        return code
+
+    if output is not None:
+        print(output)
+        print(
+            f"wrote operator token {name!r} ({role.label}) to {output}; it cannot "
+            "be shown again",
+            file=sys.stderr,
+        )
+    else:
+        print(issued.text)
+        print(
+            f"created operator token {name!r} ({role.label}); store it now, it "
+            "cannot be shown again",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _store_token(
+    database_url: str, name: str, role: auth.Role, issued: auth.IssuedCredential
+) -> int:
+    actor = local_actor()
+    arguments = {"name": name, "role": ops_pb2.Role.Name(ops_pb2.Role.ValueType(role))}
+    try:
+        with _open_store(database_url) as store:
+            try:
+                store.create_token(
+                    name,
+                    role,
+                    issued.credential_id,
+                    issued.secret_hash,
+                    actor,
+                    datetime.now(UTC),
+                )
+            except TokenNameTakenError as error:
+                _audit(store, actor, "token create", arguments, "ALREADY_EXISTS")
+                _print_error(str(error))
+                return 1
+            # NOTE: the token and its audit event are two transactions. When
+            # only the audit write fails, the token stays stored although the
+            # command reports a failure.
+            _audit(store, actor, "token create", arguments, "OK")
+    except (OSError, StoreError) as error:
+        shown_url = server.redact_database_url(database_url)
+        _print_error(f"creating token {name!r} in {shown_url} failed: {error}")
+        return 1
+    return 0
+
+
+def _list_tokens(database_url: str, *, as_json: bool) -> int:
+    try:
+        with _open_store(database_url) as store:
+            tokens = store.list_tokens()
+            _audit(store, local_actor(), "token list", {}, "OK")
+    except (OSError, StoreError) as error:
+        shown_url = server.redact_database_url(database_url)
+        _print_error(f"listing tokens in {shown_url} failed: {error}")
+        return 1
+
+    messages = [token_message(token) for token in tokens]
+    if as_json:
+        dicts = [
+            json_format.MessageToDict(message, preserving_proto_field_name=True)
+            for message in messages
+        ]
+        print(json.dumps({"tokens": dicts}, indent=2))
+        return 0
+    if not messages:
+        print("no operator tokens; create one with `fleetmend-collector token create`")
+        return 0
+    rows = [
+        [
+            message.name,
+            auth.Role(message.role).label,
+            format_time(message.create_time),
+            format_time(message.revoke_time),
+            format_time(message.last_use_time),
+        ]
+        for message in messages
+    ]
+    headers = ["NAME", "ROLE", "CREATED", "REVOKED", "LAST USED"]
+    print(render_table(headers, rows), end="")
+    return 0
+
+
+def _revoke_token(database_url: str, name: str) -> int:
+    actor = local_actor()
+    arguments = {"name": name}
+    try:
+        with _open_store(database_url) as store:
+            revoked = store.revoke_token(name, datetime.now(UTC))
+            outcome = "NOT_FOUND" if revoked is None else "OK"
+            _audit(store, actor, "token revoke", arguments, outcome)
+    except (OSError, StoreError) as error:
+        shown_url = server.redact_database_url(database_url)
+        _print_error(f"revoking token {name!r} in {shown_url} failed: {error}")
+        return 1
+
+    if revoked is None:
+        _print_error(
+            f"no operator token named {name!r}; `fleetmend-collector token list` "
+            "shows the names"
+        )
+        return 1
+    if revoked:
+        print(f"revoked operator token {name!r}")
+    else:
+        print(f"operator token {name!r} was revoked already")
+    return 0
+
+
+def token_message(token: TokenRecord) -> ops_pb2.OperatorToken:
+    """Return a stored token as a fleetmend.v1.OperatorToken, without its hash."""
+    message = ops_pb2.OperatorToken(
+        name=token.name, role=ops_pb2.Role.ValueType(token.role)
+    )
+    message.create_time.FromDatetime(token.create_time)
+    if token.revoke_time is not None:
+        message.revoke_time.FromDatetime(token.revoke_time)
+    if token.last_use_time is not None:
+        message.last_use_time.FromDatetime(token.last_use_time)
+    return message
+
+
+def local_actor() -> str:
+    """Return the audit actor of a command run on this host: "local:<login name>".
+
+    On POSIX the name is that of the effective user id in the password
+    database, or "uid-<number>" for a user id that it lacks. The environment
+    is not consulted there, because USER can name anyone. Elsewhere the name
+    comes from getpass.getuser().
+    """
+    try:
+        import pwd
+    except ImportError:
+        return f"local:{getpass.getuser()}"
+    user_id = os.geteuid()
+    try:
+        return f"local:{pwd.getpwuid(user_id).pw_name}"
+    except KeyError:
+        return f"local:uid-{user_id}"
+
+
+@contextmanager
+def _open_store(database_url: str) -> Iterator[Store]:
+    """Open and migrate the store, as serve does, and close it at the end."""
+    store = Store.open(database_url)
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
+
+
+def _audit(
+    store: Store,
+    actor: str,
+    action: str,
+    arguments: dict[str, str],
+    outcome: str,
+) -> None:
+    arguments_json = json.dumps(arguments, separators=(",", ":"))
+    store.append_audit(
+        datetime.now(UTC), actor, None, action, arguments_json, outcome, ""
+    )
+
+
+def _write_private_file(path: Path, text: str) -> None:
+    """Write text to a new file with mode 0600; fail if path exists.
+
+    O_EXCL also fails on a symlink at path, so the file is never one that
+    another user prepared.
+    """
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+    except OSError:
+        _remove_output(path)
+        raise
+
+
+def _remove_output(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        _print_error(f"could not remove {path}: {error}; delete it by hand")
+
+
+def _output_error(path: Path, error: OSError) -> str:
+    if isinstance(error, FileExistsError):
+        return (
+            f"--output {path} exists; choose a new path or delete the file, "
+            "since an existing file is never overwritten"
+        )
+    reason = error.strerror or str(error)
+    return f"cannot create --output {path}: {reason}"
 
 
 def _print_error(message: str) -> None:
