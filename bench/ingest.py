@@ -6,7 +6,12 @@ stream. Every agent sends its hello, then its reports without waiting, and the
 figure is the number of reports acknowledged (so committed) divided by the time
 from the first report sent to the last ack received.
 
+The agents' devices are enrolled in the database before the collector starts,
+because the Enroll call is rate-limited per source address. The collector
+serves plaintext on loopback unless --tls is given.
+
     .venv/bin/python bench/ingest.py --agents 100 --reports 200 --database sqlite
+    .venv/bin/python bench/ingest.py --agents 100 --reports 200 --tls
     .venv/bin/python bench/ingest.py --agents 100 --reports 200 \\
         --database postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 """
@@ -23,11 +28,14 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from collector import auth, tls
+from collector.store import Store
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
 
 BIN = Path(sys.executable).parent
@@ -57,15 +65,36 @@ def sample_report(sequence: int) -> report_pb2.Report:
     return report
 
 
+def enroll_devices(url: str, count: int) -> list[tuple[str, str]]:
+    """Migrate the database and enroll count devices; return ids and node keys."""
+    enrolled = []
+    now = datetime.now(UTC)
+    with Store.open(url) as store:
+        store.migrate()
+        for _ in range(count):
+            key = auth.issue_node_key()
+            result = store.enroll_device(
+                str(uuid.uuid4()),
+                "bench",
+                "bench",
+                key.credential_id,
+                key.secret_hash,
+                now,
+            )
+            enrolled.append((result.device_id, key.text))
+    return enrolled
+
+
 async def run_agent(
     channel: grpc.aio.Channel,
+    device: tuple[str, str],
     reports: int,
     started: asyncio.Event,
     welcomed: list[int],
 ) -> int:
     stub = agent_pb2_grpc.AgentServiceStub(channel)
-    device_id = str(uuid.uuid4())
-    call = stub.Connect()
+    device_id, node_key = device
+    call = stub.Connect(metadata=(("authorization", f"Bearer {node_key}"),))
     await call.write(
         agent_pb2.ConnectRequest(hello=agent_pb2.Hello(device_id=device_id))
     )
@@ -85,17 +114,28 @@ async def run_agent(
     return committed
 
 
-async def drive(address: str, agents: int, reports: int) -> tuple[int, float]:
-    channels = [
-        grpc.aio.insecure_channel(address) for _ in range(max(1, agents // 100))
-    ]
+def open_channel(address: str, ca_file: Path | None) -> grpc.aio.Channel:
+    if ca_file is None:
+        return grpc.aio.insecure_channel(address)
+    credentials = grpc.ssl_channel_credentials(ca_file.read_bytes())
+    return grpc.aio.secure_channel(address, credentials)
+
+
+async def drive(
+    address: str,
+    devices: list[tuple[str, str]],
+    reports: int,
+    ca_file: Path | None,
+) -> tuple[int, float]:
+    agents = len(devices)
+    channels = [open_channel(address, ca_file) for _ in range(max(1, agents // 100))]
     started = asyncio.Event()
     welcomed: list[int] = []
     tasks = [
         asyncio.create_task(
-            run_agent(channels[i % len(channels)], reports, started, welcomed)
+            run_agent(channels[i % len(channels)], device, reports, started, welcomed)
         )
-        for i in range(agents)
+        for i, device in enumerate(devices)
     ]
     while len(welcomed) < agents:
         await asyncio.sleep(0.05)
@@ -114,8 +154,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_serving(address: str) -> None:
-    with grpc.insecure_channel(address) as channel:
+def wait_serving(address: str, ca_file: Path | None) -> None:
+    if ca_file is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        credentials = grpc.ssl_channel_credentials(ca_file.read_bytes())
+        channel = grpc.secure_channel(address, credentials)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(300):
             try:
@@ -155,6 +200,9 @@ def main() -> None:
     parser.add_argument(
         "--database", default="sqlite", help="'sqlite' (a temporary file) or a URL"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="serve TLS instead of plaintext on loopback"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,25 +211,31 @@ def main() -> None:
         else:
             url = fresh_postgres(args.database)
         address = f"127.0.0.1:{free_port()}"
+        tls_dir = Path(tmp) / "tls"
+        tls.init_tls_dir(tls_dir, ["127.0.0.1"])
+        ca_file = tls_dir / tls.CA_CERT_FILENAME if args.tls else None
+        devices = enroll_devices(url, args.agents)
+        command = [
+            str(BIN / "fleetmend-collector"),
+            "serve",
+            "--listen",
+            address,
+            "--database",
+            url,
+            "--tls-dir",
+            str(tls_dir),
+            "--log-level",
+            "warning",
+        ]
+        if not args.tls:
+            command.append("--insecure")
         log = open(os.path.join(tmp, "collector.log"), "wb")  # noqa: SIM115
-        server = subprocess.Popen(
-            [
-                str(BIN / "fleetmend-collector"),
-                "serve",
-                "--listen",
-                address,
-                "--database",
-                url,
-                "--insecure",
-                "--log-level",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_serving(address)
-            committed, elapsed = asyncio.run(drive(address, args.agents, args.reports))
+            wait_serving(address, ca_file)
+            committed, elapsed = asyncio.run(
+                drive(address, devices, args.reports, ca_file)
+            )
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
@@ -191,8 +245,9 @@ def main() -> None:
 
     expected = args.agents * args.reports
     backend = "sqlite" if args.database == "sqlite" else "postgresql"
+    transport = "TLS" if args.tls else "plaintext"
     print(
-        f"{backend}: {args.agents} agents x {args.reports} reports: "
+        f"{backend}, {transport}: {args.agents} agents x {args.reports} reports: "
         f"{committed}/{expected} committed in {elapsed:.2f} s = "
         f"{committed / elapsed:,.0f} reports/s"
     )

@@ -1,4 +1,8 @@
-"""Parsing of HOST:PORT addresses, shared by the collector's server and its CLI."""
+"""Parsing of HOST:PORT addresses and the loopback check.
+
+Shared by the collector's server and its CLI. This module imports only the
+standard library, so that the CLI does not load the server's dependencies.
+"""
 
 from __future__ import annotations
 
@@ -54,3 +58,13 @@ def _bracketed_ipv6(address: str, host: str) -> str:
             f"{address!r} has {host}, which is not an IPv6 address"
         ) from None
     return bare
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return True for localhost and for addresses in 127.0.0.0/8 or ::1."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

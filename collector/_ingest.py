@@ -1,7 +1,8 @@
 """The ingest path: the Connect stream handler and the batcher that commits reports.
 
-The handler also applies the per-device rate limit and flags reports whose
-collect_time comes from a skewed clock.
+The handler authenticates each stream by its node key, binds it to the key's
+device, applies the per-device rate limit and flags reports whose collect_time
+comes from a skewed clock.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 from sqlalchemy import exc as sqlalchemy_errors
 
+from collector import auth
+from collector._authz import AuthorizationMetadataError, bearer_credential
+from collector._enroll import peer_host
 from collector._limits import (
     DeviceRateLimiter,
     IngestLimits,
+    LogThrottle,
     RateLimitLog,
 )
 from collector._validation import (
@@ -32,7 +37,7 @@ from collector._validation import (
     validate_hello,
     validate_report,
 )
-from collector.store import IncomingReport, Store, StoreError
+from collector.store import IncomingReport, NodeKeyRecord, Store, StoreError
 from fleetmend.v1 import agent_pb2, report_pb2
 
 logger = logging.getLogger(__name__)
@@ -337,6 +342,18 @@ class _StreamFailed:
 
 
 @dataclass(frozen=True)
+class _StreamClosed:
+    """Queue marker: the collector ends the stream at once with this status.
+
+    close_device_streams puts it at the front of the queue, so reports queued
+    behind it are not acknowledged, and the agent sends them again.
+    """
+
+    code: grpc.StatusCode
+    details: str
+
+
+@dataclass(frozen=True)
 class _QueuedReport:
     sequence: int
     future: asyncio.Future[int]
@@ -344,17 +361,29 @@ class _QueuedReport:
 
 # Markers that end a stream once the reports queued before them are acked.
 _StreamStop = (
-    _StreamEnd | _StreamShutdown | _StreamInvalid | _StreamLimited | _StreamFailed
+    _StreamEnd
+    | _StreamShutdown
+    | _StreamInvalid
+    | _StreamLimited
+    | _StreamFailed
+    | _StreamClosed
 )
 _StreamItem = _QueuedReport | _StreamStop
 
 
 @dataclass(eq=False)
 class _Stream:
-    """One open Connect stream: what its reader queued, in order."""
+    """One authenticated Connect stream: what its reader queued, in order."""
 
+    # The device of the stream's node key.
     device_id: str
     peer: str
+    key_id: str
+    # True once the collector has sent the welcome.
+    welcomed: bool = False
+    # Set by close_device_streams. The stream then ends with this status.
+    close_status: _StreamClosed | None = None
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
     # The device's clock minus the collector's at the hello, None if unknown.
     clock_offset: timedelta | None = None
     skewed_reports: int = 0
@@ -368,6 +397,15 @@ class _Stream:
     def push(self, item: _StreamItem) -> None:
         self.items.append(item)
         self.available.set()
+
+    def close(self, status: _StreamClosed) -> None:
+        """Stop reading and make the handler end the stream with status next."""
+        self.close_status = status
+        if self.reader is not None:
+            self.reader.cancel()
+        self.items.appendleft(status)
+        self.available.set()
+        self.closed.set()
 
     async def pop(self) -> _StreamItem:
         while not self.items:
@@ -385,6 +423,10 @@ async def _abort(
 
 class AgentServicer:
     """Serves AgentService.Connect.
+
+    Each call is authenticated by the node key in its metadata before anything
+    is read, and its hello must name the key's device. A newer stream of a
+    device replaces the older one, which ends with ABORTED.
 
     Each stream has a reader task that parses, validates and queues reports for
     the batcher, while the handler's own task waits for commits in order and
@@ -414,25 +456,58 @@ class AgentServicer:
             self._limits.reports_per_second, self._limits.report_burst, monotonic
         )
         self._rate_limit_log = RateLimitLog(self._limits, clock=monotonic)
+        self._rejection_log = LogThrottle(clock=monotonic)
+        # Every authenticated stream, from before its hello until it ends.
         self._streams: set[_Stream] = set()
         self._closing = False
 
-    def rpc_handler(self) -> grpc.GenericRpcHandler:
+    def rpc_handler(
+        self, *, enroll: grpc.RpcMethodHandler | None = None
+    ) -> grpc.GenericRpcHandler:
         """Return the handler of AgentService with Connect taking raw bytes.
 
         The handler deserializes each message itself, so that a malformed one
-        ends the stream with INVALID_ARGUMENT and a logged reason.
+        ends the stream with INVALID_ARGUMENT and a logged reason. enroll, if
+        given, serves the Enroll method; without it Enroll is UNIMPLEMENTED.
         """
         connect = grpc.stream_stream_rpc_method_handler(
             self.connect,
             request_deserializer=None,
             response_serializer=agent_pb2.ConnectResponse.SerializeToString,
         )
-        return grpc.method_handlers_generic_handler(AGENT_SERVICE, {"Connect": connect})
+        methods = {"Connect": connect}
+        if enroll is not None:
+            methods["Enroll"] = enroll
+        return grpc.method_handlers_generic_handler(AGENT_SERVICE, methods)
 
     def open_device_ids(self) -> list[str]:
-        """Return the ids of devices with an open stream, sorted."""
-        return sorted({stream.device_id for stream in self._streams})
+        """Return the ids of devices with an open stream past its welcome, sorted."""
+        return sorted({stream.device_id for stream in self._streams if stream.welcomed})
+
+    def close_device_streams(
+        self, device_id: str, code: grpc.StatusCode, details: str
+    ) -> int:
+        """End every stream of the device at once with code and details.
+
+        The streams stop reading at once. Reports whose ack is already on its
+        way may still be acknowledged, and reports still queued are not, so the
+        agent sends them again. Returns the number of streams ended.
+        """
+        ended = 0
+        for stream in list(self._streams):
+            if stream.device_id != device_id or stream.close_status is not None:
+                continue
+            stream.close(_StreamClosed(code, details))
+            ended += 1
+        if ended:
+            logger.info(
+                "ending %d streams of device %s with %s: %s",
+                ended,
+                device_id,
+                code.name,
+                details,
+            )
+        return ended
 
     def flush_logs(self) -> None:
         """Log the rate-limit rejections counted since their device's last line."""
@@ -449,49 +524,134 @@ class AgentServicer:
     async def connect(
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
-        """Run one Connect stream: hello and welcome, then reports and acks."""
+        """Run one Connect stream: authentication, hello, welcome, reports, acks."""
         peer = context.peer()
         if self._closing:
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
             )
-        first = await context.read()
+        key = await self._authenticate(context, peer)
+        stream = _Stream(device_id=key.device_id, peer=peer, key_id=key.key_id)
+        # Registered before the hello, so that close_device_streams reaches a
+        # stream whose key is revoked while its hello is on its way.
+        self._streams.add(stream)
+        try:
+            await self._run_stream(context, stream)
+        finally:
+            if stream.reader is not None:
+                stream.reader.cancel()
+            self._streams.discard(stream)
+            if stream.welcomed:
+                self._log_stream_closed(stream)
+
+    async def _run_stream(
+        self, context: grpc.aio.ServicerContext, stream: _Stream
+    ) -> None:
+        first = await self._read_unless_closed(context, stream)
         received_time = self._clock()
         if first is grpc.aio.EOF:
-            logger.info("stream from %s closed before its hello", peer)
+            logger.info(
+                "stream of device %s from %s closed before its hello",
+                stream.device_id,
+                stream.peer,
+            )
             return
-        hello = await self._read_hello(context, peer, first)
-        stream = _Stream(
-            device_id=hello.device_id,
-            peer=peer,
-            clock_offset=clock_offset(hello, received_time),
-        )
+        hello = await self._read_hello(context, stream, first)
+        stream.clock_offset = clock_offset(hello, received_time)
         committed = await self._record_hello(context, stream, hello, received_time)
+        await self._abort_if_closed(context, stream)
         if self._closing:
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
             )
         welcome = agent_pb2.Welcome(committed_sequence=committed)
         await context.write(agent_pb2.ConnectResponse(welcome=welcome))
+        await self._abort_if_closed(context, stream)
 
-        self._warn_if_already_open(stream)
-        self._streams.add(stream)
+        self._replace_older_streams(stream)
+        stream.welcomed = True
         logger.info(
-            "stream opened: device %s from %s, agent %s, committed sequence %d, "
-            "clock offset %s",
+            "stream opened: device %s from %s with node key %s, agent %s, "
+            "committed sequence %d, clock offset %s",
             stream.device_id,
-            peer,
+            stream.peer,
+            stream.key_id,
             hello.agent_version or "unknown",
             committed,
             _describe_offset(stream.clock_offset),
         )
         stream.reader = asyncio.create_task(self._read_reports(context, stream))
+        await self._send_acks(context, stream)
+
+    async def _authenticate(
+        self, context: grpc.aio.ServicerContext, peer: str
+    ) -> NodeKeyRecord:
+        """Return the node key of the call, or end it with UNAUTHENTICATED."""
         try:
-            await self._send_acks(context, stream)
+            text = bearer_credential(context.invocation_metadata())
+            key_id, secret = auth.parse_credential(text, auth.NODE_KEY_PREFIX)
+        except (AuthorizationMetadataError, auth.InvalidCredentialError) as error:
+            await self._reject_unauthenticated(context, peer, str(error))
+        try:
+            record = await asyncio.to_thread(self._store.find_node_key, key_id)
+        except Exception:
+            logger.exception("looking up node key %s from %s failed", key_id, peer)
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the collector could not check the node key; retry later",
+            )
+        if record is None or not auth.secret_matches(secret, record.key_hash):
+            await self._reject_unauthenticated(
+                context,
+                peer,
+                f"node key {key_id} is not valid; enroll the device again",
+            )
+        if record.revoke_time is not None:
+            await self._reject_unauthenticated(
+                context,
+                peer,
+                f"node key {key_id} of device {record.device_id} was revoked; "
+                "enroll the device again",
+            )
+        return record
+
+    async def _reject_unauthenticated(
+        self, context: grpc.aio.ServicerContext, peer: str, reason: str
+    ) -> NoReturn:
+        # A client can repeat a rejected call at will, so each address gets one
+        # line per interval.
+        held_back = self._rejection_log.admit(peer_host(peer))
+        if held_back is not None:
+            logger.warning(
+                "Connect from %s rejected with UNAUTHENTICATED: %s (%d rejections "
+                "from this address not logged since the previous line)",
+                peer,
+                reason,
+                held_back,
+            )
+        await _abort(context, grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    async def _read_unless_closed(
+        self, context: grpc.aio.ServicerContext, stream: _Stream
+    ) -> Any:
+        """Read one message, or end the call if close_device_streams ends it first."""
+        read = asyncio.ensure_future(context.read())
+        closed = asyncio.ensure_future(stream.closed.wait())
+        try:
+            await asyncio.wait((read, closed), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stream.reader.cancel()
-            self._streams.discard(stream)
-            self._log_stream_closed(stream)
+            closed.cancel()
+            if not read.done():
+                read.cancel()
+        await self._abort_if_closed(context, stream)
+        return read.result()
+
+    async def _abort_if_closed(
+        self, context: grpc.aio.ServicerContext, stream: _Stream
+    ) -> None:
+        if stream.close_status is not None:
+            await _abort(context, stream.close_status.code, stream.close_status.details)
 
     def _log_stream_closed(self, stream: _Stream) -> None:
         if stream.skewed_reports:
@@ -506,23 +666,38 @@ class AgentServicer:
                 "stream closed: device %s from %s", stream.device_id, stream.peer
             )
 
-    def _warn_if_already_open(self, stream: _Stream) -> None:
-        # Two agents that share one state folder send different reports under
-        # the same sequence numbers, and the store keeps one of each pair.
-        peers = sorted(
-            other.peer for other in self._streams if other.device_id == stream.device_id
+    def _replace_older_streams(self, stream: _Stream) -> None:
+        """End the device's other welcomed streams with ABORTED, in one log line."""
+        older = [
+            other
+            for other in self._streams
+            if other is not stream
+            and other.device_id == stream.device_id
+            and other.welcomed
+            and other.close_status is None
+        ]
+        if not older:
+            return
+        peers = ", ".join(sorted(other.peer for other in older))
+        # Two agents that share one state folder take turns replacing each
+        # other's stream, which this line shows at every reconnect.
+        logger.warning(
+            "device %s opened a new stream from %s, which replaces its stream "
+            "from %s; if this repeats, two agents may share one device's state",
+            stream.device_id,
+            stream.peer,
+            peers,
         )
-        if peers:
-            logger.warning(
-                "device %s opened another stream from %s while its stream from %s "
-                "is open; two agents may share one device id",
-                stream.device_id,
-                stream.peer,
-                ", ".join(peers),
-            )
+        status = _StreamClosed(
+            grpc.StatusCode.ABORTED,
+            f"a newer stream of device {stream.device_id} from {stream.peer} "
+            "replaced this one",
+        )
+        for other in older:
+            other.close(status)
 
     async def _read_hello(
-        self, context: grpc.aio.ServicerContext, peer: str, payload: bytes
+        self, context: grpc.aio.ServicerContext, stream: _Stream, payload: bytes
     ) -> agent_pb2.Hello:
         try:
             request = parse_connect_request(payload)
@@ -530,7 +705,19 @@ class AgentServicer:
                 raise InvalidMessageError("the first message must be a hello")
             validate_hello(request.hello)
         except InvalidMessageError as error:
-            await self._reject(context, peer, "", str(error))
+            await self._reject(context, stream.peer, stream.device_id, str(error))
+        if request.hello.device_id != stream.device_id:
+            reason = (
+                f"the hello names device {request.hello.device_id}, but the node "
+                f"key belongs to device {stream.device_id}; send the device id "
+                "that enrollment returned"
+            )
+            logger.warning(
+                "rejected stream from %s with PERMISSION_DENIED: %s",
+                stream.peer,
+                reason,
+            )
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
         return request.hello
 
     async def _record_hello(
@@ -758,6 +945,8 @@ class AgentServicer:
             await _abort(
                 context, grpc.StatusCode.UNAVAILABLE, "the collector is shutting down"
             )
+        if isinstance(item, _StreamClosed):
+            await _abort(context, item.code, item.details)
 
 
 def _data_error_text(error: Exception) -> str:

@@ -1,4 +1,4 @@
-"""Per-device rate limits on reports, and their rate-limited log."""
+"""Rate limits: reports per device, enrollments per source address, and the log."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ DEFAULT_REPORT_BURST = 1000
 # Rejections by the rate limit are logged as one line per device at most this
 # often, with their count.
 RATE_LIMIT_LOG_INTERVAL_SECONDS = 60.0
+# Enroll calls per source address. A fleet enrolls each device once, so this
+# admits a site enrolling a lab behind one NAT address at a steady pace, while
+# an attacker guessing the enrollment secret gets 10 guesses a minute.
+DEFAULT_ENROLLS_PER_MINUTE = 10.0
+DEFAULT_ENROLL_BURST = 10
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,12 @@ class _Bucket:
 
 
 class DeviceRateLimiter:
-    """A token bucket of reports per device id, shared by all its streams.
+    """A token bucket per key: reports per device id, or Enroll calls per address.
 
-    A device starts with burst tokens and gains reports_per_second tokens a
-    second, up to burst, and each report takes one. A rate of 0 admits every
-    report. The limiter is not thread-safe, because only the event loop calls it.
+    A key starts with burst tokens and gains reports_per_second tokens a
+    second, up to burst, and each call of try_acquire takes one. A rate of 0
+    admits everything. The limiter is not thread-safe, because only the event
+    loop calls it.
     """
 
     # Seconds between sweeps that forget refilled buckets. A full bucket is the
@@ -90,6 +96,16 @@ class DeviceRateLimiter:
             return False
         bucket.tokens -= 1
         return True
+
+    def seconds_until_available(self, device_id: str) -> float:
+        """Return the seconds until the key's bucket has a token again, 0 if now."""
+        if self._rate == 0:
+            return 0.0
+        bucket = self._buckets.get(device_id)
+        if bucket is None:
+            return 0.0
+        self._refill(bucket, self._clock())
+        return max(0.0, (1 - bucket.tokens) / self._rate)
 
     def _refill(self, bucket: _Bucket, now: float) -> None:
         gained = (now - bucket.refill_time) * self._rate
@@ -174,3 +190,47 @@ class RateLimitLog:
 
 
 # Batching
+
+
+class LogThrottle:
+    """Admits one log line per key per interval and counts the lines it holds back.
+
+    Used for refusals that a client can repeat at will, such as calls with a
+    forged credential, so that they cannot flood the log.
+    """
+
+    def __init__(
+        self,
+        interval_seconds: float = RATE_LIMIT_LOG_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_seconds = interval_seconds
+        self._clock = clock
+        self._entries: dict[str, _Rejections] = {}
+        self._next_sweep = clock() + interval_seconds
+
+    def admit(self, key: str) -> int | None:
+        """Return None to hold a line back, else how many were held back before it."""
+        now = self._clock()
+        self._sweep(now)
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = _Rejections(line_time=now)
+            return 0
+        if now - entry.line_time < self.interval_seconds:
+            entry.unlogged += 1
+            return None
+        held_back = entry.unlogged
+        entry.line_time = now
+        entry.unlogged = 0
+        return held_back
+
+    def _sweep(self, now: float) -> None:
+        # NOTE: a key quiet for two intervals is forgotten with its count, so
+        # the lines held back last for it are never counted in the log.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.interval_seconds
+        for key, entry in list(self._entries.items()):
+            if now - entry.line_time >= 2 * self.interval_seconds:
+                del self._entries[key]

@@ -5,17 +5,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
-from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, Protocol, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from collector._validation import InvalidMessageError, validate_device_id
+from collector import outages
+from collector._authz import current_operator
+from collector._validation import (
+    APP_ID_PATTERN,
+    MAX_TIMESTAMP_SECONDS,
+    MIN_TIMESTAMP_SECONDS,
+    InvalidMessageError,
+    validate_device_id,
+)
 from collector.findings import SortKey, compute_findings, sort_key
-from collector.store import Store, StoreError
+from collector.store import (
+    AuditRecord,
+    OutageRecord,
+    Store,
+    StoreError,
+    TokenRecord,
+)
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -30,6 +49,15 @@ FLEET_SCAN_CHUNK = 500
 # starts.
 _DEVICES_TOKEN_PREFIX = "d1."  # noqa: S105 - a page position, not a secret
 _FINDINGS_TOKEN_PREFIX = "f1."  # noqa: S105 - a page position, not a secret
+_AUDIT_TOKEN_PREFIX = "a1."  # noqa: S105 - a page position, not a secret
+
+# Limits of DeclareOutage, as ops.proto states them.
+MAX_OUTAGE_SPAN = timedelta(days=7)
+MAX_OUTAGE_MESSAGE_CHARS = 500
+# IANA time zone names are at most about 30 characters long.
+MAX_TIME_ZONE_CHARS = 64
+# Status details that end a revoked device's open streams.
+DEVICE_REVOKED_DETAILS = "device revoked by an operator"
 
 
 class InvalidPageTokenError(ValueError):
@@ -69,6 +97,21 @@ def decode_findings_token(token: str) -> SortKey:
     if not _is_sort_key(value):
         raise InvalidPageTokenError("page token is not a finding position")
     return (value[0], value[1], value[2], value[3], value[4])
+
+
+def encode_audit_token(last_event_id: int) -> str:
+    """Return the token of the page that follows the audit event last_event_id."""
+    encoded = base64.urlsafe_b64encode(str(last_event_id).encode()).decode()
+    return _AUDIT_TOKEN_PREFIX + encoded
+
+
+def decode_audit_token(token: str) -> int:
+    """Return the event id before which the page of token starts."""
+    raw = _decode_base64(token, _AUDIT_TOKEN_PREFIX)
+    text = raw.decode("ascii", errors="replace")
+    if not (text.isascii() and text.isdigit() and 0 < len(text) <= 19):
+        raise InvalidPageTokenError("page token is not an audit event position")
+    return int(text)
 
 
 def _is_sort_key(value: Any) -> bool:
@@ -120,16 +163,96 @@ class _DeviceNotFoundError(LookupError):
     pass
 
 
-class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
-    """Serves operators' queries from the store.
+class DeviceStreams(Protocol):
+    """The open agent streams, which RevokeDevice ends (the AgentServicer)."""
 
-    Store calls run in worker threads so that a slow query does not stall the
-    agents' streams on the event loop.
+    def close_device_streams(
+        self, device_id: str, code: grpc.StatusCode, details: str
+    ) -> int:
+        """End the device's open streams with code and details; return how many."""
+        ...
+
+
+class _Rejected(Exception):
+    """A failed call of an audited method, ended by _ends_with_status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+_Request = TypeVar("_Request", bound=Message)
+_Response = TypeVar("_Response", bound=Message)
+_Handler = Callable[
+    ["OpsServicer", _Request, grpc.aio.ServicerContext], Awaitable[_Response]
+]
+
+
+def _ends_with_status(
+    response_type: type[_Response],
+) -> Callable[[_Handler[_Request, _Response]], _Handler[_Request, _Response]]:
+    """Make a handler end a _Rejected call by setting its status and returning.
+
+    Audited methods fail this way rather than with context.abort, because
+    abort sends the status at once, before the authorization interceptor has
+    written the call's audit event. A client that reads the audit log right
+    after a failed call then finds the event, and a collector that stops
+    right after it does not lose the event.
     """
 
-    def __init__(self, store: Store, clock: Callable[[], datetime]) -> None:
+    def decorate(
+        handler: _Handler[_Request, _Response],
+    ) -> _Handler[_Request, _Response]:
+        @functools.wraps(handler)
+        async def run(
+            servicer: OpsServicer, request: _Request, context: grpc.aio.ServicerContext
+        ) -> _Response:
+            try:
+                return await handler(servicer, request, context)
+            except _Rejected as rejected:
+                context.set_code(rejected.code)
+                context.set_details(rejected.details)
+                return response_type()
+
+        return run
+
+    return decorate
+
+
+def _invalid(context: grpc.aio.ServicerContext, method: str, reason: str) -> _Rejected:
+    logger.info("%s from %s rejected: %s", method, context.peer(), reason)
+    return _Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason)
+
+
+def _failure(
+    context: grpc.aio.ServicerContext, method: str, error: Exception
+) -> _Rejected:
+    """Log the traceback of error and return the short status to end the call with.
+
+    A StoreError is UNAVAILABLE because the call is safe to retry once the
+    database is back; anything else is INTERNAL.
+    """
+    logger.error("%s from %s failed", method, context.peer(), exc_info=error)
+    if isinstance(error, StoreError):
+        return _Rejected(grpc.StatusCode.UNAVAILABLE, "the database is unavailable")
+    return _Rejected(grpc.StatusCode.INTERNAL, f"{method} failed on the collector")
+
+
+class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
+    """Serves operators' queries and actions from the store.
+
+    Store calls run in worker threads so that a slow query does not stall the
+    agents' streams on the event loop. The authorization interceptor has checked
+    the caller's token and role before a handler runs.
+    """
+
+    def __init__(
+        self, store: Store, clock: Callable[[], datetime], streams: DeviceStreams
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._streams = streams
 
     async def ListDevices(
         self, request: ops_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
@@ -166,7 +289,7 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
         except Exception as error:
             await _abort_failed(context, "GetDevice", error)
         if device is None:
-            await _abort_not_found(context, request.device_id)
+            await _abort_not_found(context, f"device {request.device_id} not found")
         return ops_pb2.GetDeviceResponse(device=device)
 
     async def ListFindings(
@@ -186,7 +309,7 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
                 self._findings_after, request.device_id, after, page_size + 1
             )
         except _DeviceNotFoundError:
-            await _abort_not_found(context, request.device_id)
+            await _abort_not_found(context, f"device {request.device_id} not found")
         except Exception as error:
             await _abort_failed(context, "ListFindings", error)
         response = ops_pb2.ListFindingsResponse(findings=findings[:page_size])
@@ -216,6 +339,293 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
             findings = [finding for finding in findings if sort_key(finding) > after]
         return findings[:limit]
 
+    @_ends_with_status(ops_pb2.DeclareOutageResponse)
+    async def DeclareOutage(
+        self,
+        request: ops_pb2.DeclareOutageRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ops_pb2.DeclareOutageResponse:
+        try:
+            declaration = _parse_outage(request)
+        except ValueError as error:
+            raise _invalid(context, "DeclareOutage", str(error)) from None
+        declared_by = current_operator().name
+        try:
+            record = await asyncio.to_thread(
+                self._declare_outage, declaration, declared_by
+            )
+        except Exception as error:
+            raise _failure(context, "DeclareOutage", error) from error
+        logger.info(
+            "outage %d of app %s declared by %s: %d devices affected",
+            record.outage_id,
+            record.app_id,
+            declared_by,
+            len(record.affected_device_ids),
+        )
+        return ops_pb2.DeclareOutageResponse(outage=outage_message(record))
+
+    def _declare_outage(
+        self, declaration: _OutageDeclaration, declared_by: str
+    ) -> OutageRecord:
+        hours = outages.covered_hours_of_week(
+            declaration.start_time, declaration.end_time, declaration.zone
+        )
+        affected = tuple(
+            device.device_id
+            for device in iter_fleet(self._store)
+            if device.HasField("usage")
+            and outages.uses_app_in_hours(device.usage, declaration.app_id, hours)
+        )
+        return self._store.add_outage(
+            declaration.app_id,
+            declaration.start_time,
+            declaration.end_time,
+            declaration.time_zone,
+            declaration.message,
+            declared_by,
+            self._clock(),
+            affected,
+        )
+
+    async def ListOutages(
+        self, request: ops_pb2.ListOutagesRequest, context: grpc.aio.ServicerContext
+    ) -> ops_pb2.ListOutagesResponse:
+        if request.HasField("end_after_time"):
+            try:
+                end_after = _to_datetime("end_after_time", request.end_after_time)
+            except ValueError as error:
+                await _abort_invalid(context, "ListOutages", str(error))
+        else:
+            end_after = self._clock()
+        try:
+            records = await asyncio.to_thread(self._store.list_outages, end_after)
+        except Exception as error:
+            await _abort_failed(context, "ListOutages", error)
+        return ops_pb2.ListOutagesResponse(
+            outages=[outage_message(record) for record in records]
+        )
+
+    @_ends_with_status(ops_pb2.RevokeDeviceResponse)
+    async def RevokeDevice(
+        self, request: ops_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> ops_pb2.RevokeDeviceResponse:
+        if not request.device_id:
+            raise _invalid(context, "RevokeDevice", "device_id is required")
+        try:
+            revoked_keys = await asyncio.to_thread(
+                self._store.revoke_device, request.device_id, self._clock()
+            )
+        except Exception as error:
+            raise _failure(context, "RevokeDevice", error) from error
+        if revoked_keys is None:
+            raise _Rejected(
+                grpc.StatusCode.NOT_FOUND, f"device {request.device_id} not found"
+            )
+        # The keys are revoked first, so a stream that reconnects after this
+        # point is rejected by its key.
+        closed = self._streams.close_device_streams(
+            request.device_id, grpc.StatusCode.UNAUTHENTICATED, DEVICE_REVOKED_DETAILS
+        )
+        logger.info(
+            "device %s revoked by %s: %d node keys revoked, %d streams ended",
+            request.device_id,
+            current_operator().name,
+            revoked_keys,
+            closed,
+        )
+        return ops_pb2.RevokeDeviceResponse(
+            revoked_keys=revoked_keys, stream_closed=closed > 0
+        )
+
+    @_ends_with_status(ops_pb2.ListTokensResponse)
+    async def ListTokens(
+        self, request: ops_pb2.ListTokensRequest, context: grpc.aio.ServicerContext
+    ) -> ops_pb2.ListTokensResponse:
+        try:
+            records = await asyncio.to_thread(self._store.list_tokens)
+        except Exception as error:
+            raise _failure(context, "ListTokens", error) from error
+        return ops_pb2.ListTokensResponse(
+            tokens=[token_message(record) for record in records]
+        )
+
+    @_ends_with_status(ops_pb2.RevokeTokenResponse)
+    async def RevokeToken(
+        self, request: ops_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext
+    ) -> ops_pb2.RevokeTokenResponse:
+        if not request.name:
+            raise _invalid(context, "RevokeToken", "name is required")
+        try:
+            revoked = await asyncio.to_thread(
+                self._store.revoke_token, request.name, self._clock()
+            )
+        except Exception as error:
+            raise _failure(context, "RevokeToken", error) from error
+        if revoked is None:
+            raise _Rejected(
+                grpc.StatusCode.NOT_FOUND, f"token {request.name!r} not found"
+            )
+        if revoked:
+            logger.info("token %r revoked by %s", request.name, current_operator().name)
+        return ops_pb2.RevokeTokenResponse(revoked=revoked)
+
+    @_ends_with_status(ops_pb2.ListAuditEventsResponse)
+    async def ListAuditEvents(
+        self,
+        request: ops_pb2.ListAuditEventsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> ops_pb2.ListAuditEventsResponse:
+        try:
+            page_size = effective_page_size(request.page_size)
+            before = (
+                decode_audit_token(request.page_token) if request.page_token else None
+            )
+        except ValueError as error:
+            raise _invalid(context, "ListAuditEvents", str(error)) from None
+        try:
+            records = await asyncio.to_thread(
+                self._store.list_audit,
+                page_size + 1,
+                before_event_id=before,
+                actor=request.actor,
+            )
+        except Exception as error:
+            raise _failure(context, "ListAuditEvents", error) from error
+        response = ops_pb2.ListAuditEventsResponse(
+            events=[audit_message(record) for record in records[:page_size]]
+        )
+        if len(records) > page_size:
+            last_id = records[page_size - 1].event_id
+            response.next_page_token = encode_audit_token(last_id)
+        return response
+
+
+@dataclass(frozen=True)
+class _OutageDeclaration:
+    """A validated DeclareOutageRequest."""
+
+    app_id: str
+    start_time: datetime
+    end_time: datetime
+    # As requested: empty means UTC.
+    time_zone: str
+    zone: ZoneInfo
+    message: str
+
+
+def _parse_outage(request: ops_pb2.DeclareOutageRequest) -> _OutageDeclaration:
+    """Validate a DeclareOutageRequest as ops.proto states; raise ValueError."""
+    if not request.app_id:
+        raise ValueError("app_id is required")
+    if not APP_ID_PATTERN.fullmatch(request.app_id):
+        raise ValueError(
+            f"app_id {request.app_id[:80]!r} is not a catalog id "
+            f"(it must match {APP_ID_PATTERN.pattern})"
+        )
+
+    for name in ("start_time", "end_time"):
+        if not request.HasField(name):
+            raise ValueError(f"{name} is required")
+    start = _to_datetime("start_time", request.start_time)
+    end = _to_datetime("end_time", request.end_time)
+
+    if end <= start:
+        raise ValueError(
+            f"end_time {end.isoformat()} is not after start_time {start.isoformat()}"
+        )
+    if end - start > MAX_OUTAGE_SPAN:
+        raise ValueError(
+            f"the span from {start.isoformat()} to {end.isoformat()} is longer "
+            f"than the maximum of {MAX_OUTAGE_SPAN.days} days"
+        )
+    validate_time_zone(request.time_zone)
+
+    if len(request.message) > MAX_OUTAGE_MESSAGE_CHARS:
+        raise ValueError(
+            f"message has {len(request.message)} characters, more than the "
+            f"maximum of {MAX_OUTAGE_MESSAGE_CHARS}"
+        )
+    if "\x00" in request.message:
+        raise ValueError("message contains a NUL character")
+
+    zone = ZoneInfo(request.time_zone or "UTC")
+    return _OutageDeclaration(
+        request.app_id, start, end, request.time_zone, zone, request.message
+    )
+
+
+def validate_time_zone(name: str) -> None:
+    """Raise ValueError unless name is empty (UTC) or an IANA time zone name."""
+    if not name:
+        return
+    quoted = repr(name[:MAX_TIME_ZONE_CHARS])
+    if len(name) > MAX_TIME_ZONE_CHARS:
+        raise ValueError(f"unknown time zone {quoted}...; give an IANA name")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(
+            f"unknown time zone {quoted}; give an IANA name such as Europe/Berlin"
+        ) from None
+
+
+def _to_datetime(name: str, timestamp: Timestamp) -> datetime:
+    if not MIN_TIMESTAMP_SECONDS <= timestamp.seconds <= MAX_TIMESTAMP_SECONDS:
+        raise ValueError(f"{name} has seconds {timestamp.seconds}, out of range")
+    if not 0 <= timestamp.nanos <= 999_999_999:
+        raise ValueError(f"{name} has nanos {timestamp.nanos}, out of range")
+    return timestamp.ToDatetime(tzinfo=UTC)
+
+
+def _timestamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def outage_message(record: OutageRecord) -> ops_pb2.Outage:
+    """Return a stored outage as an Outage message."""
+    return ops_pb2.Outage(
+        outage_id=record.outage_id,
+        app_id=record.app_id,
+        start_time=_timestamp(record.start_time),
+        end_time=_timestamp(record.end_time),
+        time_zone=record.time_zone,
+        message=record.message,
+        declared_by=record.declared_by,
+        declare_time=_timestamp(record.declare_time),
+        affected_device_ids=record.affected_device_ids,
+    )
+
+
+def token_message(record: TokenRecord) -> ops_pb2.OperatorToken:
+    """Return a stored operator token as an OperatorToken message, without its hash."""
+    return ops_pb2.OperatorToken(
+        name=record.name,
+        role=ops_pb2.Role.ValueType(int(record.role)),
+        create_time=_timestamp(record.create_time),
+        revoke_time=_timestamp(record.revoke_time),
+        last_use_time=_timestamp(record.last_use_time),
+    )
+
+
+def audit_message(record: AuditRecord) -> ops_pb2.AuditEvent:
+    """Return a stored audit event as an AuditEvent message."""
+    role = ops_pb2.ROLE_UNSPECIFIED if record.role is None else int(record.role)
+    return ops_pb2.AuditEvent(
+        event_id=record.event_id,
+        event_time=_timestamp(record.event_time),
+        actor=record.actor,
+        role=ops_pb2.Role.ValueType(role),
+        action=record.action,
+        arguments_json=record.arguments_json,
+        outcome=record.outcome,
+        peer=record.peer,
+    )
+
 
 async def _abort(
     context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
@@ -231,10 +641,8 @@ async def _abort_invalid(
     await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason)
 
 
-async def _abort_not_found(
-    context: grpc.aio.ServicerContext, device_id: str
-) -> NoReturn:
-    await _abort(context, grpc.StatusCode.NOT_FOUND, f"device {device_id} not found")
+async def _abort_not_found(context: grpc.aio.ServicerContext, details: str) -> NoReturn:
+    await _abort(context, grpc.StatusCode.NOT_FOUND, details)
 
 
 async def _abort_failed(

@@ -105,6 +105,31 @@ def validate_hello(hello: agent_pb2.Hello) -> None:
         _validate_timestamp("fleetmend.v1.Hello.send_time", hello.send_time)
 
 
+def validate_enroll_request(request: agent_pb2.EnrollRequest) -> None:
+    """Raise InvalidMessageError unless the request names a valid device.
+
+    The enrollment secret is checked by the caller, and never appears in the
+    message.
+    """
+    validate_device_id(request.device_id)
+    if request.device_id == str(uuid.UUID(int=0)):
+        raise InvalidMessageError(
+            f"device_id {request.device_id} is the nil UUID; the agent must make a "
+            "random one"
+        )
+    limits = (
+        ("hostname", request.hostname, MAX_STRING_CHARS),
+        ("agent_version", request.agent_version, MAX_AGENT_VERSION_CHARS),
+    )
+    for name, value, maximum in limits:
+        if len(value) > maximum:
+            raise InvalidMessageError(
+                f"{name} has {len(value)} characters, more than the maximum of "
+                f"{maximum}"
+            )
+        _check_no_nul(f"EnrollRequest.{name}", value)
+
+
 def validate_report(report: report_pb2.Report) -> None:
     """Raise InvalidMessageError unless the report is safe to store.
 

@@ -1,8 +1,10 @@
 """The collector's asyncio gRPC server: AgentService, OpsService, health, reflection.
 
-``start_server_thread`` runs a server on a background event loop for tests,
-benchmarks and the demo. ``serve`` runs one in the foreground until SIGTERM or
-SIGINT.
+The server speaks TLS with the certificate of its TLS folder, or plaintext on
+loopback when started with insecure=True. Agents and operators authenticate
+the same way over both. ``start_server_thread`` runs a server on a background
+event loop for tests, benchmarks and the demo. ``serve`` runs one in the
+foreground until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
-import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -20,22 +22,28 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
-from collector._address import split_host_port
+from collector import tls
+from collector._address import is_loopback_host, split_host_port
+from collector._authz import OPS_SERVICE, OpsAuthInterceptor
+from collector._enroll import EnrollServicer
 from collector._ingest import AGENT_SERVICE, AgentServicer, Batcher, utc_now
-from collector._limits import IngestLimits
+from collector._limits import (
+    DEFAULT_ENROLL_BURST,
+    DEFAULT_ENROLLS_PER_MINUTE,
+    IngestLimits,
+)
 from collector._ops import OpsServicer
 from collector.store import Store
-from fleetmend.v1 import ops_pb2, ops_pb2_grpc
+from fleetmend.v1 import ops_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-OPS_SERVICE = ops_pb2.DESCRIPTOR.services_by_name["OpsService"].full_name
 
 # Default largest message the collector accepts. A full report of a laptop is
 # a few kilobytes, so this leaves room for any real one.
@@ -47,6 +55,8 @@ DEFAULT_MIN_PING_INTERVAL_SECONDS = 10.0
 # Pings faster than the minimum that the server accepts on a connection before
 # it closes the connection with GOAWAY too_many_pings. 2 is gRPC's default.
 MAX_PING_STRIKES = 2
+# How often a running server checks its certificate's expiry again.
+EXPIRY_CHECK_INTERVAL_SECONDS = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,20 @@ class ServerSettings:
     # How often the last-seen time of devices with an open stream is updated.
     touch_interval_seconds: float = DEFAULT_TOUCH_INTERVAL_SECONDS
     limits: IngestLimits = field(default_factory=IngestLimits)
+    # Enroll calls per minute per source address (the IP address without the
+    # port), and how many may come at once. A rate of 0 turns the limit off.
+    enroll_per_minute: float = DEFAULT_ENROLLS_PER_MINUTE
+    enroll_burst: int = DEFAULT_ENROLL_BURST
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.enroll_per_minute) or self.enroll_per_minute < 0:
+            raise ValueError(
+                f"enroll_per_minute must be 0 or more, got {self.enroll_per_minute}"
+            )
+        if self.enroll_burst < 1:
+            raise ValueError(
+                f"enroll_burst must be at least 1, got {self.enroll_burst}"
+            )
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -106,32 +130,17 @@ def split_listen_address(listen: str) -> tuple[str, int]:
         raise ValueError(f"invalid listen address: {error}") from None
 
 
-def is_loopback_host(host: str) -> bool:
-    """Return True for localhost and for addresses in 127.0.0.0/8 or ::1."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_plaintext_allowed(listen: str, *, insecure: bool) -> None:
-    """Raise ValueError unless plaintext listening on listen is allowed.
+    """Raise ValueError unless listen is a valid HOST:PORT for this mode.
 
-    The address must be a valid HOST:PORT. TLS is not implemented yet, so the
-    caller must pass insecure=True, and plaintext is allowed on loopback
-    addresses only.
+    insecure (plaintext) is allowed on loopback addresses only. TLS is allowed
+    on any address.
     """
     host, _ = split_listen_address(listen)
-    if not insecure:
+    if insecure and not is_loopback_host(host):
         raise ValueError(
-            "TLS is not available yet; pass --insecure to serve plaintext on loopback"
-        )
-    if not is_loopback_host(host):
-        raise ValueError(
-            f"plaintext gRPC may listen on loopback only, not on {host}; "
-            "use 127.0.0.1 or ::1 until TLS is available"
+            f"plaintext gRPC (--insecure) may listen on loopback only, not on "
+            f"{host}; leave out --insecure to serve TLS"
         )
 
 
@@ -181,7 +190,9 @@ class CollectorServer:
     """The aio server with its store, batcher and last-seen updater.
 
     Create it on the event loop that will run it. start() binds the port, and
-    stop() shuts everything down in order.
+    stop() shuts everything down in order. tls_dir contains the certificate
+    and key that TLS serves, and the enrollment secret, which Enroll reads in
+    both modes.
     """
 
     def __init__(
@@ -189,6 +200,7 @@ class CollectorServer:
         store: Store,
         listen: str,
         *,
+        tls_dir: Path,
         insecure: bool,
         clock: Callable[[], datetime] = utc_now,
         settings: ServerSettings | None = None,
@@ -197,14 +209,28 @@ class CollectorServer:
         self._settings = settings or ServerSettings()
         self._store = store
         self._listen = listen
+        self._tls_dir = Path(tls_dir)
+        self._insecure = insecure
         self._clock = clock
         self._batcher = Batcher(store)
         self._agents = AgentServicer(
             store, self._batcher, clock=clock, limits=self._settings.limits
         )
+        self._enroller = EnrollServicer(
+            store,
+            self._tls_dir,
+            clock=clock,
+            enrolls_per_minute=self._settings.enroll_per_minute,
+            burst=self._settings.enroll_burst,
+        )
         self._health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(options=server_options(self._settings))
+        self._server = grpc.aio.server(
+            options=server_options(self._settings),
+            interceptors=(OpsAuthInterceptor(store, clock),),
+        )
         self._toucher: asyncio.Task[None] | None = None
+        self._expiry_checker: asyncio.Task[None] | None = None
+        self._certificate_expiry: datetime | None = None
         self.port = 0
 
     @property
@@ -215,11 +241,27 @@ class CollectorServer:
             host = f"[{host}]"
         return f"{host}:{self.port}"
 
+    @property
+    def agents(self) -> AgentServicer:
+        """The AgentService servicer, which tracks the open streams."""
+        return self._agents
+
     async def start(self) -> None:
-        """Bind the listen address and start serving."""
-        self._server.add_generic_rpc_handlers((self._agents.rpc_handler(),))
+        """Bind the listen address and start serving.
+
+        Raises tls.TLSSetupError when TLS is on and the TLS folder's
+        certificate or key cannot be loaded, and OSError when the address
+        cannot be bound.
+        """
+        credentials = None
+        if not self._insecure:
+            credentials = tls.load_server_credentials(self._tls_dir)
+            self._certificate_expiry = tls.server_certificate_expiry(self._tls_dir)
+        self._server.add_generic_rpc_handlers(
+            (self._agents.rpc_handler(enroll=self._enroller.method_handler()),)
+        )
         ops_pb2_grpc.add_OpsServiceServicer_to_server(
-            OpsServicer(self._store, self._clock), self._server
+            OpsServicer(self._store, self._clock, streams=self._agents), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         services = (AGENT_SERVICE, OPS_SERVICE, health.SERVICE_NAME)
@@ -230,7 +272,10 @@ class CollectorServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         try:
-            self.port = self._server.add_insecure_port(self._listen)
+            if credentials is None:
+                self.port = self._server.add_insecure_port(self._listen)
+            else:
+                self.port = self._server.add_secure_port(self._listen, credentials)
         except RuntimeError as error:
             raise self._bind_error() from error
         if self.port == 0:
@@ -238,8 +283,42 @@ class CollectorServer:
         self._batcher.start()
         await self._server.start()
         self._toucher = asyncio.create_task(self._touch_open_streams())
-        logger.info("collector listening on %s (plaintext)", self.address)
+        self._log_listening()
         self._log_settings()
+        if self._certificate_expiry is not None:
+            self._expiry_checker = asyncio.create_task(self._check_expiry_daily())
+
+    def _log_listening(self) -> None:
+        if self._certificate_expiry is None:
+            logger.info(
+                "collector listening on %s (plaintext); enrollment secret in %s",
+                self.address,
+                self._tls_dir,
+            )
+            return
+        logger.info(
+            "collector listening on %s (TLS), certificate %s valid until %s",
+            self.address,
+            self._tls_dir / "server.pem",
+            self._certificate_expiry.isoformat(),
+        )
+        self._warn_if_expiring()
+
+    def _warn_if_expiring(self) -> None:
+        if self._certificate_expiry is None:
+            return
+        warning = tls.expiry_warning(
+            self._certificate_expiry, self._clock(), directory=self._tls_dir
+        )
+        if warning is not None:
+            logger.warning("%s", warning)
+
+    async def _check_expiry_daily(self) -> None:
+        # The expiry is the one of the certificate loaded at start, because a
+        # renewed certificate is served only after a restart.
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_INTERVAL_SECONDS)
+            self._warn_if_expiring()
 
     def _log_settings(self) -> None:
         limits = self._settings.limits
@@ -249,11 +328,18 @@ class CollectorServer:
                 f"{limits.reports_per_second:g} reports per second per device "
                 f"(burst {limits.report_burst})"
             )
+        enroll_rate = "no enrollment rate limit"
+        if self._settings.enroll_per_minute:
+            enroll_rate = (
+                f"{self._settings.enroll_per_minute:g} enrollments per minute per "
+                f"address (burst {self._settings.enroll_burst})"
+            )
         logger.info(
-            "limits: messages up to %d bytes, %s, clock skew limit %g s, "
+            "limits: messages up to %d bytes, %s, %s, clock skew limit %g s, "
             "maximum report age %g days",
             self._settings.max_message_bytes,
             rate,
+            enroll_rate,
             limits.clock.skew_limit.total_seconds(),
             limits.clock.max_report_age / timedelta(days=1),
         )
@@ -275,10 +361,12 @@ class CollectorServer:
         await self._health.enter_graceful_shutdown()
         self._agents.begin_shutdown()
         await self._server.stop(grace_seconds)
-        if self._toucher is not None:
-            self._toucher.cancel()
+        for task in (self._toucher, self._expiry_checker):
+            if task is None:
+                continue
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._toucher
+                await task
         await self._batcher.close()
         await asyncio.to_thread(self._store.close)
         logger.info("collector on %s stopped", self.address)
@@ -341,7 +429,8 @@ def start_server_thread(
     database_url: str,
     listen: str = "127.0.0.1:0",
     *,
-    insecure: bool,
+    tls_dir: Path,
+    insecure: bool = False,
     clock: Callable[[], datetime] = utc_now,
     touch_interval_seconds: float | None = None,
     settings: ServerSettings | None = None,
@@ -349,8 +438,8 @@ def start_server_thread(
     """Migrate the store, start a collector on a background thread, return its handle.
 
     touch_interval_seconds, if given, replaces the one in settings. The thread
-    runs its own event loop until handle.stop(). Errors from opening the store
-    or binding the address are raised here.
+    runs its own event loop until handle.stop(). Errors from opening the store,
+    loading the TLS folder or binding the address are raised here.
     """
     check_plaintext_allowed(listen, insecure=insecure)
     settings = settings or ServerSettings()
@@ -362,7 +451,7 @@ def start_server_thread(
     started: concurrent.futures.Future[CollectorServer] = concurrent.futures.Future()
     thread = threading.Thread(
         target=_run_loop,
-        args=(loop, store, listen, insecure, clock, settings, started),
+        args=(loop, store, listen, Path(tls_dir), insecure, clock, settings, started),
         name=f"fleetmend-collector {listen}",
         daemon=True,
     )
@@ -380,6 +469,7 @@ def _run_loop(
     loop: asyncio.AbstractEventLoop,
     store: Store,
     listen: str,
+    tls_dir: Path,
     insecure: bool,
     clock: Callable[[], datetime],
     settings: ServerSettings,
@@ -389,7 +479,12 @@ def _run_loop(
 
     async def start() -> CollectorServer:
         server = CollectorServer(
-            store, listen, insecure=insecure, clock=clock, settings=settings
+            store,
+            listen,
+            tls_dir=tls_dir,
+            insecure=insecure,
+            clock=clock,
+            settings=settings,
         )
         await server.start()
         return server
@@ -412,6 +507,7 @@ async def serve(
     database_url: str,
     listen: str,
     *,
+    tls_dir: Path,
     insecure: bool,
     grace_seconds: float = 5.0,
     settings: ServerSettings | None = None,
@@ -419,13 +515,17 @@ async def serve(
 ) -> None:
     """Migrate the store and serve until SIGTERM or SIGINT, then stop gracefully.
 
-    ready, if given, is called once the server listens.
+    ready, if given, is called once the server listens. Raises ValueError for
+    --insecure on a non-loopback address, tls.TLSSetupError for a TLS folder
+    that cannot be loaded, and OSError when the address cannot be bound.
     """
     check_plaintext_allowed(listen, insecure=insecure)
     logger.info("collector database: %s", redact_database_url(database_url))
     store = await asyncio.to_thread(open_store, database_url)
     try:
-        server = CollectorServer(store, listen, insecure=insecure, settings=settings)
+        server = CollectorServer(
+            store, listen, tls_dir=tls_dir, insecure=insecure, settings=settings
+        )
         await server.start()
     except BaseException:
         store.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,7 +17,12 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
-from collector._limits import DeviceRateLimiter, IngestLimits, RateLimitLog
+from collector._limits import (
+    DeviceRateLimiter,
+    IngestLimits,
+    LogThrottle,
+    RateLimitLog,
+)
 from collector._validation import ClockLimits
 from collector.server import (
     ServerHandle,
@@ -25,18 +31,22 @@ from collector.server import (
     start_server_thread,
 )
 from collector.store import Store
-from fleetmend.v1 import agent_pb2, agent_pb2_grpc, ops_pb2, ops_pb2_grpc, report_pb2
+from fleetmend.v1 import agent_pb2, ops_pb2, report_pb2
 from tests.collector.test_server import (
     T0,
+    AgentClient,
     Clock,
     Conversation,
+    Enroller,
     acked,
     hello,
     new_device_id,
+    ops_stub,
     report,
     run_failing_stream,
     run_stream,
 )
+from tests.trust import create_token
 
 INGEST_LOGGER = "collector._ingest"
 LIMITS_LOGGER = "collector._limits"
@@ -54,13 +64,26 @@ class Monotonic:
 
 def start(
     database_url: str,
+    tls_dir: Path,
     *,
     clock: Clock | None = None,
     settings: ServerSettings | None = None,
 ) -> ServerHandle:
+    # The enrollment limit is off, because tests enroll many devices at once.
+    settings = replace(settings or ServerSettings(), enroll_per_minute=0)
     return start_server_thread(
-        database_url, insecure=True, clock=clock or Clock(T0), settings=settings
+        database_url,
+        tls_dir=tls_dir,
+        insecure=True,
+        clock=clock or Clock(T0),
+        settings=settings,
     )
+
+
+def agent_client(
+    channel: grpc.Channel, handle: ServerHandle, tls_dir: Path
+) -> AgentClient:
+    return AgentClient(channel, Enroller(handle.address, tls_dir))
 
 
 @pytest.fixture
@@ -86,21 +109,19 @@ def limited(burst: int, reports_per_second: float = 0.001) -> ServerSettings:
 
 
 @pytest.fixture
-def limited_server(database_url: str) -> Iterator[ServerHandle]:
-    handle = start(database_url, settings=limited(burst=5))
+def limited_server(database_url: str, tls_dir: Path) -> Iterator[ServerHandle]:
+    handle = start(database_url, tls_dir, settings=limited(burst=5))
     yield handle
     handle.stop()
 
 
 @pytest.fixture
-def agents(limited_server: ServerHandle) -> Iterator[agent_pb2_grpc.AgentServiceStub]:
+def agents(limited_server: ServerHandle, tls_dir: Path) -> Iterator[AgentClient]:
     with grpc.insecure_channel(limited_server.address) as channel:
-        yield agent_pb2_grpc.AgentServiceStub(channel)
+        yield agent_client(channel, limited_server, tls_dir)
 
 
-def test_rate_limit_exhausted(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_rate_limit_exhausted(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     requests = [hello(device_id), *(report(n) for n in range(1, 9))]
 
@@ -113,7 +134,7 @@ def test_rate_limit_exhausted(
 
 
 def test_rate_limit_logs_device(
-    agents: agent_pb2_grpc.AgentServiceStub, caplog: pytest.LogCaptureFixture
+    agents: AgentClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     device_id = new_device_id()
     requests = [hello(device_id), *(report(n) for n in range(1, 9))]
@@ -126,9 +147,7 @@ def test_rate_limit_logs_device(
     assert device_id in lines[0]
 
 
-def test_rate_limit_shared_by_streams(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_rate_limit_shared_by_streams(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     first = run_stream(agents, [hello(device_id), report(1), report(2), report(3)])
 
@@ -141,9 +160,7 @@ def test_rate_limit_shared_by_streams(
     assert reader.count_reports(device_id) == 5
 
 
-def test_rate_limit_per_device(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_rate_limit_per_device(agents: AgentClient, reader: Store) -> None:
     flooding = new_device_id()
     quiet = new_device_id()
     flood = [hello(flooding), *(report(n) for n in range(1, 9))]
@@ -155,12 +172,14 @@ def test_rate_limit_per_device(
     assert reader.count_reports(quiet) == 5
 
 
-def test_rate_limit_off(database_url: str, reader: Store) -> None:
-    handle = start(database_url, settings=limited(burst=1, reports_per_second=0))
+def test_rate_limit_off(database_url: str, tls_dir: Path, reader: Store) -> None:
+    handle = start(
+        database_url, tls_dir, settings=limited(burst=1, reports_per_second=0)
+    )
     device_id = new_device_id()
     try:
         with grpc.insecure_channel(handle.address) as channel:
-            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            stub = agent_client(channel, handle, tls_dir)
             requests = [hello(device_id), *(report(n) for n in range(1, 51))]
             responses = run_stream(stub, requests)
     finally:
@@ -223,6 +242,56 @@ def test_limiter_zero_rate_unlimited() -> None:
     limiter = DeviceRateLimiter(0, 1, Monotonic())
 
     assert all(limiter.try_acquire("a") for _ in range(100))
+
+
+def test_limiter_seconds_until_available() -> None:
+    clock = Monotonic()
+    limiter = DeviceRateLimiter(0.5, 1, clock)
+
+    unknown = limiter.seconds_until_available("a")
+    limiter.try_acquire("a")
+    drained = limiter.seconds_until_available("a")
+    clock.now += 1.5
+    later = limiter.seconds_until_available("a")
+
+    assert unknown == 0
+    assert drained == pytest.approx(2.0)
+    assert later == pytest.approx(0.5)
+
+
+def test_log_throttle_counts_held_back() -> None:
+    clock = Monotonic()
+    throttle = LogThrottle(interval_seconds=60, clock=clock)
+
+    first = throttle.admit("10.0.0.5")
+    held = [throttle.admit("10.0.0.5") for _ in range(3)]
+    other = throttle.admit("10.0.0.6")
+    clock.now += 60
+    after_interval = throttle.admit("10.0.0.5")
+
+    assert first == 0
+    assert held == [None, None, None]
+    assert other == 0
+    assert after_interval == 3
+
+
+def test_log_throttle_forgets_quiet_keys() -> None:
+    clock = Monotonic()
+    throttle = LogThrottle(interval_seconds=60, clock=clock)
+    throttle.admit("10.0.0.5")
+    throttle.admit("10.0.0.5")
+
+    clock.now += 121
+    throttle.admit("10.0.0.6")
+
+    assert throttle.admit("10.0.0.5") == 0
+
+
+def test_settings_reject_bad_enroll_limits() -> None:
+    with pytest.raises(ValueError, match="enroll_per_minute"):
+        ServerSettings(enroll_per_minute=-1)
+    with pytest.raises(ValueError, match="enroll_burst"):
+        ServerSettings(enroll_burst=0)
 
 
 def rate_limit_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -300,12 +369,13 @@ def host_of_bytes(size: int) -> report_pb2.HostFacts:
     return report_pb2.HostFacts(volumes=[volume] * (size // 1000))
 
 
-def test_message_limit_setting(database_url: str, reader: Store) -> None:
-    handle = start(database_url, settings=ServerSettings(max_message_bytes=64 * 1024))
+def test_message_limit_setting(database_url: str, tls_dir: Path, reader: Store) -> None:
+    settings = ServerSettings(max_message_bytes=64 * 1024)
+    handle = start(database_url, tls_dir, settings=settings)
     device_id = new_device_id()
     try:
         with grpc.insecure_channel(handle.address) as channel:
-            conversation = Conversation(agent_pb2_grpc.AgentServiceStub(channel))
+            conversation = Conversation(agent_client(channel, handle, tls_dir))
             conversation.send(hello(device_id))
             conversation.receive()
             conversation.send(report(1, host=host_of_bytes(50 * 1024)))
@@ -358,23 +428,21 @@ def report_flags(database_url: str, device_id: str) -> dict[int, bool]:
 
 
 @pytest.fixture
-def clocked_server(database_url: str) -> Iterator[ServerHandle]:
-    handle = start(database_url, clock=Clock(T0))
+def clocked_server(database_url: str, tls_dir: Path) -> Iterator[ServerHandle]:
+    handle = start(database_url, tls_dir, clock=Clock(T0))
     yield handle
     handle.stop()
 
 
 @pytest.fixture
 def clocked_agents(
-    clocked_server: ServerHandle,
-) -> Iterator[agent_pb2_grpc.AgentServiceStub]:
+    clocked_server: ServerHandle, tls_dir: Path
+) -> Iterator[AgentClient]:
     with grpc.insecure_channel(clocked_server.address) as channel:
-        yield agent_pb2_grpc.AgentServiceStub(channel)
+        yield agent_client(channel, clocked_server, tls_dir)
 
 
-def test_hello_offset_stored(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_hello_offset_stored(clocked_agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
 
     run_stream(clocked_agents, [timed_hello(device_id, T0 + timedelta(hours=2))])
@@ -384,9 +452,7 @@ def test_hello_offset_stored(
     assert device.clock_skewed
 
 
-def test_hello_offset_in_step(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_hello_offset_in_step(clocked_agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
 
     run_stream(clocked_agents, [timed_hello(device_id, T0 - timedelta(seconds=3))])
@@ -396,9 +462,7 @@ def test_hello_offset_in_step(
     assert not device.clock_skewed
 
 
-def test_hello_without_send_time(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_hello_without_send_time(clocked_agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
 
     run_stream(clocked_agents, [timed_hello(device_id, None)])
@@ -409,7 +473,7 @@ def test_hello_without_send_time(
 
 
 def test_skewed_hello_logged(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub, caplog: pytest.LogCaptureFixture
+    clocked_agents: AgentClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     device_id = new_device_id()
 
@@ -422,7 +486,7 @@ def test_skewed_hello_logged(
 
 
 def test_skewed_device_reports_flagged(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub,
+    clocked_agents: AgentClient,
     reader: Store,
     database_url: str,
 ) -> None:
@@ -438,7 +502,7 @@ def test_skewed_device_reports_flagged(
 
 
 def test_backlog_report_not_skewed(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub,
+    clocked_agents: AgentClient,
     reader: Store,
     database_url: str,
 ) -> None:
@@ -458,7 +522,7 @@ def test_backlog_report_not_skewed(
 
 
 def test_future_report_flagged(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub,
+    clocked_agents: AgentClient,
     reader: Store,
     database_url: str,
 ) -> None:
@@ -472,7 +536,7 @@ def test_future_report_flagged(
 
 
 def test_ancient_report_flagged(
-    clocked_agents: agent_pb2_grpc.AgentServiceStub,
+    clocked_agents: AgentClient,
     reader: Store,
     database_url: str,
 ) -> None:
@@ -489,14 +553,14 @@ def test_ancient_report_flagged(
     assert not stored(reader, device_id).clock_skewed
 
 
-def test_skew_limit_setting(database_url: str, reader: Store) -> None:
+def test_skew_limit_setting(database_url: str, tls_dir: Path, reader: Store) -> None:
     limits = IngestLimits(clock=ClockLimits(skew_limit=timedelta(hours=1)))
-    handle = start(database_url, settings=ServerSettings(limits=limits))
+    handle = start(database_url, tls_dir, settings=ServerSettings(limits=limits))
     device_id = new_device_id()
     ahead = T0 + timedelta(minutes=30)
     try:
         with grpc.insecure_channel(handle.address) as channel:
-            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            stub = agent_client(channel, handle, tls_dir)
             run_stream(stub, [timed_hello(device_id, ahead), collected(1, ahead)])
     finally:
         handle.stop()
@@ -507,13 +571,13 @@ def test_skew_limit_setting(database_url: str, reader: Store) -> None:
 
 
 def test_get_device_carries_clock(
-    clocked_server: ServerHandle, clocked_agents: agent_pb2_grpc.AgentServiceStub
+    clocked_server: ServerHandle, clocked_agents: AgentClient, database_url: str
 ) -> None:
     device_id = new_device_id()
     run_stream(clocked_agents, [timed_hello(device_id, T0 + timedelta(minutes=9))])
 
     with grpc.insecure_channel(clocked_server.address) as channel:
-        ops = ops_pb2_grpc.OpsServiceStub(channel)
+        ops = ops_stub(channel, create_token(database_url, "viewer"))
         request = ops_pb2.GetDeviceRequest(device_id=device_id)
         device = ops.GetDevice(request, timeout=10).device
 
@@ -531,8 +595,7 @@ def dropping(sequence: int, dropped: int) -> agent_pb2.ConnectRequest:
 
 
 def test_dropped_reports_once(
-    clocked_server: ServerHandle,
-    clocked_agents: agent_pb2_grpc.AgentServiceStub,
+    clocked_server: ServerHandle, clocked_agents: AgentClient, database_url: str
 ) -> None:
     device_id = new_device_id()
     run_stream(clocked_agents, [hello(device_id), dropping(1, 4), dropping(2, 3)])
@@ -541,7 +604,7 @@ def test_dropped_reports_once(
     run_stream(clocked_agents, [hello(device_id), dropping(2, 3), dropping(3, 0)])
 
     with grpc.insecure_channel(clocked_server.address) as channel:
-        ops = ops_pb2_grpc.OpsServiceStub(channel)
+        ops = ops_stub(channel, create_token(database_url, "viewer"))
         request = ops_pb2.GetDeviceRequest(device_id=device_id)
         device = ops.GetDevice(request, timeout=10).device
     assert device.committed_sequence == 3
@@ -563,14 +626,14 @@ CLIENT_KEEPALIVE_OPTIONS = [
 KEEPALIVE_HOLD_SECONDS = 10.0
 
 
-def hold_idle_stream(address: str) -> agent_pb2.ConnectResponse:
+def hold_idle_stream(address: str, tls_dir: Path) -> agent_pb2.ConnectResponse:
     """Keep a stream idle for KEEPALIVE_HOLD_SECONDS, then send one report.
 
     Returns the response to the report; raises grpc.RpcError if the server
     closed the connection meanwhile.
     """
     with grpc.insecure_channel(address, options=CLIENT_KEEPALIVE_OPTIONS) as channel:
-        conversation = Conversation(agent_pb2_grpc.AgentServiceStub(channel))
+        conversation = Conversation(AgentClient(channel, Enroller(address, tls_dir)))
         try:
             conversation.send(hello(new_device_id()))
             conversation.receive()
@@ -589,24 +652,24 @@ def test_server_keepalive_options() -> None:
     assert options["grpc.http2.max_ping_strikes"] == 2
 
 
-def test_agent_pings_no_goaway(tmp_path: Path) -> None:
+def test_agent_pings_no_goaway(tmp_path: Path, tls_dir: Path) -> None:
     settings = ServerSettings(min_ping_interval_seconds=0.5)
-    handle = start(f"sqlite:///{tmp_path}/collector.db", settings=settings)
+    handle = start(f"sqlite:///{tmp_path}/collector.db", tls_dir, settings=settings)
     try:
-        response = hold_idle_stream(handle.address)
+        response = hold_idle_stream(handle.address, tls_dir)
     finally:
         handle.stop()
 
     assert response.ack.committed_sequence == 1
 
 
-def test_fast_pings_get_goaway(tmp_path: Path) -> None:
+def test_fast_pings_get_goaway(tmp_path: Path, tls_dir: Path) -> None:
     # The control: the same client against a minimum above its ping interval.
     settings = ServerSettings(min_ping_interval_seconds=5.0)
-    handle = start(f"sqlite:///{tmp_path}/collector.db", settings=settings)
+    handle = start(f"sqlite:///{tmp_path}/collector.db", tls_dir, settings=settings)
     try:
         with pytest.raises(grpc.RpcError) as raised:
-            hold_idle_stream(handle.address)
+            hold_idle_stream(handle.address, tls_dir)
     finally:
         handle.stop()
 

@@ -3,12 +3,12 @@
 Hypothesis drives both the pure parse and validate functions and the Connect
 handler of a real server on 127.0.0.1. Every input must end in OK,
 INVALID_ARGUMENT or RESOURCE_EXHAUSTED, and a rejected input must leave the
-reports table as it was.
+reports table as it was. Each stream carries the node key of a device enrolled
+for it, so a valid hello that names another device ends in PERMISSION_DENIED.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,15 @@ from collector._validation import (
     validate_hello,
     validate_report,
 )
-from collector.server import MAX_MESSAGE_BYTES, ServerHandle, start_server_thread
+from collector.server import (
+    MAX_MESSAGE_BYTES,
+    ServerHandle,
+    ServerSettings,
+    start_server_thread,
+)
 from collector.store._schema import devices, reports
 from fleetmend.v1 import agent_pb2, report_pb2
+from tests.trust import bearer, enroll, make_tls_dir
 
 CONNECT_METHOD = "/fleetmend.v1.AgentService/Connect"
 CLEAR_CODES = {
@@ -40,6 +46,8 @@ CLEAR_CODES = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 REJECT_CODES = CLEAR_CODES - {grpc.StatusCode.OK}
+# A first message may also be a valid hello of another device than the key's.
+HELLO_CODES = CLEAR_CODES | {grpc.StatusCode.PERMISSION_DENIED}
 MAX_DEPTH = 4
 
 # Bounded so that the whole file runs in well under a minute on 2 cores.
@@ -262,6 +270,11 @@ class Collector:
     handle: ServerHandle
     engine: Engine
     channel: grpc.Channel
+    tls_dir: Path
+
+    def enroll(self) -> tuple[str, str]:
+        """Enroll a new device; return its id and node key."""
+        return enroll(self.handle.address, self.tls_dir)
 
     def stored_reports(self) -> int:
         with self.engine.connect() as connection:
@@ -294,13 +307,16 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
-    database: Path = tmp_path_factory.mktemp("fuzz") / "collector.db"
-    url = f"sqlite:///{database}"
-    handle = start_server_thread(url, insecure=True)
+    folder = tmp_path_factory.mktemp("fuzz")
+    tls_dir = make_tls_dir(folder / "tls")
+    url = f"sqlite:///{folder / 'collector.db'}"
+    # Every example enrolls a device, so the enrollment limit is off.
+    settings = ServerSettings(enroll_per_minute=0)
+    handle = start_server_thread(url, tls_dir=tls_dir, insecure=True, settings=settings)
     engine = create_engine(url)
     options = [("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES)]
     channel = grpc.insecure_channel(handle.address, options=options)
-    yield Collector(handle, engine, channel)
+    yield Collector(handle, engine, channel, tls_dir)
     channel.close()
     engine.dispose()
     handle.stop()
@@ -311,14 +327,14 @@ def hello_bytes(device_id: str) -> bytes:
     return agent_pb2.ConnectRequest(hello=hello).SerializeToString()
 
 
-def send_raw(collector: Collector, payloads: list[bytes]) -> Outcome:
+def send_raw(collector: Collector, payloads: list[bytes], node_key: str) -> Outcome:
     """Send payloads on one Connect stream, half-close, and return the status."""
     connect = collector.channel.stream_stream(
         CONNECT_METHOD,
         request_serializer=None,
         response_deserializer=agent_pb2.ConnectResponse.FromString,
     )
-    call = connect(iter(payloads), timeout=30)
+    call = connect(iter(payloads), timeout=30, metadata=bearer(node_key))
     responses: list[agent_pb2.ConnectResponse] = []
     try:
         for response in call:
@@ -340,10 +356,10 @@ def acked(outcome: Outcome) -> int:
 )
 @given(payload=report_payloads())
 def test_connect_report_status(collector: Collector, payload: bytes) -> None:
-    device_id = str(uuid.uuid4())
+    device_id, node_key = collector.enroll()
     reason = rejection_reason(payload)
     before = collector.stored_reports()
-    outcome = send_raw(collector, [hello_bytes(device_id), payload])
+    outcome = send_raw(collector, [hello_bytes(device_id), payload], node_key)
     event(outcome.code.name)
     assert outcome.code in CLEAR_CODES, outcome.details
     if reason is not None:
@@ -367,13 +383,17 @@ def test_connect_report_status(collector: Collector, payload: bytes) -> None:
 @given(payload=st.one_of(st.binary(max_size=128), damaged_payloads()))
 def test_connect_hello_status(collector: Collector, payload: bytes) -> None:
     reason = hello_rejection_reason(payload)
+    _, node_key = collector.enroll()
     devices_before = collector.stored_devices()
     reports_before = collector.stored_reports()
-    outcome = send_raw(collector, [payload])
-    assert outcome.code in CLEAR_CODES, outcome.details
+    outcome = send_raw(collector, [payload], node_key)
+    assert outcome.code in HELLO_CODES, outcome.details
     if reason is not None:
         assert outcome.code in REJECT_CODES, reason
-        assert collector.stored_devices() == devices_before
+    else:
+        # A valid hello of a random device id names another device than the key's.
+        assert outcome.code == grpc.StatusCode.PERMISSION_DENIED, outcome.details
+    assert collector.stored_devices() == devices_before
     assert collector.stored_reports() == reports_before
 
 
@@ -381,8 +401,9 @@ def test_connect_oversized_message(collector: Collector) -> None:
     report = report_pb2.Report(sequence=1)
     report.host.hostname = "h" * (MAX_MESSAGE_BYTES + 1)
     before = collector.stored_reports()
+    device_id, node_key = collector.enroll()
     outcome = send_raw(
-        collector, [hello_bytes(str(uuid.uuid4())), report_bytes(report)]
+        collector, [hello_bytes(device_id), report_bytes(report)], node_key
     )
     assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert collector.stored_reports() == before
@@ -392,8 +413,9 @@ def test_connect_oversized_field(collector: Collector) -> None:
     report = report_pb2.Report(sequence=1)
     report.host.hostname = "h" * (MAX_STRING_CHARS + 1)
     before = collector.stored_reports()
+    device_id, node_key = collector.enroll()
     outcome = send_raw(
-        collector, [hello_bytes(str(uuid.uuid4())), report_bytes(report)]
+        collector, [hello_bytes(device_id), report_bytes(report)], node_key
     )
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "HostFacts.hostname" in outcome.details
@@ -405,17 +427,20 @@ def test_connect_truncated_report(collector: Collector) -> None:
     report.host.hostname = "laptop-17"
     payload = report_bytes(report)[:-3]
     before = collector.stored_reports()
-    outcome = send_raw(collector, [hello_bytes(str(uuid.uuid4())), payload])
+    device_id, node_key = collector.enroll()
+    outcome = send_raw(collector, [hello_bytes(device_id), payload], node_key)
     assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid ConnectRequest" in outcome.details
     assert collector.stored_reports() == before
 
 
 def test_connect_unknown_enum(collector: Collector) -> None:
-    device_id = str(uuid.uuid4())
+    device_id, node_key = collector.enroll()
     report = report_pb2.Report(sequence=1)
     report.disks.disks.add(name="sda", interface=4242)
-    outcome = send_raw(collector, [hello_bytes(device_id), report_bytes(report)])
+    outcome = send_raw(
+        collector, [hello_bytes(device_id), report_bytes(report)], node_key
+    )
     assert outcome.code == grpc.StatusCode.OK
     assert collector.device_reports(device_id) == 1
 

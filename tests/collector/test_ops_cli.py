@@ -15,21 +15,27 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from collector import __version__
+from collector import __version__, auth
 from collector._address import split_host_port
-from collector.ops_cli import (
-    CliError,
-    OpsClient,
+from collector._ops_render import (
     enum_label,
     format_duration,
     format_offset,
-    main,
     render_table,
 )
+from collector._ops_transport import CliError, OpsClient
+from collector.ops_cli import main
 from collector.server import ServerHandle, start_server_thread
 from collector.store import IncomingReport, Store
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc, report_pb2
 from tests.conftest import BIN_DIR, free_port
+from tests.trust import (
+    bearer,
+    channel_to,
+    create_token,
+    remember_secret,
+    write_token_file,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class Fleet:
     address: str
     laptop: str
     twins: tuple[str, str]
+    ca_file: Path
+    token_file: Path
 
 
 def timestamp(moment: datetime) -> Timestamp:
@@ -141,14 +149,29 @@ def twin_report() -> report_pb2.Report:
 
 
 @pytest.fixture
-def server(database_url: str) -> Iterator[ServerHandle]:
-    handle = start_server_thread(database_url, insecure=True)
+def server(database_url: str, tls_dir: Path) -> Iterator[ServerHandle]:
+    handle = start_server_thread(database_url, tls_dir=tls_dir)
     yield handle
     handle.stop()
 
 
 @pytest.fixture
-def fleet(server: ServerHandle, database_url: str) -> Fleet:
+def token_file(database_url: str, server: ServerHandle, tmp_path: Path) -> Path:
+    """A file with a viewer token, the role that the queries need."""
+    token = create_token(database_url, "viewer", "cli-viewer")
+    return write_token_file(tmp_path, token)
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("FLEETMEND_COLLECTOR", "FLEETMEND_CA_FILE", "FLEETMEND_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def fleet(
+    server: ServerHandle, database_url: str, tls_dir: Path, token_file: Path
+) -> Fleet:
     now = datetime.now(UTC)
     laptop = str(uuid.uuid4())
     twins = (str(uuid.uuid4()), str(uuid.uuid4()))
@@ -175,16 +198,41 @@ def fleet(server: ServerHandle, database_url: str) -> Fleet:
         store.ingest(batch)
     finally:
         store.close()
-    return Fleet(server.address, laptop, twins)
+    return Fleet(server.address, laptop, twins, tls_dir / "ca.pem", token_file)
 
 
 def run(fleet: Fleet, *args: str) -> int:
-    return main(["--collector", fleet.address, "--insecure", *args])
+    return main(connect_args(fleet) + list(args))
+
+
+def connect_args(fleet: Fleet) -> list[str]:
+    return [
+        "--collector",
+        fleet.address,
+        "--ca-file",
+        str(fleet.ca_file),
+        "--token-file",
+        str(fleet.token_file),
+    ]
+
+
+@pytest.fixture
+def offline_token_file(tmp_path: Path) -> Path:
+    """A file with a well-formed token that no collector has stored."""
+    token = remember_secret(auth.issue_operator_token().text)
+    return write_token_file(tmp_path, token)
 
 
 def closed_port_address() -> str:
     """Return a 127.0.0.1 address whose port was bound and closed again."""
     return f"127.0.0.1:{free_port()}"
+
+
+def stub_client(fleet: Fleet, channel: grpc.Channel) -> OpsClient:
+    token = fleet.token_file.read_text(encoding="utf-8").strip()
+    return OpsClient(
+        ops_pb2_grpc.OpsServiceStub(channel), fleet.address, 10, metadata=bearer(token)
+    )
 
 
 # devices
@@ -245,7 +293,7 @@ def test_devices_json(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
 def test_options_after_command(
     fleet: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["devices", "--insecure", "--collector", fleet.address, "--json"])
+    code = main(["devices", *connect_args(fleet), "--json"])
 
     assert code == 0
     assert len(json.loads(capsys.readouterr().out)["devices"]) == 3
@@ -257,8 +305,10 @@ def test_environment_selects_collector(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FLEETMEND_COLLECTOR", fleet.address)
+    monkeypatch.setenv("FLEETMEND_CA_FILE", str(fleet.ca_file))
+    monkeypatch.setenv("FLEETMEND_TOKEN_FILE", str(fleet.token_file))
 
-    code = main(["--insecure", "devices"])
+    code = main(["devices"])
 
     assert code == 0
     assert fleet.laptop in capsys.readouterr().out
@@ -482,7 +532,11 @@ def test_findings_table(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_findings_namesakes_apart(
-    server: ServerHandle, database_url: str, capsys: pytest.CaptureFixture[str]
+    server: ServerHandle,
+    database_url: str,
+    tls_dir: Path,
+    token_file: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     now = datetime.now(UTC)
     namesakes = sorted(str(uuid.uuid4()) for _ in range(2))
@@ -492,7 +546,8 @@ def test_findings_namesakes_apart(
     finally:
         store.close()
 
-    code = main(["--collector", server.address, "--insecure", "findings"])
+    fleet = Fleet(server.address, "", ("", ""), tls_dir / "ca.pem", token_file)
+    code = run(fleet, "findings")
 
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert code == 0
@@ -534,19 +589,42 @@ def test_findings_json_pages(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -
 # errors
 
 
-def test_requires_insecure(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["--collector", closed_port_address(), "devices"])
+def test_requires_ca_file(
+    offline_token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "--collector",
+            closed_port_address(),
+            "--token-file",
+            str(offline_token_file),
+            "devices",
+        ]
+    )
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1
-    assert "--insecure" in err
+    assert err == (
+        "fleetmend: error: pass --ca-file (the collector's ca.pem) or set "
+        "FLEETMEND_CA_FILE, or --insecure for a loopback collector\n"
+    )
 
 
-def test_unreachable_collector(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_collector(
+    offline_token_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     address = closed_port_address()
 
-    code = main(["--collector", address, "--insecure", "devices"])
+    code = main(
+        [
+            "--collector",
+            address,
+            "--insecure",
+            "--token-file",
+            str(offline_token_file),
+            "devices",
+        ]
+    )
 
     err = capsys.readouterr().err
     assert code == 1
@@ -625,8 +703,8 @@ def test_unresolvable_host_hint() -> None:
 
 
 def test_invalid_page_token(fleet: Fleet) -> None:
-    with grpc.insecure_channel(fleet.address) as channel:
-        client = OpsClient(ops_pb2_grpc.OpsServiceStub(channel), fleet.address, 10)
+    with channel_to(fleet.address, fleet.ca_file.parent) as channel:
+        client = stub_client(fleet, channel)
         request = ops_pb2.ListDevicesRequest(page_token="forged")
 
         with pytest.raises(
@@ -664,7 +742,15 @@ def test_page_size_not_number(capsys: pytest.CaptureFixture[str]) -> None:
         ["devices"],
         ["device"],
         ["device", "show"],
+        ["device", "revoke"],
         ["findings"],
+        ["audit"],
+        ["token"],
+        ["token", "list"],
+        ["token", "revoke"],
+        ["outage"],
+        ["outage", "declare"],
+        ["outage", "list"],
     ],
 )
 def test_help_every_command(
@@ -740,10 +826,17 @@ def fleetmend(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_script_unreachable_one_line() -> None:
+def test_script_unreachable_one_line(offline_token_file: Path) -> None:
     address = closed_port_address()
 
-    result = fleetmend("--collector", address, "--insecure", "devices")
+    result = fleetmend(
+        "--collector",
+        address,
+        "--insecure",
+        "--token-file",
+        str(offline_token_file),
+        "devices",
+    )
 
     assert result.returncode == 1
     assert result.stdout == ""
@@ -753,9 +846,7 @@ def test_script_unreachable_one_line() -> None:
 
 
 def test_script_ambiguous_lists(fleet: Fleet) -> None:
-    result = fleetmend(
-        "--collector", fleet.address, "--insecure", "device", "show", "twin"
-    )
+    result = fleetmend(*connect_args(fleet), "device", "show", "twin")
 
     assert result.returncode == 1
     for twin in fleet.twins:
@@ -764,7 +855,7 @@ def test_script_ambiguous_lists(fleet: Fleet) -> None:
 
 
 def test_script_json_parses(fleet: Fleet) -> None:
-    result = fleetmend("--collector", fleet.address, "--insecure", "--json", "findings")
+    result = fleetmend(*connect_args(fleet), "--json", "findings")
 
     assert result.returncode == 0, result.stderr
     findings = json.loads(result.stdout)["findings"]

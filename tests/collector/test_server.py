@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import base64
+import collections
 import gc
+import itertools
 import logging
 import queue
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import create_engine, text
 
+from collector import tls
 from collector._limits import DEFAULT_REPORT_BURST
 from collector._ops import (
     decode_devices_token,
@@ -32,12 +36,23 @@ from collector._validation import (
     validate_device_id,
     validate_report,
 )
-from collector.server import ServerHandle, split_listen_address, start_server_thread
+from collector.server import (
+    ServerHandle,
+    ServerSettings,
+    split_listen_address,
+    start_server_thread,
+)
 from collector.store import Store
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, ops_pb2, ops_pb2_grpc, report_pb2
+from tests.trust import bearer, create_token, enroll
 
 CONNECT_METHOD = "/fleetmend.v1.AgentService/Connect"
 T0 = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
+
+
+# Test collectors enroll many devices from 127.0.0.1, so the per-address
+# enrollment limit is off. tests/collector/test_auth_server.py tests the limit.
+OPEN_ENROLLMENT = ServerSettings(enroll_per_minute=0)
 
 
 class Clock:
@@ -50,9 +65,129 @@ class Clock:
         return self.now
 
 
+class Enroller:
+    """Enrolls devices with a test collector through Enroll and keeps their keys."""
+
+    def __init__(self, address: str, tls_dir: Path, *, plaintext: bool = True) -> None:
+        self.address = address
+        self.tls_dir = tls_dir
+        self.plaintext = plaintext
+        self.keys: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def key(self, device_id: str) -> str:
+        """Return the node key of device_id, enrolling it under that id first."""
+        with self._lock:
+            if device_id not in self.keys:
+                enrolled_id, node_key = enroll(
+                    self.address, self.tls_dir, device_id, plaintext=self.plaintext
+                )
+                assert enrolled_id == device_id
+                self.keys[device_id] = node_key
+            return self.keys[device_id]
+
+    def fresh_key(self) -> str:
+        """Return the node key of a newly enrolled device."""
+        return self.key(new_device_id())
+
+
+def stream_key(enroller: Enroller, first: agent_pb2.ConnectRequest | None) -> str:
+    """Return the node key for a stream whose first request is first.
+
+    A hello that names a valid device id gets that device's key. Any other
+    first request gets the key of a new device, so that the stream passes
+    authentication and the collector's checks of the hello run.
+    """
+    if first is not None and first.WhichOneof("message") == "hello":
+        device_id = first.hello.device_id
+        try:
+            validate_device_id(device_id)
+        except InvalidMessageError:
+            return enroller.fresh_key()
+        if device_id != str(uuid.UUID(int=0)):
+            return enroller.key(device_id)
+    return enroller.fresh_key()
+
+
+class AgentClient:
+    """An AgentService client that sends each stream with its device's node key.
+
+    Connect takes the first request off the iterator to see which device the
+    hello names, enrolls that device on first use and sends its key.
+    """
+
+    def __init__(self, channel: grpc.Channel, enroller: Enroller) -> None:
+        self.stub = agent_pb2_grpc.AgentServiceStub(channel)
+        self.enroller = enroller
+
+    def Connect(  # noqa: N802 - the name of the stub method it stands for
+        self,
+        requests: Iterable[agent_pb2.ConnectRequest],
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> Any:
+        iterator = iter(requests)
+        first = next(iterator, None)
+        if metadata is None:
+            metadata = bearer(stream_key(self.enroller, first))
+        head = [] if first is None else [first]
+        return self.stub.Connect(
+            itertools.chain(head, iterator), timeout=timeout, metadata=metadata
+        )
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        (
+            "method",
+            "timeout",
+            "metadata",
+            "credentials",
+            "wait_for_ready",
+            "compression",
+        ),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class BearerInterceptor(grpc.UnaryUnaryClientInterceptor):
+    """Adds "authorization: Bearer <secret>" to every unary call of a channel."""
+
+    def __init__(self, secret: str) -> None:
+        self._metadata = bearer(secret)
+
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, Any], Any],
+        client_call_details: grpc.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        details = _CallDetails(
+            client_call_details.method,
+            client_call_details.timeout,
+            (*(client_call_details.metadata or ()), *self._metadata),
+            client_call_details.credentials,
+            client_call_details.wait_for_ready,
+            client_call_details.compression,
+        )
+        return continuation(details, request)
+
+
+def ops_stub(channel: grpc.Channel, token: str) -> ops_pb2_grpc.OpsServiceStub:
+    """Return an OpsService stub whose calls carry token."""
+    return ops_pb2_grpc.OpsServiceStub(
+        grpc.intercept_channel(channel, BearerInterceptor(token))
+    )
+
+
 @pytest.fixture
-def server(database_url: str) -> Iterator[ServerHandle]:
-    handle = start_server_thread(database_url, insecure=True)
+def server(database_url: str, tls_dir: Path) -> Iterator[ServerHandle]:
+    handle = start_server_thread(
+        database_url, tls_dir=tls_dir, insecure=True, settings=OPEN_ENROLLMENT
+    )
     yield handle
     handle.stop()
 
@@ -72,13 +207,24 @@ def reader(server: ServerHandle, database_url: str) -> Iterator[Store]:
 
 
 @pytest.fixture
-def agents(channel: grpc.Channel) -> agent_pb2_grpc.AgentServiceStub:
-    return agent_pb2_grpc.AgentServiceStub(channel)
+def enroller(server: ServerHandle, tls_dir: Path) -> Enroller:
+    return Enroller(server.address, tls_dir)
 
 
 @pytest.fixture
-def ops(channel: grpc.Channel) -> ops_pb2_grpc.OpsServiceStub:
-    return ops_pb2_grpc.OpsServiceStub(channel)
+def agents(channel: grpc.Channel, enroller: Enroller) -> AgentClient:
+    return AgentClient(channel, enroller)
+
+
+@pytest.fixture
+def ops(
+    channel: grpc.Channel, server: ServerHandle, database_url: str
+) -> ops_pb2_grpc.OpsServiceStub:
+    return ops_stub(channel, create_token(database_url, "viewer"))
+
+
+def stored_ids(store: Store) -> list[str]:
+    return sorted(device.device_id for device in store.list_devices(limit=1000))
 
 
 def new_device_id() -> str:
@@ -102,10 +248,11 @@ def host(hostname: str) -> report_pb2.HostFacts:
 
 
 def run_stream(
-    agents: agent_pb2_grpc.AgentServiceStub,
+    agents: AgentClient,
     requests: Iterable[agent_pb2.ConnectRequest],
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> list[agent_pb2.ConnectResponse]:
-    return list(agents.Connect(iter(requests), timeout=30))
+    return list(agents.Connect(iter(requests), timeout=30, metadata=metadata))
 
 
 def run_failing_stream(
@@ -121,7 +268,7 @@ def run_failing_stream(
 
 
 def raw_connect(
-    channel: grpc.Channel, payloads: list[bytes]
+    channel: grpc.Channel, payloads: list[bytes], node_key: str
 ) -> Iterator[agent_pb2.ConnectResponse]:
     """Send payloads as they are, without serializing, on a Connect stream."""
     call = channel.stream_stream(
@@ -129,7 +276,7 @@ def raw_connect(
         request_serializer=None,
         response_deserializer=agent_pb2.ConnectResponse.FromString,
     )
-    return call(iter(payloads), timeout=30)
+    return call(iter(payloads), timeout=30, metadata=bearer(node_key))
 
 
 def acked(responses: list[agent_pb2.ConnectResponse]) -> list[int]:
@@ -137,11 +284,20 @@ def acked(responses: list[agent_pb2.ConnectResponse]) -> list[int]:
 
 
 class Conversation:
-    """A Connect stream whose requests the test sends one at a time."""
+    """A Connect stream whose requests the test sends one at a time.
 
-    def __init__(self, agents: agent_pb2_grpc.AgentServiceStub) -> None:
+    The call starts with the first send, so that AgentClient can read the hello.
+    """
+
+    def __init__(self, agents: AgentClient) -> None:
+        self._agents = agents
         self._requests: queue.Queue[agent_pb2.ConnectRequest | None] = queue.Queue()
-        self.responses = agents.Connect(self._iter_requests(), timeout=30)
+        self._responses: Iterator[agent_pb2.ConnectResponse] | None = None
+
+    @property
+    def responses(self) -> Iterator[agent_pb2.ConnectResponse]:
+        assert self._responses is not None, "send the first request first"
+        return self._responses
 
     def _iter_requests(self) -> Iterator[agent_pb2.ConnectRequest]:
         while (request := self._requests.get()) is not None:
@@ -149,6 +305,8 @@ class Conversation:
 
     def send(self, request: agent_pb2.ConnectRequest) -> None:
         self._requests.put(request)
+        if self._responses is None:
+            self._responses = self._agents.Connect(self._iter_requests(), timeout=30)
 
     def receive(self) -> agent_pb2.ConnectResponse:
         return next(self.responses)
@@ -160,9 +318,7 @@ class Conversation:
 # Connect: hello and welcome
 
 
-def test_hello_new_device_welcome_zero(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_hello_new_device_welcome_zero(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
 
     responses = run_stream(agents, [hello(device_id)])
@@ -174,7 +330,7 @@ def test_hello_new_device_welcome_zero(
     assert stored.agent_version == "0.1.0"
 
 
-def test_welcome_after_reconnect(agents: agent_pb2_grpc.AgentServiceStub) -> None:
+def test_welcome_after_reconnect(agents: AgentClient) -> None:
     device_id = new_device_id()
     run_stream(agents, [hello(device_id), report(1), report(2)])
 
@@ -184,7 +340,7 @@ def test_welcome_after_reconnect(agents: agent_pb2_grpc.AgentServiceStub) -> Non
 
 
 def test_hello_uppercase_uuid_rejected(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+    agents: AgentClient, enroller: Enroller, reader: Store
 ) -> None:
     device_id = new_device_id().upper()
 
@@ -192,21 +348,19 @@ def test_hello_uppercase_uuid_rejected(
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "canonical" in error.details()
-    assert reader.list_devices(limit=10) == []
+    assert stored_ids(reader) == sorted(enroller.keys)
 
 
 def test_hello_not_uuid_rejected(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+    agents: AgentClient, enroller: Enroller, reader: Store
 ) -> None:
     _, error = run_failing_stream(agents.Connect(iter([hello("laptop-17")])))
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reader.list_devices(limit=10) == []
+    assert stored_ids(reader) == sorted(enroller.keys)
 
 
-def test_report_before_hello_rejected(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_report_before_hello_rejected(agents: AgentClient, reader: Store) -> None:
     _, error = run_failing_stream(agents.Connect(iter([report(1)])))
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -214,9 +368,7 @@ def test_report_before_hello_rejected(
     assert reader.count_reports() == 0
 
 
-def test_second_hello_rejected(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_second_hello_rejected(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     requests = [hello(device_id), report(1), hello(device_id)]
 
@@ -228,20 +380,19 @@ def test_second_hello_rejected(
 
 
 def test_stream_closed_before_hello(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+    agents: AgentClient, enroller: Enroller, reader: Store
 ) -> None:
     responses = run_stream(agents, [])
 
     assert responses == []
-    assert reader.list_devices(limit=10) == []
+    assert stored_ids(reader) == sorted(enroller.keys)
+    assert reader.count_reports() == 0
 
 
 # Connect: reports and acks
 
 
-def test_each_ack_follows_commit(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_each_ack_follows_commit(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     conversation = Conversation(agents)
     conversation.send(hello(device_id))
@@ -258,9 +409,7 @@ def test_each_ack_follows_commit(
     assert list(conversation.responses) == []
 
 
-def test_duplicates_stored_once(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_duplicates_stored_once(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     run_stream(agents, [hello(device_id), report(1), report(2)])
 
@@ -271,9 +420,7 @@ def test_duplicates_stored_once(
     assert reader.count_reports(device_id) == 3
 
 
-def test_out_of_order_reports_stored(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_out_of_order_reports_stored(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     requests = [
         hello(device_id),
@@ -292,9 +439,7 @@ def test_out_of_order_reports_stored(
     assert stored.host.hostname == "third"
 
 
-def test_acks_name_each_report(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_acks_name_each_report(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     # A fresh full report first, then an older backlog, then a repeat.
     sequences = [50, 10, 11, 12, 10]
@@ -307,9 +452,7 @@ def test_acks_name_each_report(
     assert reader.count_reports(device_id) == 4
 
 
-def test_many_reports_one_stream(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_many_reports_one_stream(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     # As many as the rate limit lets a device send at once.
     count = DEFAULT_REPORT_BURST
@@ -324,9 +467,7 @@ def test_many_reports_one_stream(
     assert reader.count_reports(device_id) == count
 
 
-def test_unknown_enum_value_stored(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_unknown_enum_value_stored(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     disk = report_pb2.Disk(name="sda", smart_state=99, interface=42)  # type: ignore[arg-type]
     section = report_pb2.DiskSection(disks=[disk])
@@ -341,14 +482,18 @@ def test_unknown_enum_value_stored(
 
 
 def test_malformed_bytes_rejected(
-    channel: grpc.Channel, reader: Store, caplog: pytest.LogCaptureFixture
+    channel: grpc.Channel,
+    enroller: Enroller,
+    reader: Store,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     device_id = new_device_id()
+    node_key = enroller.key(device_id)
     # Field 2 (report) with a length of 5 but only 2 bytes of content.
     payloads = [hello(device_id).SerializeToString(), b"\x12\x05\x08\x01"]
 
     with caplog.at_level(logging.WARNING, logger="collector"):
-        responses, error = run_failing_stream(raw_connect(channel, payloads))
+        responses, error = run_failing_stream(raw_connect(channel, payloads, node_key))
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid ConnectRequest" in error.details()
@@ -359,16 +504,19 @@ def test_malformed_bytes_rejected(
     assert "127.0.0.1" in rejections[0].getMessage()
 
 
-def test_malformed_first_message_rejected(channel: grpc.Channel, reader: Store) -> None:
-    _, error = run_failing_stream(raw_connect(channel, [b"\xff\xff\xff\xff"]))
+def test_malformed_first_message_rejected(
+    channel: grpc.Channel, enroller: Enroller, reader: Store
+) -> None:
+    node_key = enroller.fresh_key()
+
+    _, error = run_failing_stream(raw_connect(channel, [b"\xff\xff\xff\xff"], node_key))
 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reader.list_devices(limit=10) == []
+    assert stored_ids(reader) == sorted(enroller.keys)
+    assert reader.count_reports() == 0
 
 
-def test_invalid_report_keeps_earlier(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_invalid_report_keeps_earlier(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
     bad_usage = report_pb2.UsageSection(
         enabled=True,
@@ -385,7 +533,7 @@ def test_invalid_report_keeps_earlier(
 
 
 def test_oversized_message_rejected(
-    agents: agent_pb2_grpc.AgentServiceStub, channel: grpc.Channel, reader: Store
+    agents: AgentClient, channel: grpc.Channel, reader: Store
 ) -> None:
     device_id = new_device_id()
     volume = report_pb2.Volume(mount_point="m" * 4000)
@@ -402,9 +550,7 @@ def test_oversized_message_rejected(
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_sequence_zero_rejected(
-    agents: agent_pb2_grpc.AgentServiceStub, reader: Store
-) -> None:
+def test_sequence_zero_rejected(agents: AgentClient, reader: Store) -> None:
     device_id = new_device_id()
 
     _, error = run_failing_stream(agents.Connect(iter([hello(device_id), report(0)])))
@@ -414,7 +560,7 @@ def test_sequence_zero_rejected(
 
 
 def test_failed_commit_unavailable(
-    agents: agent_pb2_grpc.AgentServiceStub,
+    agents: AgentClient,
     database_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -438,7 +584,7 @@ def test_failed_commit_unavailable(
 
 
 def test_shutdown_ends_stream_unavailable(
-    server: ServerHandle, agents: agent_pb2_grpc.AgentServiceStub, reader: Store
+    server: ServerHandle, agents: AgentClient, reader: Store
 ) -> None:
     device_id = new_device_id()
     conversation = Conversation(agents)
@@ -457,15 +603,20 @@ def test_shutdown_ends_stream_unavailable(
     assert reader.count_reports(device_id) == 1
 
 
-def test_open_stream_touched(database_url: str) -> None:
+def test_open_stream_touched(database_url: str, tls_dir: Path) -> None:
     clock = Clock(T0)
     handle = start_server_thread(
-        database_url, insecure=True, clock=clock, touch_interval_seconds=0.05
+        database_url,
+        tls_dir=tls_dir,
+        insecure=True,
+        clock=clock,
+        touch_interval_seconds=0.05,
     )
     store = Store.open(database_url)
     try:
         with grpc.insecure_channel(handle.address) as channel:
-            conversation = Conversation(agent_pb2_grpc.AgentServiceStub(channel))
+            enroller = Enroller(handle.address, tls_dir)
+            conversation = Conversation(AgentClient(channel, enroller))
             device_id = new_device_id()
             conversation.send(hello(device_id))
             conversation.receive()
@@ -607,7 +758,7 @@ def test_list_devices_negative_size(ops: ops_pb2_grpc.OpsServiceStub) -> None:
 
 
 def test_list_devices_hostname_filter(
-    agents: agent_pb2_grpc.AgentServiceStub, ops: ops_pb2_grpc.OpsServiceStub
+    agents: AgentClient, ops: ops_pb2_grpc.OpsServiceStub
 ) -> None:
     wanted = new_device_id()
     run_stream(agents, [hello(wanted), report(1, host=host("Lab-01"))])
@@ -619,9 +770,7 @@ def test_list_devices_hostname_filter(
     assert [device.device_id for device in response.devices] == [wanted]
 
 
-def test_get_device_full(
-    agents: agent_pb2_grpc.AgentServiceStub, ops: ops_pb2_grpc.OpsServiceStub
-) -> None:
+def test_get_device_full(agents: AgentClient, ops: ops_pb2_grpc.OpsServiceStub) -> None:
     device_id = new_device_id()
     disks = report_pb2.DiskSection(disks=[report_pb2.Disk(name="nvme0n1")])
     run_stream(agents, [hello(device_id), report(1, host=host("lab-03"), disks=disks)])
@@ -665,7 +814,7 @@ def worn_battery() -> report_pb2.BatterySection:
 
 
 @pytest.fixture
-def two_findings(agents: agent_pb2_grpc.AgentServiceStub) -> tuple[str, str]:
+def two_findings(agents: AgentClient) -> tuple[str, str]:
     """Store one device with a failing disk and one with a worn battery."""
     disk_device = new_device_id()
     battery_device = new_device_id()
@@ -759,32 +908,37 @@ def test_list_findings_bad_token(ops: ops_pb2_grpc.OpsServiceStub, token: str) -
 # Starting the server
 
 
-def test_start_requires_insecure(database_url: str) -> None:
-    with pytest.raises(ValueError, match="TLS is not available"):
-        start_server_thread(database_url, insecure=False)
+def test_start_tls_without_certificate(database_url: str, tmp_path: Path) -> None:
+    empty = tmp_path / "no-tls"
+    empty.mkdir()
+
+    with pytest.raises(tls.TLSSetupError, match="server.pem"):
+        start_server_thread(database_url, tls_dir=empty)
 
 
-def test_start_rejects_non_loopback(database_url: str) -> None:
+def test_start_rejects_non_loopback(database_url: str, tls_dir: Path) -> None:
     with pytest.raises(ValueError, match="loopback"):
-        start_server_thread(database_url, "0.0.0.0:0", insecure=True)
+        start_server_thread(database_url, "0.0.0.0:0", tls_dir=tls_dir, insecure=True)
 
 
-def test_start_port_in_use(server: ServerHandle, database_url: str) -> None:
+def test_start_port_in_use(
+    server: ServerHandle, database_url: str, tls_dir: Path
+) -> None:
     with pytest.raises(OSError, match="could not bind.*: Address already in use"):
-        start_server_thread(database_url, server.address, insecure=True)
+        start_server_thread(database_url, server.address, tls_dir=tls_dir)
 
 
-def test_start_port_taken_by_socket(database_url: str) -> None:
+def test_start_port_taken_by_socket(database_url: str, tls_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
 
         with pytest.raises(OSError, match="in use; another process listens"):
-            start_server_thread(database_url, address, insecure=True)
+            start_server_thread(database_url, address, tls_dir=tls_dir, insecure=True)
 
 
-def test_start_privileged_port(tmp_path: Path) -> None:
+def test_start_privileged_port(tmp_path: Path, tls_dir: Path) -> None:
     database_url = f"sqlite:///{tmp_path}/collector.db"
     with socket.socket() as probe:
         try:
@@ -795,7 +949,7 @@ def test_start_privileged_port(tmp_path: Path) -> None:
             pytest.skip("this process may bind ports below 1024")
 
     with pytest.raises(OSError, match="Permission denied; ports below 1024"):
-        start_server_thread(database_url, "127.0.0.1:1", insecure=True)
+        start_server_thread(database_url, "127.0.0.1:1", tls_dir=tls_dir)
 
 
 @pytest.mark.parametrize(
@@ -808,11 +962,13 @@ def test_start_privileged_port(tmp_path: Path) -> None:
         (":50061", "is not HOST:PORT"),
     ],
 )
-def test_start_invalid_listen(tmp_path: Path, listen: str, reason: str) -> None:
+def test_start_invalid_listen(
+    tmp_path: Path, tls_dir: Path, listen: str, reason: str
+) -> None:
     database_url = f"sqlite:///{tmp_path}/collector.db"
 
     with pytest.raises(ValueError, match=reason) as raised:
-        start_server_thread(database_url, listen, insecure=True)
+        start_server_thread(database_url, listen, tls_dir=tls_dir, insecure=True)
 
     assert "loopback" not in str(raised.value)
 
@@ -931,7 +1087,7 @@ def test_page_size_default_and_max(requested: int, used: int) -> None:
 
 
 def send_reports(
-    address: str, device_id: str, reports: list[report_pb2.Report]
+    enroller: Enroller, device_id: str, reports: list[report_pb2.Report]
 ) -> tuple[str, int]:
     """Run one stream on its own channel; return its status name and last ack."""
     requests = [
@@ -939,8 +1095,8 @@ def send_reports(
         *(agent_pb2.ConnectRequest(report=r) for r in reports),
     ]
     last_ack = 0
-    with grpc.insecure_channel(address) as channel:
-        stub = agent_pb2_grpc.AgentServiceStub(channel)
+    with grpc.insecure_channel(enroller.address) as channel:
+        stub = AgentClient(channel, enroller)
         try:
             for response in stub.Connect(iter(requests), timeout=60):
                 if response.HasField("ack"):
@@ -951,13 +1107,18 @@ def send_reports(
 
 
 def run_streams_together(
-    address: str, streams: dict[str, list[report_pb2.Report]]
+    enroller: Enroller, streams: dict[str, list[report_pb2.Report]]
 ) -> dict[str, tuple[str, int]]:
-    """Run every stream at once, on threads, so that their reports share batches."""
+    """Run every stream at once, on threads, so that their reports share batches.
+
+    Every device is enrolled first, so that the streams start together.
+    """
     results: dict[str, tuple[str, int]] = {}
+    for device_id in streams:
+        enroller.key(device_id)
 
     def run(device_id: str, reports: list[report_pb2.Report]) -> None:
-        results[device_id] = send_reports(address, device_id, reports)
+        results[device_id] = send_reports(enroller, device_id, reports)
 
     threads = [
         threading.Thread(target=run, args=(device_id, reports))
@@ -977,12 +1138,12 @@ def hosts_reports(count: int, hostname: str = "lab") -> list[report_pb2.Report]:
     ]
 
 
-def test_uint64_sequence_fails_alone(server: ServerHandle, reader: Store) -> None:
+def test_uint64_sequence_fails_alone(enroller: Enroller, reader: Store) -> None:
     good = {new_device_id(): hosts_reports(50) for _ in range(20)}
     poison = new_device_id()
     streams = {**good, poison: [report_pb2.Report(sequence=2**64 - 1, full=True)]}
 
-    results = run_streams_together(server.address, streams)
+    results = run_streams_together(enroller, streams)
 
     assert results[poison][0] == "INVALID_ARGUMENT"
     assert {results[device_id] for device_id in good} == {("OK", 50)}
@@ -1024,23 +1185,21 @@ def add_poison_trigger(database_url: str) -> None:
 
 
 def test_store_rejection_fails_alone(
-    server: ServerHandle, database_url: str, reader: Store
+    enroller: Enroller, database_url: str, reader: Store
 ) -> None:
     add_poison_trigger(database_url)
     good = {new_device_id(): hosts_reports(50) for _ in range(20)}
     poison = new_device_id()
     streams = {**good, poison: hosts_reports(5, hostname="poison")}
 
-    results = run_streams_together(server.address, streams)
+    results = run_streams_together(enroller, streams)
 
     assert results[poison] == ("INVALID_ARGUMENT", 0)
     assert {results[device_id] for device_id in good} == {("OK", 50)}
     assert reader.count_reports() == 20 * 50
 
 
-def test_store_rejection_names_cause(
-    agents: agent_pb2_grpc.AgentServiceStub, database_url: str
-) -> None:
+def test_store_rejection_names_cause(agents: AgentClient, database_url: str) -> None:
     add_poison_trigger(database_url)
     requests = [hello(new_device_id()), report(1, host=host("poison"))]
 
@@ -1054,20 +1213,22 @@ def test_store_rejection_names_cause(
 
 
 def test_failed_commit_no_stray_errors(
-    database_url: str, caplog: pytest.LogCaptureFixture
+    database_url: str, tls_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    handle = start_server_thread(database_url, insecure=True)
+    handle = start_server_thread(database_url, tls_dir=tls_dir, insecure=True)
+    enroller = Enroller(handle.address, tls_dir)
+    device_id = new_device_id()
+    enroller.key(device_id)
     engine = create_engine(database_url)
     with engine.begin() as connection:
         connection.execute(text("DROP TABLE reports"))
     engine.dispose()
-    device_id = new_device_id()
     requests = [hello(device_id), *(report(n) for n in range(1, 201))]
 
     with caplog.at_level(logging.ERROR):
         try:
             with grpc.insecure_channel(handle.address) as channel:
-                stub = agent_pb2_grpc.AgentServiceStub(channel)
+                stub = AgentClient(channel, enroller)
                 _, error = run_failing_stream(stub.Connect(iter(requests), timeout=30))
         finally:
             handle.stop()
@@ -1085,37 +1246,8 @@ def test_failed_commit_no_stray_errors(
 # Several streams of one device
 
 
-def test_second_stream_warns(
-    agents: agent_pb2_grpc.AgentServiceStub, caplog: pytest.LogCaptureFixture
-) -> None:
-    device_id = new_device_id()
-    first = Conversation(agents)
-    first.send(hello(device_id))
-    first.receive()
-
-    with caplog.at_level(logging.WARNING, logger="collector"):
-        second = Conversation(agents)
-        second.send(hello(device_id))
-        second.receive()
-        second.send(report(1))
-        acked_second = second.receive().ack.committed_sequence
-        first.send(report(2))
-        acked_first = first.receive().ack.committed_sequence
-    first.close()
-    second.close()
-
-    warnings = [
-        r.getMessage() for r in caplog.records if "another stream" in r.getMessage()
-    ]
-    assert len(warnings) == 1
-    assert device_id in warnings[0]
-    assert warnings[0].count("127.0.0.1:") == 2
-    assert acked_second == 1
-    assert acked_first == 2
-
-
 def test_streams_of_two_devices_no_warning(
-    agents: agent_pb2_grpc.AgentServiceStub, caplog: pytest.LogCaptureFixture
+    agents: AgentClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = Conversation(agents)
     first.send(hello(new_device_id()))
@@ -1128,4 +1260,4 @@ def test_streams_of_two_devices_no_warning(
     first.close()
     second.close()
 
-    assert [r for r in caplog.records if "another stream" in r.getMessage()] == []
+    assert [r for r in caplog.records if "replaces" in r.getMessage()] == []

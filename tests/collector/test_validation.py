@@ -19,6 +19,7 @@ from collector._validation import (
     clock_offset,
     clock_skew_reason,
     is_offset_skewed,
+    validate_enroll_request,
     validate_hello,
     validate_report,
 )
@@ -413,3 +414,44 @@ def test_no_collect_time_not_skewed() -> None:
 def test_clock_limits_positive(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         ClockLimits(**{name: timedelta(0)})
+
+
+# Enroll requests
+
+
+def enroll_request(**fields: str) -> agent_pb2.EnrollRequest:
+    values = {"device_id": DEVICE_ID, "hostname": "lab-07", "agent_version": "0.1.0"}
+    values.update(fields)
+    return agent_pb2.EnrollRequest(**values)
+
+
+def test_enroll_request_valid() -> None:
+    validate_enroll_request(enroll_request())
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"device_id": "laptop-17"}, "not a canonical lowercase UUID"),
+        ({"device_id": DEVICE_ID.upper()}, "not a canonical lowercase UUID"),
+        ({"device_id": NIL_UUID}, "nil UUID"),
+        ({"hostname": "h" * 4097}, "hostname has 4097 characters"),
+        ({"hostname": "lab\x0007"}, "NUL"),
+        ({"agent_version": "v" * 129}, "agent_version has 129 characters"),
+        ({"agent_version": "0.1\x00"}, "NUL"),
+    ],
+)
+def test_enroll_request_rejected(fields: dict[str, str], reason: str) -> None:
+    with pytest.raises(InvalidMessageError, match=reason):
+        validate_enroll_request(enroll_request(**fields))
+
+
+def test_enroll_request_error_omits_secret() -> None:
+    secret = "fme1." + "s" * 43
+    request = enroll_request(device_id="laptop-17")
+    request.enrollment_secret = secret
+
+    with pytest.raises(InvalidMessageError) as raised:
+        validate_enroll_request(request)
+
+    assert secret not in str(raised.value)

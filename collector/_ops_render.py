@@ -1,0 +1,542 @@
+"""Output of the ``fleetmend`` CLI: tables and reports for people, and JSON.
+
+The JSON output uses the protobuf JSON mapping with the field names of the
+.proto files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fleetmend.v1 import ops_pb2, report_pb2
+
+# ATA attributes that predict failure or describe wear, shown by `device show`:
+# reallocated, pending and uncorrectable sectors, power-on hours, temperature,
+# reported uncorrectable errors, command timeouts, UDMA CRC errors.
+KEY_ATA_ATTRIBUTES = (5, 9, 187, 188, 194, 197, 198, 199)
+DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+# JSON for scripts
+
+
+def print_json(value: object, file: TextIO | None = None) -> None:
+    """Print value as indented JSON on file (default: stdout)."""
+    print(json.dumps(value, indent=2, sort_keys=False), file=file or sys.stdout)
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """Return a message in the protobuf JSON mapping, with .proto field names."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def to_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Return each message as to_dict does."""
+    return [to_dict(message) for message in messages]
+
+
+# Rendering for people
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Return rows under headers, in columns two spaces apart, one per line."""
+    widths = [len(header) for header in headers]
+    for row in rows:
+        widths = [
+            max(width, len(cell)) for width, cell in zip(widths, row, strict=True)
+        ]
+    lines = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def enum_label(enum: Any, value: int) -> str:
+    """Return the lowercase enum name without its prefix, e.g. "disk_failing".
+
+    enum is a generated enum class such as ops_pb2.Severity. A value unknown to
+    this version prints as "unknown(7)".
+    """
+    try:
+        name = enum.Name(value)
+    except ValueError:
+        return f"unknown({value})"
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
+    return name.removeprefix(prefix).lower()
+
+
+def format_time(timestamp: Timestamp) -> str:
+    """Return a Timestamp as "2026-05-01 09:30 UTC", or "never" if unset."""
+    if timestamp.seconds == 0 and timestamp.nanos == 0:
+        return "never"
+    moment = timestamp.ToDatetime(tzinfo=UTC)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def format_age(timestamp: Timestamp, now: datetime) -> str:
+    """Return how long ago timestamp was, e.g. "5m ago (2026-05-01 09:30 UTC)"."""
+    if timestamp.seconds == 0 and timestamp.nanos == 0:
+        return "never"
+    seconds = (now - timestamp.ToDatetime(tzinfo=UTC)).total_seconds()
+    return f"{format_duration(seconds)} ago ({format_time(timestamp)})"
+
+
+def format_duration(seconds: float) -> str:
+    """Return a span in its largest whole unit: "45s", "12m", "3h", "9d"."""
+    if seconds < 0:
+        return "in the future"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def format_bytes(count: int) -> str:
+    """Return a byte count in IEC units, e.g. "465.8 GiB"."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_devices_table(devices: Sequence[ops_pb2.Device], now: datetime) -> str:
+    """Return the table of the devices command."""
+    rows = [
+        [
+            device.device_id,
+            device.hostname or device.host.hostname or "-",
+            _os_text(device.host) or "-",
+            device.agent_version or "-",
+            format_age(device.last_seen_time, now),
+        ]
+        for device in devices
+    ]
+    headers = ["DEVICE ID", "HOSTNAME", "OS", "AGENT", "LAST SEEN"]
+    return render_table(headers, rows)
+
+
+def render_findings_table(
+    findings: Sequence[ops_pb2.Finding], *, show_device: bool = True
+) -> str:
+    """Return the table of the findings command.
+
+    show_device adds the device id and hostname columns. Devices may share a
+    hostname, so only the id identifies each.
+    """
+    if not findings:
+        return "No findings.\n"
+    headers = ["SEVERITY", "KIND", "SUBJECT", "DETAIL"]
+    if show_device:
+        headers[1:1] = ["DEVICE ID", "HOSTNAME"]
+    rows = []
+    for finding in findings:
+        row = [
+            enum_label(ops_pb2.Severity, finding.severity),
+            enum_label(ops_pb2.FindingKind, finding.kind),
+            finding.subject or "-",
+            finding.detail,
+        ]
+        if show_device:
+            row[1:1] = [finding.device_id, finding.hostname or "-"]
+        rows.append(row)
+    return render_table(headers, rows)
+
+
+def _os_text(host: report_pb2.HostFacts) -> str:
+    return " ".join(part for part in (host.os_name, host.os_version) if part)
+
+
+def render_device(
+    device: ops_pb2.Device, findings: Sequence[ops_pb2.Finding], now: datetime
+) -> str:
+    """Return the report of the device show command."""
+    parts = [
+        _render_summary(device, now),
+        _section("Host", device.HasField("host"), lambda: _render_host(device, now)),
+        _section("Volumes", device.HasField("host"), lambda: _render_volumes(device)),
+        _section("Disks", device.HasField("disks"), lambda: _render_disks(device)),
+        _section(
+            "Batteries", device.HasField("batteries"), lambda: _render_batteries(device)
+        ),
+        _section(
+            "Accounts",
+            device.HasField("credentials"),
+            lambda: _render_accounts(device, now),
+        ),
+        _section("App usage", device.HasField("usage"), lambda: _render_usage(device)),
+        _render_probe_errors(device),
+        "Findings\n" + _indent(render_findings_table(findings, show_device=False)),
+    ]
+    return "\n".join(part for part in parts if part)
+
+
+def _section(title: str, present: bool, render: Callable[[], str]) -> str:
+    body = render() if present else "not reported yet\n"
+    return f"{title}\n{_indent(body)}"
+
+
+def _indent(text: str) -> str:
+    return "".join(f"  {line}\n" if line else "\n" for line in text.splitlines())
+
+
+def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
+    width = max(len(label) for label, _ in pairs)
+    return "".join(f"{label.ljust(width)}  {value}\n" for label, value in pairs)
+
+
+def _render_summary(device: ops_pb2.Device, now: datetime) -> str:
+    name = device.hostname or device.host.hostname or "unknown hostname"
+    pairs = [
+        ("agent version", device.agent_version or "-"),
+        ("first seen", format_age(device.first_seen_time, now)),
+        ("last seen", format_age(device.last_seen_time, now)),
+        ("last report", format_age(device.last_report_time, now)),
+        ("committed sequence", str(device.committed_sequence)),
+        ("dropped reports", str(device.dropped_reports)),
+        ("clock", clock_text(device)),
+    ]
+    return f"Device {device.device_id} ({name})\n" + _indent(_render_pairs(pairs))
+
+
+def clock_text(device: ops_pb2.Device) -> str:
+    """Return the device's clock offset in words, with a warning if it is skewed."""
+    if device.HasField("clock_offset"):
+        seconds = device.clock_offset.ToTimedelta().total_seconds()
+        text = format_offset(seconds)
+    else:
+        text = "offset unknown"
+    if device.clock_skewed:
+        text += " (skewed: reports are dated by their receive time)"
+    return text
+
+
+def format_offset(seconds: float) -> str:
+    """Return a clock offset in words: "12m ahead of the collector" or "behind"."""
+    if abs(seconds) < 1:
+        return "within 1 s of the collector"
+    direction = "ahead of" if seconds > 0 else "behind"
+    return f"{format_duration(abs(seconds))} {direction} the collector"
+
+
+def _render_host(device: ops_pb2.Device, now: datetime) -> str:
+    host = device.host
+    hardware = " ".join(part for part in (host.manufacturer, host.model) if part)
+    booted = "-"
+    if host.HasField("boot_time"):
+        uptime = (now - host.boot_time.ToDatetime(tzinfo=UTC)).total_seconds()
+        booted = f"{format_time(host.boot_time)} (up {format_duration(uptime)})"
+    pairs = [
+        ("hostname", host.hostname or "-"),
+        ("OS", _os_text(host) or "-"),
+        ("kernel", host.kernel_version or "-"),
+        ("architecture", host.architecture or "-"),
+        ("hardware", hardware or "-"),
+        ("serial number", host.serial_number or "not readable"),
+        ("memory", format_bytes(host.memory_bytes) if host.memory_bytes else "-"),
+        ("booted", booted),
+    ]
+    return _render_pairs(pairs)
+
+
+def _render_volumes(device: ops_pb2.Device) -> str:
+    volumes = device.host.volumes
+    if not volumes:
+        return "none\n"
+    rows = [
+        [
+            volume.mount_point,
+            volume.device or "-",
+            volume.filesystem or "-",
+            format_bytes(volume.free_bytes),
+            format_bytes(volume.total_bytes),
+            _percent(volume.free_bytes, volume.total_bytes),
+        ]
+        for volume in volumes
+    ]
+    headers = ["MOUNT", "DEVICE", "FILESYSTEM", "FREE", "TOTAL", "FREE %"]
+    return render_table(headers, rows)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "-"
+
+
+def _render_disks(device: ops_pb2.Device) -> str:
+    disks = device.disks.disks
+    if not disks:
+        return "none\n"
+    rows = [
+        [
+            disk.name,
+            disk.model or "-",
+            disk.serial_number or "-",
+            enum_label(report_pb2.DiskInterface, disk.interface),
+            format_bytes(disk.capacity_bytes) if disk.capacity_bytes else "-",
+            _smart_text(disk),
+            _disk_readings(disk),
+        ]
+        for disk in disks
+    ]
+    headers = ["NAME", "MODEL", "SERIAL", "INTERFACE", "CAPACITY", "SMART", "READINGS"]
+    return render_table(headers, rows)
+
+
+def _smart_text(disk: report_pb2.Disk) -> str:
+    if disk.smart_state != report_pb2.SMART_STATE_AVAILABLE:
+        state = enum_label(report_pb2.SmartState, disk.smart_state)
+        return (
+            f"{state}: {disk.smart_state_reason}" if disk.smart_state_reason else state
+        )
+    if disk.self_assessment == report_pb2.SELF_ASSESSMENT_UNSPECIFIED:
+        return "available"
+    return enum_label(report_pb2.SelfAssessment, disk.self_assessment)
+
+
+def _disk_readings(disk: report_pb2.Disk) -> str:
+    if disk.HasField("nvme_health"):
+        health = disk.nvme_health
+        readings = [
+            f"used {health.percentage_used}%",
+            f"spare {health.available_spare_percent}%",
+            f"media errors {health.media_errors}",
+            f"critical warning 0x{health.critical_warning:02x}",
+            f"{health.temperature_celsius} C",
+            f"{health.power_on_hours} h on",
+        ]
+        return ", ".join(readings)
+    readings = [
+        f"{attribute.id} {attribute.name}={attribute.raw_text or attribute.raw}"
+        + (f" (failed {attribute.when_failed})" if attribute.when_failed else "")
+        for attribute in disk.ata_attributes
+        if attribute.id in KEY_ATA_ATTRIBUTES or attribute.when_failed
+    ]
+    return ", ".join(readings) or "-"
+
+
+def _render_batteries(device: ops_pb2.Device) -> str:
+    batteries = device.batteries.batteries
+    if not batteries:
+        return "none\n"
+    rows = [
+        [
+            battery.name,
+            " ".join(part for part in (battery.manufacturer, battery.model) if part)
+            or "-",
+            f"{battery.health_percent:.0f}%"
+            if battery.HasField("health_percent")
+            else "unknown",
+            str(battery.cycle_count) if battery.HasField("cycle_count") else "unknown",
+            enum_label(report_pb2.BatteryStatus, battery.status),
+        ]
+        for battery in batteries
+    ]
+    return render_table(["NAME", "MODEL", "HEALTH", "CYCLES", "STATUS"], rows)
+
+
+def _render_accounts(device: ops_pb2.Device, now: datetime) -> str:
+    credentials = device.credentials.credentials
+    if not credentials:
+        return "none\n"
+    rows = [
+        [
+            enum_label(report_pb2.CredentialKind, credential.kind),
+            credential.account or "-",
+            _expiry_text(credential, now),
+            credential.source or "-",
+        ]
+        for credential in credentials
+    ]
+    return render_table(["KIND", "ACCOUNT", "EXPIRES", "SOURCE"], rows)
+
+
+def _expiry_text(credential: report_pb2.Credential, now: datetime) -> str:
+    if credential.expiry == report_pb2.CREDENTIAL_EXPIRY_NEVER:
+        return "never"
+    if credential.expiry == report_pb2.CREDENTIAL_EXPIRY_MUST_CHANGE_NOW:
+        return "must change at next login"
+    if credential.expiry == report_pb2.CREDENTIAL_EXPIRY_AT_TIME:
+        expire = credential.expire_time
+        seconds = (expire.ToDatetime(tzinfo=UTC) - now).total_seconds()
+        if seconds < 0:
+            return f"{format_time(expire)} (expired {format_duration(-seconds)} ago)"
+        return f"{format_time(expire)} (in {format_duration(seconds)})"
+    return enum_label(report_pb2.CredentialExpiry, credential.expiry)
+
+
+def _render_usage(device: ops_pb2.Device) -> str:
+    usage = device.usage
+    if not usage.enabled:
+        return "collection switched off\n"
+    days = "1 day" if usage.window_days == 1 else f"{usage.window_days} days"
+    if not usage.apps:
+        return f"no catalogued application used in the last {days}\n"
+    rows = []
+    for app in usage.apps:
+        total_minutes = sum(app.minutes)
+        _, busiest = max(
+            zip(app.minutes, app.hours_of_week, strict=True), default=(0, 0)
+        )
+        rows.append(
+            [app.app_id, f"{total_minutes / 60:.1f}", _hour_of_week_text(busiest)]
+        )
+    title = f"over the last {days}\n"
+    return title + render_table(["APP", "HOURS", "BUSIEST HOUR"], rows)
+
+
+def _hour_of_week_text(hour_of_week: int) -> str:
+    day, hour = divmod(hour_of_week, 24)
+    if day >= len(DAY_NAMES):
+        return f"hour {hour_of_week}"
+    return f"{DAY_NAMES[day]} {hour:02d}:00"
+
+
+def _render_probe_errors(device: ops_pb2.Device) -> str:
+    sections: list[tuple[str, Sequence[report_pb2.ProbeError]]] = [
+        ("host", device.host.errors),
+        ("disks", device.disks.errors),
+        ("batteries", device.batteries.errors),
+        ("credentials", device.credentials.errors),
+    ]
+    rows = [
+        [
+            section,
+            error.source or "-",
+            enum_label(report_pb2.ProbeErrorKind, error.kind),
+            error.reason,
+        ]
+        for section, errors in sections
+        for error in errors
+    ]
+    if not rows:
+        return ""
+    headers = ["SECTION", "SOURCE", "KIND", "REASON"]
+    return "Probe errors\n" + _indent(render_table(headers, rows))
+
+
+def render_audit_table(events: Sequence[ops_pb2.AuditEvent]) -> str:
+    """Return the table of the audit command."""
+    if not events:
+        return "No audit events.\n"
+    rows = [
+        [
+            str(event.event_id),
+            format_time(event.event_time),
+            event.actor,
+            _role_text(event.role),
+            event.action,
+            event.outcome,
+            event.peer or "-",
+            event.arguments_json or "-",
+        ]
+        for event in events
+    ]
+    headers = ["ID", "TIME", "ACTOR", "ROLE", "ACTION", "OUTCOME", "PEER", "ARGUMENTS"]
+    return render_table(headers, rows)
+
+
+def render_tokens_table(tokens: Sequence[ops_pb2.OperatorToken]) -> str:
+    """Return the table of the token list command."""
+    if not tokens:
+        return "No operator tokens.\n"
+    rows = [
+        [
+            token.name,
+            _role_text(token.role),
+            format_time(token.create_time),
+            format_time(token.last_use_time),
+            format_time(token.revoke_time) if token.HasField("revoke_time") else "-",
+        ]
+        for token in tokens
+    ]
+    return render_table(["NAME", "ROLE", "CREATED", "LAST USED", "REVOKED"], rows)
+
+
+def render_outages_table(outages: Sequence[ops_pb2.Outage]) -> str:
+    """Return the table of the outage list command, times in each outage's zone."""
+    if not outages:
+        return "No outages.\n"
+    rows = [
+        [
+            str(outage.outage_id),
+            outage.app_id,
+            format_zoned_time(outage.start_time, outage.time_zone),
+            format_zoned_time(outage.end_time, outage.time_zone),
+            outage.time_zone or "UTC",
+            outage.declared_by,
+            str(len(outage.affected_device_ids)),
+            outage.message or "-",
+        ]
+        for outage in outages
+    ]
+    headers = ["ID", "APP", "FROM", "TO", "TIME ZONE", "DECLARED BY", "DEVICES"]
+    return render_table([*headers, "MESSAGE"], rows)
+
+
+def render_outage(outage: ops_pb2.Outage) -> str:
+    """Return the report of the outage declare command."""
+    zone = outage.time_zone or "UTC"
+    start = format_zoned_time(outage.start_time, outage.time_zone)
+    end = format_zoned_time(outage.end_time, outage.time_zone)
+    count = len(outage.affected_device_ids)
+    lines = [
+        f"Outage {outage.outage_id} of {outage.app_id} declared: "
+        f"{start} to {end} {zone}",
+    ]
+    if outage.message:
+        lines.append(f"message: {outage.message}")
+    if count == 0:
+        lines.append(f"No device's users usually use {outage.app_id} then.")
+    else:
+        devices = "1 device" if count == 1 else f"{count} devices"
+        lines.append(f"{devices} whose users usually use {outage.app_id} then:")
+        lines.extend(f"  {device_id}" for device_id in outage.affected_device_ids)
+    return "\n".join(lines) + "\n"
+
+
+def render_device_revoked(
+    device_id: str, response: ops_pb2.RevokeDeviceResponse
+) -> str:
+    """Return the report of the device revoke command."""
+    if response.revoked_keys == 0:
+        text = f"Device {device_id} had no valid node key; it was revoked already."
+    else:
+        keys = (
+            "1 node key"
+            if response.revoked_keys == 1
+            else (f"{response.revoked_keys} node keys")
+        )
+        text = f"Revoked {keys} of device {device_id}."
+    if response.stream_closed:
+        text += " Its open stream was ended."
+    return text + " It is rejected until it enrolls again.\n"
+
+
+def format_zoned_time(timestamp: Timestamp, time_zone: str) -> str:
+    """Return a Timestamp as "2026-05-04 09:00" in time_zone (empty: UTC).
+
+    A zone unknown to this machine falls back to format_time, in UTC.
+    """
+    try:
+        zone = ZoneInfo(time_zone or "UTC")
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return format_time(timestamp)
+    moment = timestamp.ToDatetime(tzinfo=UTC).astimezone(zone)
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _role_text(role: int) -> str:
+    if role == ops_pb2.ROLE_UNSPECIFIED:
+        return "-"
+    return enum_label(ops_pb2.Role, role)
