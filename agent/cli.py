@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import signal
-import sys
-import threading
-from collections.abc import Sequence
-from pathlib import Path
-from types import FrameType
+import os
 
-from google.protobuf import json_format
+# grpc core reads GRPC_VERBOSITY when it is imported. At its default it prints
+# INFO lines about failed TLS handshakes on stderr, which would break enroll's
+# one-line errors and repeat in run's log, so the agent shows ERROR and above
+# unless the user sets the variable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from agent import __version__, paths
-from agent.config import AgentConfig, ConfigError, env_name, load_config
-from agent.report import ReportBuilder
-from agent.sections import probe_sources, read_safely, usage_source
-from agent.spool import SPOOL_FILE, SpoolError, SpoolStats, read_stats
-from agent.spool import describe as describe_spool
-from agent.state import Identity, StateError, StateStore
-from fleetmend.v1 import report_pb2
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import FrameType  # noqa: E402
+
+from google.protobuf import json_format  # noqa: E402
+
+from agent import __version__, paths  # noqa: E402
+from agent.config import AgentConfig, ConfigError, env_name, load_config  # noqa: E402
+from agent.enrollment import (  # noqa: E402
+    SECRET_VARIABLE,
+    Enrollment,
+    EnrollmentError,
+    read_enrollment,
+    read_secret,
+    secret_in_argv,
+)
+from agent.keystore import KeyStoreError  # noqa: E402
+from agent.report import ReportBuilder  # noqa: E402
+from agent.sections import probe_sources, read_safely, usage_source  # noqa: E402
+from agent.spool import SPOOL_FILE, SpoolError, SpoolStats, read_stats  # noqa: E402
+from agent.spool import describe as describe_spool  # noqa: E402
+from agent.state import Identity, StateError, StateStore  # noqa: E402
+from agent.transport import is_loopback_target  # noqa: E402
+from fleetmend.v1 import report_pb2  # noqa: E402
 
 log = logging.getLogger("agent")
 
@@ -97,10 +115,33 @@ def _parser() -> argparse.ArgumentParser:
         help="run the agent and stream reports to the collector",
     )
     run.add_argument(
+        "--ca-file",
+        type=Path,
+        help="PEM file of the collector's CA (default: the copy made by enroll)",
+    )
+    run.add_argument(
         "--exit-after",
         type=int,
         metavar="N",
         help="exit once N reports are acknowledged (for demos and smoke tests)",
+    )
+    enroll = commands.add_parser(
+        "enroll",
+        parents=[common],
+        help="exchange the fleet's enrollment secret for this device's node key",
+        description="Enroll this device with a collector. The enrollment secret "
+        f"comes from --secret-file or the {SECRET_VARIABLE} variable, never "
+        "from the command line.",
+    )
+    enroll.add_argument(
+        "--ca-file",
+        type=Path,
+        help="PEM file of the collector's CA certificate (its ca.pem)",
+    )
+    enroll.add_argument(
+        "--secret-file",
+        type=Path,
+        help="file that contains the enrollment secret on one line",
     )
     return parser
 
@@ -194,6 +235,19 @@ def _spool_stats(config: AgentConfig) -> tuple[SpoolStats | None, str | None]:
         return None, str(exc)
 
 
+def _key_store_line(config: AgentConfig) -> str:
+    """Describe the enrolled node key's store; empty when not enrolled."""
+    from agent.keystore import store_of_kind
+
+    try:
+        enrollment = read_enrollment(config.state_dir)
+        if enrollment is None:
+            return ""
+        return store_of_kind(enrollment.key_store, config.state_dir).describe()
+    except (EnrollmentError, KeyStoreError) as exc:
+        return f"unusable: {exc}"
+
+
 def cmd_show(config: AgentConfig) -> int:
     from agent.render import render_disclosure
     from agent.usage.catalog import CatalogError
@@ -207,14 +261,79 @@ def cmd_show(config: AgentConfig) -> int:
             return 1
         names = [app.name for app in catalog.apps]
     stats, problem = _spool_stats(config)
-    sys.stdout.write(render_disclosure(config, names, stats))
+    sys.stdout.write(
+        render_disclosure(config, names, stats, key_store=_key_store_line(config))
+    )
     if problem is not None:
         print(f"fleetmend-agent: {problem}", file=sys.stderr)
     return 0
 
 
+def _diagnose_trust(config: AgentConfig) -> list[str]:
+    """Print the node key store and the enrollment; return their problems."""
+    from agent.keystore import find_keyring_backend, open_key_store, store_of_kind
+
+    problems: list[str] = []
+    try:
+        enrollment: Enrollment | None = read_enrollment(config.state_dir)
+    except EnrollmentError as exc:
+        problems.append(str(exc))
+        enrollment = None
+    try:
+        if enrollment is not None:
+            store = store_of_kind(enrollment.key_store, config.state_dir)
+            line = store.describe()
+            if store.kind == "file" and config.key_store == "auto":
+                backend, reason = find_keyring_backend()
+                line += (
+                    f" (no keyring backend: {reason})"
+                    if backend is None
+                    else " (chosen at enrollment; a keyring works now)"
+                )
+            print(f"node key store: {line}")
+            if store.read() is None:
+                problems.append(f"{NOT_ENROLLED} (no node key in {line})")
+        else:
+            store = open_key_store(config.key_store, config.state_dir)
+            print(f"node key store: {store.describe()}")
+    except KeyStoreError as exc:
+        print("node key store: unusable")
+        problems.append(str(exc))
+
+    if enrollment is None:
+        print(f"enrollment: none ({config.state_dir / 'enrollment.json'} not found)")
+        if config.collector:
+            problems.append(NOT_ENROLLED)
+        else:
+            problems.append(
+                f"no collector set; enroll with --collector or set "
+                f"{env_name('collector')}"
+            )
+        return problems
+    ca_note = (
+        "plaintext, no CA" if enrollment.insecure else f"CA file {enrollment.ca_file}"
+    )
+    print(
+        f"enrollment: collector {enrollment.collector}, {ca_note}, enrolled "
+        f"{enrollment.enrolled_time.isoformat(timespec='seconds')}"
+    )
+    if enrollment.ca_file is not None and not enrollment.ca_file.is_file():
+        problems.append(
+            f"CA file {enrollment.ca_file} is missing; enroll again with --ca-file"
+        )
+    if config.collector and config.collector != enrollment.collector:
+        print(
+            f"  note: run uses collector {config.collector} from the settings, not "
+            "the enrolled one"
+        )
+    return problems
+
+
 def _diagnose_problems(
-    config: AgentConfig, state: StateStore, spool_problem: str | None
+    config: AgentConfig,
+    state: StateStore,
+    spool_problem: str | None,
+    trust_problems: list[str],
 ) -> list[str]:
     """Check what the settings point at; return each problem in one line."""
     from agent.usage.catalog import CatalogError
@@ -235,10 +354,7 @@ def _diagnose_problems(
             usage_source(config).catalog()
         except CatalogError as exc:
             problems.append(str(exc))
-    if not config.collector:
-        problems.append(
-            f"no collector set; `run` needs --collector or {env_name('collector')}"
-        )
+    problems += trust_problems
     return problems
 
 
@@ -264,7 +380,8 @@ def cmd_diagnose(config: AgentConfig) -> int:
         value = json.dumps(setting.value)
         print(f"  {name:<{width}}  {value:<40} {setting.source:<30} {env_name(name)}")
 
-    problems = _diagnose_problems(config, state, spool_problem)
+    trust_problems = _diagnose_trust(config)
+    problems = _diagnose_problems(config, state, spool_problem, trust_problems)
     if not problems:
         print("no problems found")
         return 0
@@ -274,25 +391,72 @@ def cmd_diagnose(config: AgentConfig) -> int:
     return 1
 
 
-def cmd_run(config: AgentConfig, exit_after: int | None) -> int:
+NOT_ENROLLED = (
+    "not enrolled: run fleetmend-agent enroll --collector HOST:PORT --ca-file "
+    f"CA.pem with the secret in --secret-file FILE or {SECRET_VARIABLE}"
+)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fleetmend-agent: {message}", file=sys.stderr)
+    return code
+
+
+def _run_connection(
+    config: AgentConfig, ca_file: Path | None
+) -> tuple[str, bytes | None, bool, str] | int:
+    """Return run's target, CA, plaintext flag and node key, or the exit code."""
+    from agent.keystore import store_of_kind
+
+    try:
+        enrollment = read_enrollment(config.state_dir)
+    except EnrollmentError as exc:
+        return _fail(str(exc), 1)
+    if enrollment is None:
+        return _fail(NOT_ENROLLED, 2)
+    target = config.collector or enrollment.collector
+    insecure = config.insecure or enrollment.insecure
+    if insecure and not is_loopback_target(target):
+        return _fail(
+            f"--insecure (plaintext) is allowed only for a loopback collector, not "
+            f"{target}; drop --insecure to use TLS",
+            2,
+        )
+    root_certificates = None
+    ca_path = ca_file or enrollment.ca_file
+    if not insecure and ca_path is not None:
+        try:
+            root_certificates = ca_path.read_bytes()
+        except OSError as exc:
+            return _fail(
+                f"CA file {ca_path} cannot be read: {exc.strerror}; pass --ca-file "
+                "or enroll again",
+                1,
+            )
+    try:
+        node_key = store_of_kind(enrollment.key_store, config.state_dir).read()
+    except KeyStoreError as exc:
+        return _fail(str(exc), 1)
+    if node_key is None:
+        return _fail(
+            f"{NOT_ENROLLED} (the node key is missing from its {enrollment.key_store} "
+            "store)",
+            2,
+        )
+    return target, root_certificates, insecure, node_key
+
+
+def cmd_run(
+    config: AgentConfig, exit_after: int | None, ca_file: Path | None = None
+) -> int:
     from agent.priority import lower_priority
     from agent.runtime import Agent
     from agent.sections import usage_source as make_usage
 
-    if not config.collector:
-        print(
-            "fleetmend-agent: no collector set; pass --collector HOST:PORT or set "
-            f"{env_name('collector')}",
-            file=sys.stderr,
-        )
-        return 2
-    if not config.insecure:
-        print(
-            "fleetmend-agent: TLS is not available yet; pass --insecure to use "
-            "plaintext gRPC with a collector on a loopback address",
-            file=sys.stderr,
-        )
-        return 2
+    connection = _run_connection(config, ca_file)
+    if isinstance(connection, int):
+        return connection
+    target, root_certificates, insecure, node_key = connection
 
     if exit_after is not None and exit_after < 1:
         print(
@@ -315,7 +479,15 @@ def cmd_run(config: AgentConfig, exit_after: int | None) -> int:
 
     with StateStore(config.state_dir).exclusive():
         log.info("priority lowered: %s", ", ".join(lower_priority()) or "unchanged")
-        agent = Agent(config, probe_sources(), usage)
+        agent = Agent(
+            config,
+            probe_sources(),
+            usage,
+            target=target,
+            node_key=node_key,
+            root_certificates=root_certificates,
+            insecure=insecure,
+        )
         stop = threading.Event()
 
         def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -328,14 +500,62 @@ def cmd_run(config: AgentConfig, exit_after: int | None) -> int:
     return 0
 
 
+def cmd_enroll(
+    config: AgentConfig, ca_file: Path | None, secret_file: Path | None
+) -> int:
+    from agent.enrollment import enroll
+
+    if not config.collector:
+        return _fail("enroll needs --collector HOST:PORT", 2)
+    if config.insecure and not is_loopback_target(config.collector):
+        return _fail(
+            f"--insecure (plaintext) is allowed only for a loopback collector, not "
+            f"{config.collector}; pass --ca-file to use TLS",
+            2,
+        )
+    if ca_file is None and not config.insecure:
+        return _fail(
+            "enroll needs --ca-file with the collector's CA certificate (ca.pem)", 2
+        )
+    try:
+        secret = read_secret(secret_file, dict(os.environ))
+        device_id, store = enroll(
+            config.state_dir,
+            config.collector,
+            ca_file=None if config.insecure else ca_file,
+            insecure=config.insecure,
+            secret=secret,
+            key_store_mode=config.key_store,
+        )
+    except EnrollmentError as exc:
+        return _fail(str(exc), 1)
+    print(
+        f"enrolled device {device_id} with collector {config.collector}; node key "
+        f"stored in {store.describe()}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if secret_in_argv(arguments):
+        # argparse would repeat an unknown argument, the secret, in its error.
+        return _fail(
+            "an enrollment secret is never accepted as an argument, where other "
+            f"users can read it; pass --secret-file FILE or set {SECRET_VARIABLE}",
+            2,
+        )
+    args = _parser().parse_args(arguments)
     try:
         config = _config(args)
     except ConfigError as exc:
         print(f"fleetmend-agent: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(config.log_level)
+    level = config.log_level
+    if args.command == "enroll" and config.settings["log_level"].source == "default":
+        # enroll prints one line of result; progress logs would only add noise.
+        level = "warning"
+    _setup_logging(level)
 
     try:
         if args.command == "collect":
@@ -344,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_show(config)
         if args.command == "diagnose":
             return cmd_diagnose(config)
-        return cmd_run(config, args.exit_after)
+        if args.command == "enroll":
+            return cmd_enroll(config, args.ca_file, args.secret_file)
+        return cmd_run(config, args.exit_after, args.ca_file)
     except (StateError, SpoolError) as exc:
         print(f"fleetmend-agent: {exc}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ diagnose`` can print it. The TOML file looks like this::
 
     collector = "collector.example.com:50051"
     insecure = false
+    key_store = "auto"   # auto, keyring or file: where the node key is kept
     log_level = "info"
 
     [usage]
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import paths
+from agent.keystore import KEY_STORES
 from agent.spool import DEFAULT_MAX_BYTES
 
 ENV_PREFIX = "FLEETMEND_"
@@ -88,6 +90,10 @@ class AgentConfig:
     @property
     def insecure(self) -> bool:
         return bool(self.get("insecure"))
+
+    @property
+    def key_store(self) -> str:
+        return str(self.get("key_store"))
 
     @property
     def state_dir(self) -> Path:
@@ -206,6 +212,13 @@ def _check_log_level(value: str) -> str:
     return text
 
 
+def _check_key_store(value: str) -> str:
+    text = value.strip().lower()
+    if text not in KEY_STORES:
+        raise ValueError(f"expected one of {', '.join(KEY_STORES)}, got {value!r}")
+    return text
+
+
 def _check_state_dir(value: str) -> str:
     if not value.strip():
         raise ValueError("expected a folder path, got an empty string")
@@ -229,6 +242,7 @@ def _specs() -> list[_Spec]:
         _Spec("collector", "str", check_collector_address, str),
         _Spec("insecure", "bool", _unchanged, bool),
         _Spec("state_dir", "str", _check_state_dir, str),
+        _Spec("key_store", "str", _check_key_store, lambda: "auto"),
         _Spec("log_level", "str", _check_log_level, lambda: "info"),
         _Spec("usage.enabled", "bool", _unchanged, lambda: True),
         _Spec("usage.resolve_hosts", "bool", _unchanged, lambda: True),

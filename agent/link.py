@@ -19,6 +19,12 @@ spool is empty. The welcome's committed sequence deletes nothing from the
 spool: reports that the collector already has are sent again, and the
 collector drops the repeats.
 
+Every Connect call carries the node key as ``authorization: Bearer <key>``
+over TLS (plaintext only to a loopback collector). A rejected key
+(UNAUTHENTICATED, PERMISSION_DENIED) is logged once as an error and retried at
+the maximum backoff, because only enrolling again fixes it. A failed TLS
+handshake is logged once with its reason (agent.transport).
+
 A stream is replaced when gRPC keepalive finds the connection dead or when
 reports are in flight and no ack arrives within ``ack_timeout`` seconds.
 Proxies come from the standard https_proxy, http_proxy, grpc_proxy and
@@ -38,6 +44,12 @@ import grpc
 
 from agent import clock as clock_module
 from agent.spool import Spool
+from agent.transport import (
+    explain_tls_failure,
+    is_handshake_failure,
+    is_loopback_target,
+    open_channel,
+)
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
 
 log = logging.getLogger(__name__)
@@ -70,9 +82,10 @@ KEEPALIVE_OPTIONS = [
 
 _CLOSE = object()
 
-
-class LinkError(Exception):
-    """The collector rejected the stream in a way that retrying cannot fix."""
+# Status codes for a node key that the collector does not accept.
+_REJECTED_CODES = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+)
 
 
 @dataclass
@@ -105,25 +118,39 @@ class Link:
         hello: agent_pb2.Hello,
         spool: Spool,
         *,
-        insecure: bool,
+        node_key: str,
+        root_certificates: bytes | None,
+        insecure: bool = False,
         on_connected: Callable[[int], report_pb2.Report | None] = _no_fresh_report,
         max_in_flight: int = MAX_IN_FLIGHT,
         ack_timeout: float = ACK_TIMEOUT_SECONDS,
     ) -> None:
         """Prepare a link; run() connects.
 
-        on_connected gets the welcome's committed sequence and returns the
-        fresh full report to send first, already spooled, or None.
+        The stream uses TLS verified with root_certificates (PEM; None means
+        the system's CAs), or plaintext when insecure, which only a loopback
+        target allows (ValueError otherwise). node_key goes in the
+        authorization metadata of every Connect call. on_connected gets the
+        welcome's committed sequence and returns the fresh full report to send
+        first, already spooled, or None.
         """
-        if not insecure:
-            raise LinkError(
-                "TLS is not available yet: pass --insecure (plaintext) for a "
-                "collector on a loopback address"
+        if insecure and not is_loopback_target(target):
+            raise ValueError(
+                f"plaintext (--insecure) is allowed only for a loopback collector, "
+                f"not {target}"
             )
+        if not node_key:
+            raise ValueError("node_key is empty; enroll first")
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be 1 or more, got {max_in_flight}")
         self.target = target
         self.spool = spool
+        self._insecure = insecure
+        self._root_certificates = root_certificates
+        self._metadata = (("authorization", f"Bearer {node_key}"),)
+        # The last rejection or TLS problem logged as an error, so that a
+        # retry loop logs it once instead of every minute.
+        self._logged_problem = ""
         self._hello = hello
         self._on_connected = on_connected
         self._max_in_flight = max_in_flight
@@ -214,7 +241,12 @@ class Link:
                 ):
                     failures = 0
                 failures += 1
-                self._log_failure(exc, code, self._backoff(failures), stop)
+                delay = self._backoff(failures)
+                if code in _REJECTED_CODES:
+                    # Retrying cannot help until the device is enrolled again,
+                    # so the link only checks once in a while.
+                    delay = BACKOFF_MAX_SECONDS
+                self._log_failure(exc, code, delay, stop)
             except Exception:
                 # A spool or state error while streaming; the reports stay
                 # spooled and the next stream sends them again.
@@ -254,6 +286,24 @@ class Link:
                 self._window,
                 delay,
             )
+        elif code is not None and code in _REJECTED_CODES:
+            self._log_once(
+                f"the collector {self.target} rejected this device's node key "
+                f"({code.name}: {details}); enroll again with fleetmend-agent enroll",
+                delay,
+            )
+        elif code == grpc.StatusCode.ABORTED:
+            log.warning(
+                "collector %s ended this stream because a newer stream of device "
+                "%s replaced it (%s); two agents may share a state folder or a "
+                "copied identity; reconnecting in %.1f s",
+                self.target,
+                self._hello.device_id,
+                details,
+                delay,
+            )
+        elif is_handshake_failure(exc) and (reason := self._tls_reason()) is not None:
+            self._log_once(f"connection to {self.target} failed: {reason}", delay)
         else:
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 # NOTE: a report that the collector rejects stays spooled and
@@ -267,6 +317,23 @@ class Link:
                 delay,
             )
         clock_module.clock.wait(stop, delay)
+
+    def _log_once(self, problem: str, delay: float) -> None:
+        """Log problem as an error the first time in a row, later at debug level."""
+        if problem != self._logged_problem:
+            self._logged_problem = problem
+            log.error("%s; retrying in %.1f s", problem, delay)
+        else:
+            log.debug("%s; retrying in %.1f s", problem, delay)
+
+    def _tls_reason(self) -> str | None:
+        try:
+            return explain_tls_failure(
+                self.target, self._root_certificates, insecure=self._insecure
+            )
+        except (OSError, ValueError) as exc:
+            log.debug("TLS check of %s failed: %s", self.target, exc)
+            return None
 
     @staticmethod
     def _backoff(failures: int) -> float:
@@ -283,7 +350,12 @@ class Link:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             *KEEPALIVE_OPTIONS,
         ]
-        with grpc.insecure_channel(self.target, options=options) as channel:
+        with open_channel(
+            self.target,
+            root_certificates=self._root_certificates,
+            insecure=self._insecure,
+            options=options,
+        ) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
             now = clock_module.clock.monotonic()
             stream = _Stream(outbox=queue.Queue(), started=now, last_progress=now)
@@ -291,7 +363,7 @@ class Link:
             hello.CopyFrom(self._hello)
             hello.send_time.FromDatetime(clock_module.clock.now())
             stream.outbox.put(agent_pb2.ConnectRequest(hello=hello))
-            call = stub.Connect(_drain(stream.outbox))
+            call = stub.Connect(_drain(stream.outbox), metadata=self._metadata)
             stream.call = call
             with self._lock:
                 self._stream = stream
@@ -372,6 +444,7 @@ class Link:
             if fresh is not None and self._full_first:
                 self._send(stream, fresh)
             self.connects += 1
+            self._logged_problem = ""
         log.info(
             "connected to collector %s; it has committed up to report %d; "
             "%d reports waiting in the spool",

@@ -204,8 +204,12 @@ def render_disclosure(
     config: AgentConfig,
     catalog_apps: list[str] | None,
     spool: SpoolStats | None = None,
+    key_store: str = "",
 ) -> str:
-    """Describe in plain words what this agent sends to the collector."""
+    """Describe in plain words what this agent sends to the collector.
+
+    key_store names where the node key is kept, empty when not enrolled.
+    """
     collector = config.collector or "no collector set"
     if not config.usage_enabled:
         usage = "OFF: no information about applications or processes is collected."
@@ -231,6 +235,10 @@ def render_disclosure(
         "",
         "What it never sends: file names or contents, window titles, web addresses,",
         "keystrokes, the names of processes outside the catalog, or where you are.",
+        "",
+        "Node key: this device's credential, issued by the collector at enrollment",
+        f"and stored locally ({key_store or 'not enrolled yet'}). It is never sent",
+        "except as the credential of each connection to the collector.",
     ]
     if config.usage_enabled and config.usage_resolve_hosts:
         lines += [

@@ -50,8 +50,15 @@ class Agent:
         config: AgentConfig,
         sources: Sequence[SectionSource],
         usage: UsageSource,
+        *,
+        target: str,
+        node_key: str,
+        root_certificates: bytes | None,
+        insecure: bool = False,
     ) -> None:
+        """Load the identity and the spool; the link connects to target when run."""
         self.config = config
+        self.target = target
         self._sources = list(sources)
         self._usage = usage
         self._state = StateStore(config.state_dir)
@@ -63,12 +70,14 @@ class Agent:
         self.builder.skip_past(self.spool.max_sequence())
         self._sent_full = threading.Event()
         self.link = Link(
-            config.collector,
+            target,
             agent_pb2.Hello(
                 device_id=self.identity.device_id, agent_version=__version__
             ),
             self.spool,
-            insecure=config.insecure,
+            node_key=node_key,
+            root_certificates=root_certificates,
+            insecure=insecure,
             on_connected=self._connected,
         )
 
@@ -85,7 +94,7 @@ class Agent:
             "agent %s starting: device %s, collector %s, state in %s",
             __version__,
             self.identity.device_id,
-            self.config.collector,
+            self.target,
             self.config.state_dir,
         )
         log.info("%s", describe(self.spool.stats()))

@@ -57,7 +57,8 @@ def _try_lock(handle: IO[str]) -> bool:
     return True
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Replace path atomically (write, fsync, rename) with an owner-only file."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -174,7 +175,7 @@ class StateStore:
         ).encode()
         with self._lock:
             try:
-                _write_private(self.path, payload)
+                write_private(self.path, payload)
             except OSError as exc:
                 raise StateError(
                     f"identity file {self.path} cannot be written: {exc.strerror}"

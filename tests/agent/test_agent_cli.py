@@ -19,9 +19,13 @@ from agent.runtime import Agent
 from agent.sections import SectionSource, UsageSource
 from agent.spool import Spool
 from agent.state import StateError, StateStore
+from collector.server import start_server_thread
 from fleetmend.v1 import report_pb2
 from tests.conftest import BIN_DIR, free_port
+from tests.trust import enrollment_secret, remember_secret
 
+# Node key of agents that never reach a collector.
+OFFLINE_KEY = "offline-test-key"
 BAD_CATALOG = '[apps.broken]\nprocesses.linux = ["x"]\n'
 
 
@@ -50,6 +54,34 @@ def run_cli(
         timeout=120,
         check=False,
     )
+
+
+@pytest.fixture
+def enrolled(tmp_path: Path, tls_dir: Path) -> str:
+    """Enroll tmp_path/state with a real collector, stop it, return its address.
+
+    Nothing listens on the address afterwards, so an agent run keeps retrying.
+    """
+    server = start_server_thread(
+        f"sqlite:///{tmp_path / 'collector.db'}", tls_dir=tls_dir
+    )
+    try:
+        result = run_cli(
+            tmp_path,
+            "enroll",
+            "--collector",
+            server.address,
+            "--ca-file",
+            str(tls_dir / "ca.pem"),
+            FLEETMEND_ENROLL_SECRET=enrollment_secret(tls_dir),
+            FLEETMEND_KEY_STORE="file",
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    key_file = tmp_path / "state" / "node-key"
+    remember_secret(key_file.read_text(encoding="utf-8").strip())
+    return server.address
 
 
 @pytest.mark.parametrize(
@@ -191,10 +223,10 @@ def test_state_lock_held_by_other_process(tmp_path: Path) -> None:
         assert (tmp_path / "agent.lock").read_text().strip() == str(os.getpid())
 
 
+@pytest.mark.usefixtures("enrolled")
 def test_second_agent_on_same_state_dir(tmp_path: Path) -> None:
-    # Nothing listens on this port, so the first agent keeps retrying.
-    collector = f"127.0.0.1:{free_port()}"
-    args = ["run", "--collector", collector, "--insecure"]
+    # The enrolled collector is stopped, so the first agent keeps retrying.
+    args = ["run"]
     first = subprocess.Popen(
         [
             str(BIN_DIR / "fleetmend-agent"),
@@ -207,9 +239,10 @@ def test_second_agent_on_same_state_dir(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
+        lock = tmp_path / "state" / "agent.lock"
         deadline = time.monotonic() + 30
-        while not (tmp_path / "state" / "identity.json").exists():
-            assert time.monotonic() < deadline, "first agent did not start"
+        while not lock.exists() or lock.read_text().strip() != str(first.pid):
+            assert time.monotonic() < deadline, "first agent did not take the lock"
             time.sleep(0.1)
 
         second = run_cli(tmp_path, *args)
@@ -288,8 +321,9 @@ def test_diagnose_reports_problems(tmp_path: Path) -> None:
     assert b"FLEETMEND_INTERVAL_HOST is not a Fleetmend setting" in result.stdout
 
 
+@pytest.mark.usefixtures("enrolled")
 def test_diagnose_clean_setup(tmp_path: Path) -> None:
-    result = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+    result = run_cli(tmp_path, "diagnose")
 
     assert result.returncode == 0, result.stdout
     assert b"no problems found" in result.stdout
@@ -342,7 +376,14 @@ def test_agent_reports_while_offline(tmp_path: Path) -> None:
         "host", "host", lambda: report_pb2.HostFacts(hostname="offline-laptop")
     )
     usage = UsageSource(False, [], tmp_path / "usage.db")
-    agent = Agent(config, [host], usage)
+    agent = Agent(
+        config,
+        [host],
+        usage,
+        target=config.collector,
+        node_key=OFFLINE_KEY,
+        root_certificates=None,
+    )
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
     thread.start()
@@ -359,15 +400,16 @@ def test_agent_reports_while_offline(tmp_path: Path) -> None:
     assert not thread.is_alive()
 
 
+@pytest.mark.usefixtures("enrolled")
 def test_diagnose_shows_spool(tmp_path: Path) -> None:
-    before = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+    before = run_cli(tmp_path, "diagnose")
     (tmp_path / "state").mkdir(mode=0o700, exist_ok=True)
     spool = Spool(tmp_path / "state" / "spool.db", 1 << 20)
     spool.put(report_pb2.Report(sequence=1))
     spool.put(report_pb2.Report(sequence=2))
     spool.close()
 
-    after = run_cli(tmp_path, "diagnose", "--collector", "127.0.0.1:50051")
+    after = run_cli(tmp_path, "diagnose")
 
     assert b"spool.db: not created yet" in before.stdout
     assert after.returncode == 0, after.stdout
@@ -426,6 +468,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.usefixtures("enrolled")
 def test_fast_clock_spools_hours(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     process = subprocess.Popen(
@@ -434,9 +477,6 @@ def test_fast_clock_spools_hours(tmp_path: Path) -> None:
             "-c",
             FAST_CLOCK_LAUNCHER,
             "run",
-            "--collector",
-            f"127.0.0.1:{free_port()}",
-            "--insecure",
             "--no-usage",
             "--state-dir",
             str(state_dir),
@@ -475,6 +515,13 @@ def test_agent_numbers_past_spool(tmp_path: Path) -> None:
         privileged=False,
     )
 
-    agent = Agent(config, [], UsageSource(False, [], tmp_path / "usage.db"))
+    agent = Agent(
+        config,
+        [],
+        UsageSource(False, [], tmp_path / "usage.db"),
+        target=config.collector,
+        node_key=OFFLINE_KEY,
+        root_certificates=None,
+    )
 
     assert agent.builder.next_sequence == 51

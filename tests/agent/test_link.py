@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import queue
 import select
@@ -16,17 +17,23 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
 import pytest
 
+from agent import link as link_module
 from agent.link import Link
 from agent.spool import Spool
 from collector.server import ServerHandle, start_server_thread
 from collector.store import Store
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
 from tests.conftest import BIN_DIR, free_port
+from tests.trust import enroll, enrollment_secret, make_tls_dir, remember_secret
+
+# The node key that links to the recording servicer send; it checks none.
+UNCHECKED_KEY = "test-node-key"
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
@@ -69,13 +76,22 @@ def device_id() -> str:
 
 
 @pytest.fixture
-def make_link(tmp_path: Path, device_id: str) -> Iterator[Callable[..., RunningLink]]:
+def make_link(
+    tmp_path: Path, device_id: str, tls_dir: Path
+) -> Iterator[Callable[..., RunningLink]]:
+    """Return a factory of running links of device_id.
+
+    A link with a node_key uses TLS with tls_dir's CA; one without uses
+    plaintext with UNCHECKED_KEY, for the recording servicer.
+    """
     running: list[RunningLink] = []
 
     def factory(
         address: str,
         on_connected: Callable[[int], report_pb2.Report | None] | None = None,
         backlog: int = 0,
+        node_key: str = "",
+        root_certificates: bytes | None = None,
         **options: float,
     ) -> RunningLink:
         spool = Spool(tmp_path / f"spool-{len(running)}.db", 1 << 20)
@@ -85,13 +101,36 @@ def make_link(tmp_path: Path, device_id: str) -> Iterator[Callable[..., RunningL
         kwargs: dict[str, object] = dict(options)
         if on_connected is not None:
             kwargs["on_connected"] = on_connected
-        link = Link(address, hello, spool, insecure=True, **kwargs)  # type: ignore[arg-type]
+        if node_key:
+            kwargs["node_key"] = node_key
+            kwargs["root_certificates"] = (
+                root_certificates or (tls_dir / "ca.pem").read_bytes()
+            )
+        else:
+            kwargs["node_key"] = UNCHECKED_KEY
+            kwargs["root_certificates"] = None
+            kwargs["insecure"] = True
+        link = Link(address, hello, spool, **kwargs)  # type: ignore[arg-type]
         running.append(RunningLink(link))
         return running[-1]
 
     yield factory
     for item in running:
         item.close()
+
+
+def serve(
+    database_url: str, tls_dir: Path, listen: str = "127.0.0.1:0"
+) -> ServerHandle:
+    """Start a TLS collector with tls_dir's certificate."""
+    return start_server_thread(database_url, listen=listen, tls_dir=tls_dir)
+
+
+def enroll_tls(server: ServerHandle, tls_dir: Path, device_id: str) -> str:
+    """Enroll device_id with a TLS collector; return its node key."""
+    enrolled_id, key = enroll(server.address, tls_dir, device_id, plaintext=False)
+    assert enrolled_id == device_id
+    return key
 
 
 def stored(database_url: str, device_id: str) -> tuple[int, int]:
@@ -172,11 +211,16 @@ def recording() -> Iterator[tuple[RecordingServicer, str]]:
 
 
 def test_acked_reports_leave_spool(
-    database_url: str, device_id: str, make_link: Callable[..., RunningLink]
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
 ) -> None:
-    server = start_server_thread(database_url, insecure=True)
+    server = serve(database_url, tls_dir)
     try:
-        running = make_link(server.address)
+        running = make_link(
+            server.address, node_key=enroll_tls(server, tls_dir, device_id)
+        )
         for sequence in range(1, 6):
             running.link.submit(report(sequence))
 
@@ -189,19 +233,23 @@ def test_acked_reports_leave_spool(
 
 
 def test_collector_down_at_start(
-    database_url: str, device_id: str, make_link: Callable[..., RunningLink]
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
 ) -> None:
     port = free_port()
-    running = make_link(f"127.0.0.1:{port}")
+    server = serve(database_url, tls_dir, listen=f"127.0.0.1:{port}")
+    key = enroll_tls(server, tls_dir, device_id)
+    server.stop()
+    running = make_link(f"127.0.0.1:{port}", node_key=key)
     running.link.submit(report(1))
     running.link.submit(report(2))
     time.sleep(1.5)
     assert running.link.pending == 2
     assert not running.link.connected
 
-    server = start_server_thread(
-        database_url, listen=f"127.0.0.1:{port}", insecure=True
-    )
+    server = serve(database_url, tls_dir, listen=f"127.0.0.1:{port}")
     try:
         assert running.link.wait_drained(timeout=90)
         assert stored(database_url, device_id) == (2, 2)
@@ -210,14 +258,15 @@ def test_collector_down_at_start(
 
 
 def test_collector_restart_resends_pending(
-    database_url: str, device_id: str, make_link: Callable[..., RunningLink]
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
 ) -> None:
     port = free_port()
     listen = f"127.0.0.1:{port}"
-    server: ServerHandle = start_server_thread(
-        database_url, listen=listen, insecure=True
-    )
-    running = make_link(listen)
+    server = serve(database_url, tls_dir, listen=listen)
+    running = make_link(listen, node_key=enroll_tls(server, tls_dir, device_id))
     running.link.submit(report(1))
     assert running.link.wait_drained(timeout=30)
     server.stop()
@@ -225,7 +274,7 @@ def test_collector_restart_resends_pending(
     running.link.submit(report(2))
     running.link.submit(report(3))
     assert wait_for(lambda: not running.link.connected)
-    server = start_server_thread(database_url, listen=listen, insecure=True)
+    server = serve(database_url, tls_dir, listen=listen)
     try:
         assert running.link.wait_drained(timeout=90)
         assert stored(database_url, device_id) == (3, 3)
@@ -343,10 +392,29 @@ def test_backoff_full_jitter_capped() -> None:
     assert all(0 <= s <= 60.0 for s in samples[5000])
 
 
-def test_plaintext_needs_insecure(tmp_path: Path, device_id: str) -> None:
+def test_plaintext_needs_loopback(tmp_path: Path, device_id: str) -> None:
     spool = Spool(tmp_path / "spool.db", 1 << 20)
-    with pytest.raises(Exception, match="--insecure"):
-        Link("127.0.0.1:1", agent_pb2.Hello(device_id=device_id), spool, insecure=False)
+    hello = agent_pb2.Hello(device_id=device_id)
+
+    with pytest.raises(ValueError, match="loopback") as caught:
+        Link(
+            "collector.example.com:50051",
+            hello,
+            spool,
+            node_key=UNCHECKED_KEY,
+            root_certificates=None,
+            insecure=True,
+        )
+
+    assert "collector.example.com:50051" in str(caught.value)
+
+
+def test_empty_node_key_rejected(tmp_path: Path, device_id: str) -> None:
+    spool = Spool(tmp_path / "spool.db", 1 << 20)
+    hello = agent_pb2.Hello(device_id=device_id)
+
+    with pytest.raises(ValueError, match="enroll"):
+        Link("127.0.0.1:1", hello, spool, node_key="", root_certificates=None)
 
 
 # -- a TCP forwarder that can blackhole, and an HTTP CONNECT proxy -------------------
@@ -413,12 +481,18 @@ class Forwarder:
 
 
 def test_blackholed_stream_replaced(
-    database_url: str, device_id: str, make_link: Callable[..., RunningLink]
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
 ) -> None:
-    server = start_server_thread(database_url, insecure=True)
+    server = serve(database_url, tls_dir)
     forwarder = Forwarder(server.port)
     try:
-        running = make_link(f"127.0.0.1:{forwarder.port}")
+        running = make_link(
+            f"127.0.0.1:{forwarder.port}",
+            node_key=enroll_tls(server, tls_dir, device_id),
+        )
         running.link.submit(report(1))
         assert running.link.wait_drained(timeout=30)
         connects = running.link.connects
@@ -444,16 +518,18 @@ def test_blackholed_stream_replaced(
 def test_proxy_variables_honoured(
     database_url: str,
     device_id: str,
+    tls_dir: Path,
     make_link: Callable[..., RunningLink],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    server = start_server_thread(database_url, insecure=True)
+    server = serve(database_url, tls_dir)
+    key = enroll_tls(server, tls_dir, device_id)
     proxy = Forwarder(server.port, connect_proxy=True)
     try:
         monkeypatch.setenv("grpc_proxy", f"http://127.0.0.1:{proxy.port}")
         monkeypatch.delenv("no_proxy", raising=False)
         monkeypatch.delenv("no_grpc_proxy", raising=False)
-        running = make_link(server.address)
+        running = make_link(server.address, node_key=key)
         running.link.submit(report(1))
 
         assert running.link.wait_drained(timeout=30)
@@ -467,15 +543,17 @@ def test_proxy_variables_honoured(
 def test_no_proxy_bypasses_proxy(
     database_url: str,
     device_id: str,
+    tls_dir: Path,
     make_link: Callable[..., RunningLink],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    server = start_server_thread(database_url, insecure=True)
+    server = serve(database_url, tls_dir)
+    key = enroll_tls(server, tls_dir, device_id)
     proxy = Forwarder(server.port, connect_proxy=True)
     try:
         monkeypatch.setenv("grpc_proxy", f"http://127.0.0.1:{proxy.port}")
         monkeypatch.setenv("no_proxy", "127.0.0.1")
-        running = make_link(server.address)
+        running = make_link(server.address, node_key=key)
         running.link.submit(report(1))
 
         assert running.link.wait_drained(timeout=30)
@@ -488,21 +566,46 @@ def test_no_proxy_bypasses_proxy(
 # -- a real agent process killed after spooling ---------------------------------------
 
 
-def test_sigkill_then_restart_exactly_once(tmp_path: Path, database_url: str) -> None:
+def test_sigkill_then_restart_exactly_once(
+    tmp_path: Path, database_url: str, tls_dir: Path
+) -> None:
     state_dir = tmp_path / "state"
     config = tmp_path / "agent.toml"
     config.write_text(
-        "[usage]\nenabled = false\n[intervals]\nreport_min = 1\n", encoding="utf-8"
+        'key_store = "file"\n[usage]\nenabled = false\n[intervals]\nreport_min = 1\n',
+        encoding="utf-8",
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMEND_")}
     env["FLEETMEND_CONFIG"] = str(config)
     port = free_port()
+    listen = f"127.0.0.1:{port}"
+    # Enroll while the collector is up, then run the agent with it down.
+    server = serve(database_url, tls_dir, listen=listen)
+    try:
+        enrolled = subprocess.run(
+            [
+                str(BIN_DIR / "fleetmend-agent"),
+                "enroll",
+                "--collector",
+                listen,
+                "--ca-file",
+                str(tls_dir / "ca.pem"),
+                "--state-dir",
+                str(state_dir),
+            ],
+            env={**env, "FLEETMEND_ENROLL_SECRET": enrollment_secret(tls_dir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        server.stop()
+    assert enrolled.returncode == 0, enrolled.stderr
+    remember_secret((state_dir / "node-key").read_text(encoding="utf-8").strip())
     command = [
         str(BIN_DIR / "fleetmend-agent"),
         "run",
-        "--collector",
-        f"127.0.0.1:{port}",
-        "--insecure",
         "--state-dir",
         str(state_dir),
     ]
@@ -526,9 +629,7 @@ def test_sigkill_then_restart_exactly_once(tmp_path: Path, database_url: str) ->
     before = sorted(spooled())
     identity = json.loads((state_dir / "identity.json").read_text(encoding="utf-8"))
 
-    server = start_server_thread(
-        database_url, listen=f"127.0.0.1:{port}", insecure=True
-    )
+    server = serve(database_url, tls_dir, listen=listen)
     try:
         result = subprocess.run(
             [*command, "--exit-after", str(len(before) + 1)],
@@ -555,7 +656,7 @@ def test_sigkill_then_restart_exactly_once(tmp_path: Path, database_url: str) ->
 
 
 def test_dropped_count_reaches_collector(
-    tmp_path: Path, database_url: str, device_id: str
+    tmp_path: Path, database_url: str, device_id: str, tls_dir: Path
 ) -> None:
     size = len(report(1).SerializeToString())
     spool = Spool(tmp_path / "capped.db", max_bytes=size * 3)
@@ -569,14 +670,15 @@ def test_dropped_count_reaches_collector(
         spool.put(message, carry_dropped=True)
         return message
 
-    server = start_server_thread(database_url, insecure=True)
+    server = serve(database_url, tls_dir)
     hello = agent_pb2.Hello(device_id=device_id, agent_version="test")
     running = RunningLink(
         Link(
             server.address,
             hello,
             spool,
-            insecure=True,
+            node_key=enroll_tls(server, tls_dir, device_id),
+            root_certificates=(tls_dir / "ca.pem").read_bytes(),
             on_connected=connected,
             ack_timeout=2.0,
         )
@@ -596,3 +698,113 @@ def test_dropped_count_reaches_collector(
     assert device is not None
     assert device.dropped_reports == 5
     assert spool.stats().dropped_reports == 0
+
+
+# -- node key rejections, replaced streams and TLS failures --------------------------
+
+
+def test_rejected_key_logged_once(
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The link retries a rejected key at the maximum backoff; a short maximum
+    # lets the test see several retries.
+    monkeypatch.setattr(link_module, "BACKOFF_MAX_SECONDS", 0.2)
+    caplog.set_level(logging.DEBUG, logger="agent.link")
+    server = serve(database_url, tls_dir)
+    try:
+        key = enroll_tls(server, tls_dir, device_id)
+        with Store.open(database_url) as store:
+            assert store.revoke_device(device_id, datetime.now(UTC)) == 1
+        running = make_link(server.address, node_key=key)
+        running.link.submit(report(1))
+
+        def rejections(level: int) -> list[logging.LogRecord]:
+            return [
+                record
+                for record in caplog.records
+                if record.levelno == level
+                and "rejected this device's node key" in record.getMessage()
+            ]
+
+        assert wait_for(lambda: len(rejections(logging.DEBUG)) >= 2)
+    finally:
+        server.stop()
+
+    errors = rejections(logging.ERROR)
+    assert len(errors) == 1
+    assert "UNAUTHENTICATED" in errors[0].getMessage()
+    assert "enroll again with fleetmend-agent enroll" in errors[0].getMessage()
+    assert key not in caplog.text
+    assert running.link.pending == 1
+    assert stored(database_url, device_id) == (0, 0)
+
+
+def test_replaced_stream_warns(
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = serve(database_url, tls_dir)
+    try:
+        key = enroll_tls(server, tls_dir, device_id)
+        first = make_link(server.address, node_key=key)
+        assert wait_for(lambda: first.link.connected)
+        make_link(server.address, node_key=key)
+
+        def warnings() -> list[str]:
+            return [
+                record.getMessage()
+                for record in caplog.records
+                if record.levelno == logging.WARNING
+                and "two agents may share a state folder" in record.getMessage()
+            ]
+
+        assert wait_for(lambda: bool(warnings()))
+    finally:
+        server.stop()
+
+    assert device_id in warnings()[0]
+    assert key not in caplog.text
+
+
+def test_link_other_ca_logs_reason(
+    tmp_path: Path,
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other = make_tls_dir(tmp_path / "other-tls")
+    server = serve(database_url, tls_dir)
+    try:
+        key = enroll_tls(server, tls_dir, device_id)
+        running = make_link(
+            server.address,
+            node_key=key,
+            root_certificates=(other / "ca.pem").read_bytes(),
+        )
+        running.link.submit(report(1))
+
+        def reasons() -> list[str]:
+            return [
+                record.getMessage()
+                for record in caplog.records
+                if record.levelno == logging.ERROR
+                and "not signed by the CA" in record.getMessage()
+            ]
+
+        assert wait_for(lambda: bool(reasons()))
+    finally:
+        server.stop()
+
+    assert server.address in reasons()[0]
+    assert not running.link.connected
+    assert stored(database_url, device_id) == (0, 0)
