@@ -318,10 +318,13 @@ class OpsAuthInterceptor(grpc.aio.ServerInterceptor):
                 f"operator token {token_id} is not valid; ask an admin for a token",
             )
         if record.revoke_time is not None:
+            # The secret matched, so the audit event can name the token's
+            # owner: a revoked token still in use is worth investigating.
             raise _RejectedError(
                 unauthenticated,
                 f"operator token {record.name} was revoked; ask an admin for a new "
                 "token",
+                Operator(name=record.name, role=record.role, peer=peer),
             )
         await self._mark_used(token_id)
         return Operator(name=record.name, role=record.role, peer=peer)
