@@ -1,6 +1,7 @@
 """Measure a running ``fleetmend-agent run`` process after N collection cycles.
 
-Starts a collector on 127.0.0.1 and an agent whose every interval is 1 second,
+Starts a TLS collector on 127.0.0.1, enrolls an agent whose every interval is
+1 second and runs it,
 so each second is one full collection cycle (every probe, a usage sample and a
 report). After N reports have been issued it reads the agent's RSS and CPU time
 (its own and that of the commands it ran) and stops both.
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from bench.ingest import free_port, wait_serving
+from collector import tls
 
 BIN = Path(sys.executable).parent
 INTERVALS = ("host", "battery", "credentials", "disks", "usage_sample", "report_min")
@@ -43,6 +45,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         address = f"127.0.0.1:{free_port()}"
+        tls_dir = Path(tmp) / "tls"
+        tls.init_tls_dir(tls_dir, ["127.0.0.1"])
         collector = subprocess.Popen(
             [
                 str(BIN / "fleetmend-collector"),
@@ -51,7 +55,8 @@ def main() -> None:
                 address,
                 "--database",
                 f"sqlite:///{tmp}/c.db",
-                "--insecure",
+                "--tls-dir",
+                str(tls_dir),
                 "--log-level",
                 "warning",
             ],
@@ -62,17 +67,30 @@ def main() -> None:
             "[usage]\nresolve_hosts = false\n[intervals]\n"
             + "".join(f"{name} = 1\n" for name in INTERVALS)
         )
-        env = dict(os.environ, FLEETMEND_CONFIG=str(config))
+        env = dict(os.environ, FLEETMEND_CONFIG=str(config), FLEETMEND_KEY_STORE="file")
         state_dir = Path(tmp) / "agent"
         try:
-            wait_serving(address)
+            wait_serving(address, tls_dir / "ca.pem")
+            subprocess.run(
+                [
+                    str(BIN / "fleetmend-agent"),
+                    "enroll",
+                    "--collector",
+                    address,
+                    "--ca-file",
+                    str(tls_dir / "ca.pem"),
+                    "--secret-file",
+                    str(tls_dir / "enrollment-secret"),
+                    "--state-dir",
+                    str(state_dir),
+                ],
+                env=env,
+                check=True,
+            )
             agent = subprocess.Popen(
                 [
                     str(BIN / "fleetmend-agent"),
                     "run",
-                    "--collector",
-                    address,
-                    "--insecure",
                     "--state-dir",
                     str(state_dir),
                     "--log-level",

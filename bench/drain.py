@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.fault.flood import SimulatedAgent, backlog, deliver_all
+from tests.fault.flood import SimulatedAgent, backlog, deliver_all, enroll_in_store
 from tests.fault.harness import CollectorProcess, stored_reports
 
 WEEK_OF_REPORTS = 7 * 24 * 3600 // 300
@@ -36,6 +36,7 @@ def drain(agents: list[SimulatedAgent], timeout: float) -> tuple[float, int, int
     with tempfile.TemporaryDirectory(prefix="fleetmend-drain-") as folder:
         collector = CollectorProcess(Path(folder))
         collector.start()
+        enroll_in_store(collector.database_url, agents)
         try:
             seconds = asyncio.run(deliver_all(collector.address, agents, timeout))
         finally:

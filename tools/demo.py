@@ -1,9 +1,13 @@
 """``make run``: a collector on loopback, this machine's agent, and the operators' view.
 
-Starts ``fleetmend-collector serve`` with SQLite in .fleetmend-run/, runs
-``fleetmend-agent run`` until one full and one delta report are acknowledged,
-prints ``fleetmend devices`` and ``fleetmend device show <this host>``, and
-stops the collector. Everything it creates stays in .fleetmend-run/.
+On the first run it makes a CA, a server certificate for 127.0.0.1 and an
+enrollment secret (``fleetmend-collector init``) and an admin token
+(``fleetmend-collector token create``). Each run starts ``fleetmend-collector
+serve`` over TLS with SQLite, enrolls this machine's agent if it is not
+enrolled yet, runs ``fleetmend-agent run`` until one full and one delta report
+are acknowledged, prints ``fleetmend devices`` and ``fleetmend device show
+<this host>``, and stops the collector. Everything it creates stays in
+.fleetmend-run/, the node key included.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".fleetmend-run"
+TLS_DIR = RUN_DIR / "collector"
+TOKEN_FILE = RUN_DIR / "admin-token"
 BIN = Path(sys.executable).parent
 AGENT_TIMEOUT_SECONDS = 180
 
@@ -35,9 +41,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_serving(
+    address: str, ca_file: Path, process: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + 30
-    with grpc.insecure_channel(address) as channel:
+    credentials = grpc.ssl_channel_credentials(ca_file.read_bytes())
+    with grpc.secure_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -51,11 +60,73 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], log: Path) -> N
     sys.exit(f"the collector did not start serving within 30 s; see {log}")
 
 
-def run_cli(*args: str) -> None:
-    command = [str(BIN / "fleetmend"), *args]
+def run_cli(address: str, *args: str) -> None:
+    command = [
+        str(BIN / "fleetmend"),
+        "--collector",
+        address,
+        "--ca-file",
+        str(TLS_DIR / "ca.pem"),
+        "--token-file",
+        str(TOKEN_FILE),
+        *args,
+    ]
     print(f"$ fleetmend {' '.join(args)}", flush=True)
     subprocess.run(command, check=False)
     print(flush=True)
+
+
+def run_step(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    """Run a set-up command with its output in log; exit if it fails."""
+    with log.open("ab") as log_file:
+        result = subprocess.run(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=env, check=False
+        )
+    if result.returncode != 0:
+        sys.exit(f"{Path(command[0]).name} {command[1]} failed; see {log}")
+
+
+def set_up_collector(database: str, log: Path) -> None:
+    """Make the TLS folder and the admin token, unless an earlier run made them."""
+    collector = str(BIN / "fleetmend-collector")
+    if not (TLS_DIR / "server.pem").exists():
+        step(
+            f"making a CA, a certificate for 127.0.0.1 and a secret in {TLS_DIR.name}/"
+        )
+        run_step([collector, "init", "--dir", str(TLS_DIR), "--name", "127.0.0.1"], log)
+    if not TOKEN_FILE.exists():
+        step(f"creating an admin token in {TOKEN_FILE.relative_to(ROOT)}")
+        run_step(
+            [
+                collector,
+                "token",
+                "create",
+                "--role",
+                "admin",
+                "--name",
+                "demo-admin",
+                "--database",
+                database,
+                "--output",
+                str(TOKEN_FILE),
+            ],
+            log,
+        )
+
+
+def agent_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLEETMEND_INTERVALS_REPORT_MIN"] = "2"
+    # The demo sends nothing beyond loopback: no DNS look-ups of the
+    # catalog's web application hosts.
+    env["FLEETMEND_USAGE_RESOLVE_HOSTS"] = "false"
+    env["FLEETMEND_CONFIG"] = str(RUN_DIR / "agent.toml")
+    # The node key stays in .fleetmend-run/ rather than in the keyring of
+    # whoever runs the demo.
+    env["FLEETMEND_KEY_STORE"] = "file"
+    env.pop("FLEETMEND_ENROLL_SECRET", None)
+    (RUN_DIR / "agent.toml").touch()
+    return env
 
 
 def main() -> int:
@@ -64,8 +135,10 @@ def main() -> int:
     database = f"sqlite:///{RUN_DIR / 'collector.db'}"
     collector_log = RUN_DIR / "collector.log"
     agent_log = RUN_DIR / "agent.log"
+    state_dir = RUN_DIR / "agent"
 
-    step(f"starting the collector on {address} (SQLite in {RUN_DIR.name}/collector.db)")
+    set_up_collector(database, collector_log)
+    step(f"starting the collector on {address} over TLS (SQLite in {RUN_DIR.name}/)")
     with collector_log.open("ab") as log_file:
         collector = subprocess.Popen(
             [
@@ -75,31 +148,45 @@ def main() -> int:
                 address,
                 "--database",
                 database,
-                "--insecure",
+                "--tls-dir",
+                str(TLS_DIR),
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_serving(address, collector, collector_log)
+        wait_serving(address, TLS_DIR / "ca.pem", collector, collector_log)
+        env = agent_environment()
+        if not (state_dir / "enrollment.json").exists():
+            step("enrolling this machine's agent with the enrollment secret")
+            run_step(
+                [
+                    str(BIN / "fleetmend-agent"),
+                    "enroll",
+                    "--collector",
+                    address,
+                    "--ca-file",
+                    str(TLS_DIR / "ca.pem"),
+                    "--secret-file",
+                    str(TLS_DIR / "enrollment-secret"),
+                    "--state-dir",
+                    str(state_dir),
+                ],
+                agent_log,
+                env,
+            )
         step("running this machine's agent until a full and a delta report are acked")
-        env = dict(os.environ)
-        env["FLEETMEND_INTERVALS_REPORT_MIN"] = "2"
-        # The demo sends nothing beyond loopback: no DNS look-ups of the
-        # catalog's web application hosts.
-        env["FLEETMEND_USAGE_RESOLVE_HOSTS"] = "false"
-        env["FLEETMEND_CONFIG"] = str(RUN_DIR / "agent.toml")
-        (RUN_DIR / "agent.toml").touch()
         with agent_log.open("ab") as log_file:
             agent = subprocess.run(
                 [
                     str(BIN / "fleetmend-agent"),
                     "run",
+                    # Each demo run picks a free port; the CA and the node key
+                    # from the first enrollment stay valid.
                     "--collector",
                     address,
-                    "--insecure",
                     "--state-dir",
-                    str(RUN_DIR / "agent"),
+                    str(state_dir),
                     "--exit-after",
                     "2",
                 ],
@@ -116,10 +203,8 @@ def main() -> int:
             print(f"    agent: {line}")
         print(flush=True)
 
-        run_cli("--collector", address, "--insecure", "devices")
-        run_cli(
-            "--collector", address, "--insecure", "device", "show", socket.gethostname()
-        )
+        run_cli(address, "devices")
+        run_cli(address, "device", "show", socket.gethostname())
         step(f"logs: {collector_log.relative_to(ROOT)}, {agent_log.relative_to(ROOT)}")
         return 0
     finally:

@@ -1,4 +1,9 @@
-"""A real collector process, a real agent process on this machine, and the CLI."""
+"""A real collector process, a real agent process on this machine, and the CLI.
+
+The collector serves TLS with a folder made by `fleetmend-collector init`, the
+agent enrolls with the enrollment secret and then runs without flags, and the
+CLI uses an admin token made by `fleetmend-collector token create`.
+"""
 
 from __future__ import annotations
 
@@ -18,18 +23,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from collector.store import Store
 from tests.conftest import BIN_DIR, free_port
+from tests.trust import channel_to, enrollment_secret, remember_secret
 
 
 @dataclass
 class Collector:
     address: str
     database_url: str
+    tls_dir: Path
+    admin_token_file: Path
     process: subprocess.Popen[bytes]
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
+def wait_serving(address: str, tls_dir: Path, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
-    with grpc.insecure_channel(address) as channel:
+    with channel_to(address, tls_dir) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             assert process.poll() is None, "collector exited during start"
@@ -42,44 +50,60 @@ def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"collector on {address} did not start serving")
 
 
+def run_checked(*command: str) -> str:
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.fixture
 def collector(tmp_path: Path) -> Iterator[Collector]:
+    """A TLS collector set up as an IT admin would: init, a token, serve."""
     address = f"127.0.0.1:{free_port()}"
     database_url = f"sqlite:///{tmp_path / 'collector.db'}"
+    tls_dir = tmp_path / "tls"
+    token_file = tmp_path / "admin-token"
+    collector_bin = str(BIN_DIR / "fleetmend-collector")
+    run_checked(collector_bin, "init", "--dir", str(tls_dir), "--name", "127.0.0.1")
+    enrollment_secret(tls_dir)
+    run_checked(
+        collector_bin,
+        "token",
+        "create",
+        "--role",
+        "admin",
+        "--name",
+        "e2e-admin",
+        "--database",
+        database_url,
+        "--output",
+        str(token_file),
+    )
+    remember_secret(token_file.read_text(encoding="utf-8").strip())
     log = (tmp_path / "collector.log").open("wb")
     process = subprocess.Popen(
         [
-            str(BIN_DIR / "fleetmend-collector"),
+            collector_bin,
             "serve",
             "--listen",
             address,
             "--database",
             database_url,
-            "--insecure",
+            "--tls-dir",
+            str(tls_dir),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_serving(address, process)
-        yield Collector(address, database_url, process)
+        wait_serving(address, tls_dir, process)
+        yield Collector(address, database_url, tls_dir, token_file, process)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=15)
         log.close()
-
-
-def agent_command(collector: Collector, state_dir: Path, *extra: str) -> list[str]:
-    return [
-        str(BIN_DIR / "fleetmend-agent"),
-        "run",
-        "--collector",
-        collector.address,
-        "--insecure",
-        "--state-dir",
-        str(state_dir),
-        *extra,
-    ]
 
 
 def agent_env(tmp_path: Path) -> dict[str, str]:
@@ -91,12 +115,55 @@ def agent_env(tmp_path: Path) -> dict[str, str]:
         encoding="utf-8",
     )
     env["FLEETMEND_CONFIG"] = str(config)
+    # The node key goes to a file in the state folder, not to a keyring of the
+    # machine that runs the tests.
+    env["FLEETMEND_KEY_STORE"] = "file"
+    env.pop("FLEETMEND_COLLECTOR", None)
     return env
 
 
-def run_agent(collector: Collector, tmp_path: Path, reports: int) -> None:
+def enroll_agent(collector: Collector, tmp_path: Path) -> None:
+    """Enroll the agent of tmp_path as an installer would."""
     result = subprocess.run(
-        agent_command(collector, tmp_path / "agent", "--exit-after", str(reports)),
+        [
+            str(BIN_DIR / "fleetmend-agent"),
+            "enroll",
+            "--collector",
+            collector.address,
+            "--ca-file",
+            str(collector.tls_dir / "ca.pem"),
+            "--secret-file",
+            str(collector.tls_dir / "enrollment-secret"),
+            "--state-dir",
+            str(tmp_path / "agent"),
+        ],
+        env=agent_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    key = (tmp_path / "agent" / "node-key").read_text(encoding="utf-8").strip()
+    remember_secret(key)
+
+
+def agent_command(state_dir: Path, *extra: str) -> list[str]:
+    """Return `fleetmend-agent run`, which takes the collector from enrollment."""
+    return [
+        str(BIN_DIR / "fleetmend-agent"),
+        "run",
+        "--state-dir",
+        str(state_dir),
+        *extra,
+    ]
+
+
+def run_agent(collector: Collector, tmp_path: Path, reports: int) -> None:
+    if not (tmp_path / "agent" / "enrollment.json").exists():
+        enroll_agent(collector, tmp_path)
+    result = subprocess.run(
+        agent_command(tmp_path / "agent", "--exit-after", str(reports)),
         env=agent_env(tmp_path),
         capture_output=True,
         text=True,
@@ -112,7 +179,10 @@ def cli(collector: Collector, *args: str) -> subprocess.CompletedProcess[str]:
             str(BIN_DIR / "fleetmend"),
             "--collector",
             collector.address,
-            "--insecure",
+            "--ca-file",
+            str(collector.tls_dir / "ca.pem"),
+            "--token-file",
+            str(collector.admin_token_file),
             *args,
         ],
         capture_output=True,
@@ -182,8 +252,9 @@ def test_restart_loses_and_repeats_nothing(
 
 
 def test_sigterm_flushes_before_exit(collector: Collector, tmp_path: Path) -> None:
+    enroll_agent(collector, tmp_path)
     process = subprocess.Popen(
-        agent_command(collector, tmp_path / "agent"),
+        agent_command(tmp_path / "agent"),
         env=agent_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -202,3 +273,39 @@ def test_sigterm_flushes_before_exit(collector: Collector, tmp_path: Path) -> No
     assert process.returncode == 0, stderr
     assert count == issued_sequences(tmp_path / "agent")
     assert committed == count
+
+
+def test_revoked_device_is_refused(collector: Collector, tmp_path: Path) -> None:
+    run_agent(collector, tmp_path, reports=1)
+    count_before, _ = stored_sequences(collector)
+    device_id = json.loads(
+        (tmp_path / "agent" / "identity.json").read_text(encoding="utf-8")
+    )["device_id"]
+
+    revoked = cli(collector, "device", "revoke", device_id)
+    log_path = tmp_path / "agent-after-revoke.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            agent_command(tmp_path / "agent", "--log-level", "info"),
+            env=agent_env(tmp_path),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "rejected this device's node key" in log_path.read_text("utf-8"):
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    audit = cli(collector, "--json", "audit")
+
+    assert revoked.returncode == 0, revoked.stderr
+    assert "rejected this device's node key" in log_path.read_text("utf-8")
+    count_after, _ = stored_sequences(collector)
+    assert count_after == count_before
+    assert audit.returncode == 0, audit.stderr
+    events = json.loads(audit.stdout)["events"]
+    assert [e["action"] for e in events if e["actor"] == "e2e-admin"] == [
+        "RevokeDevice"
+    ]

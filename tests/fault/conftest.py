@@ -34,7 +34,8 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     agents: list[AgentProcess] = []
 
     def make(address: str, name: str = "agent", **options: object) -> AgentProcess:
-        agent = AgentProcess(tmp_path / name, address, **options)  # type: ignore[arg-type]
+        secret_file = tmp_path / "tls" / "enrollment-secret"
+        agent = AgentProcess(tmp_path / name, address, secret_file, **options)  # type: ignore[arg-type]
         agents.append(agent)
         return agent
 

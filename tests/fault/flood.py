@@ -15,10 +15,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
 
+from collector import auth
+from collector.store import Store
 from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
+from tests.trust import bearer, remember_secret
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,8 @@ class SimulatedAgent:
 
     reports: Sequence[report_pb2.Report]
     device_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # Set by enroll_in_store before the agent delivers.
+    node_key: str = ""
     highest_ack: int = 0
     connects: int = 0
     failures: int = 0
@@ -91,7 +97,7 @@ class SimulatedAgent:
             while self.highest_ack < self.last_sequence:
                 await asyncio.sleep(0.05)
 
-        call = stub.Connect(requests())
+        call = stub.Connect(requests(), metadata=bearer(self.node_key))
         async for response in call:
             kind = response.WhichOneof("message")
             if kind == "welcome":
@@ -106,6 +112,28 @@ class SimulatedAgent:
             if self.highest_ack >= self.last_sequence:
                 call.cancel()
                 return
+
+
+def enroll_in_store(database_url: str, agents: Sequence[SimulatedAgent]) -> None:
+    """Give each agent a node key, written straight into the collector's database.
+
+    The collector limits enrollments per source address, and every simulated
+    agent calls from 127.0.0.1, so they enroll through the store instead of
+    the Enroll call.
+    """
+    with Store.open(database_url) as store:
+        store.migrate()
+        for agent in agents:
+            issued = auth.issue_node_key()
+            store.enroll_device(
+                agent.device_id,
+                "simulated-laptop",
+                "sim",
+                issued.credential_id,
+                issued.secret_hash,
+                datetime.now(UTC),
+            )
+            agent.node_key = remember_secret(issued.text)
 
 
 async def deliver_all(

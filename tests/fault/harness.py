@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetmend.v1 import report_pb2
 from tests.conftest import BIN_DIR, free_port
+from tests.trust import make_tls_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = Path(__file__).with_name("launch_agent.py")
@@ -64,6 +65,11 @@ class CollectorProcess:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # Plaintext on loopback, so that the fault proxy can see and cut the
+        # traffic; node keys are checked all the same.
+        self.tls_dir = folder / "tls"
+        if not self.tls_dir.exists():
+            make_tls_dir(self.tls_dir)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.database_path = folder / "collector.db"
@@ -88,6 +94,8 @@ class CollectorProcess:
                     self.address,
                     "--database",
                     self.database_url,
+                    "--tls-dir",
+                    str(self.tls_dir),
                     "--insecure",
                 ],
                 stdout=log,
@@ -148,6 +156,9 @@ class AgentProcess:
 
     folder: Path
     collector_address: str
+    # The collector's enrollment secret; the first start enrolls through
+    # collector_address with it.
+    secret_file: Path
     accelerate: float | None = None
     # The rate after fast(); see launch_agent.py.
     fast_rate: float | None = None
@@ -208,11 +219,40 @@ class AgentProcess:
         )
         env["FLEETMEND_CONFIG"] = str(self.config_path)
         env["PYTHONPATH"] = str(REPO_ROOT)
+        # The node key stays in the state folder, out of any keyring of the
+        # machine running the tests.
+        env["FLEETMEND_KEY_STORE"] = "file"
         env.pop("FLEETMEND_COLLECTOR", None)
         return env
 
+    def enroll(self) -> None:
+        """Enroll the state folder with the collector, unless it is enrolled."""
+        if (self.state_dir / "enrollment.json").exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        enrolled = subprocess.run(
+            [
+                str(BIN_DIR / "fleetmend-agent"),
+                "enroll",
+                "--collector",
+                self.collector_address,
+                "--insecure",
+                "--secret-file",
+                str(self.secret_file),
+                "--state-dir",
+                str(self.state_dir),
+            ],
+            env=self.environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert enrolled.returncode == 0, enrolled.stderr
+
     def start(self) -> None:
         assert self.process is None, "agent already running"
+        self.enroll()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.runs += 1
         log_path = self.folder / f"agent-{self.runs}.log"

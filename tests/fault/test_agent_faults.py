@@ -180,10 +180,13 @@ def test_spool_disk_full(
     if reason is not None:
         pytest.skip(reason)
     agent = make_agent(collector.address, accelerate=NORMAL_ACCELERATION)
-    agent.state_dir.mkdir(parents=True)
+    agent.enroll()
     # The agent runs in its own mount namespace with its state directory on a
-    # 4 MiB tmpfs that is mounted only in that namespace. This process reaches
-    # that tmpfs through /proc/PID/root.
+    # 4 MiB tmpfs that is mounted only in that namespace, seeded with the
+    # enrollment made above. This process reaches that tmpfs through
+    # /proc/PID/root.
+    state = agent.state_dir
+    seed = agent.folder / "state-seed"
     agent.wrapper = [
         "unshare",
         "-m",
@@ -191,7 +194,9 @@ def test_spool_disk_full(
         "private",
         "sh",
         "-c",
-        f'mount -t tmpfs -o size=4m tmpfs "{agent.state_dir}" && exec "$0" "$@"',
+        f'rm -rf "{seed}" && cp -a "{state}" "{seed}" '
+        f'&& mount -t tmpfs -o size=4m tmpfs "{state}" '
+        f'&& cp -a "{seed}/." "{state}/" && exec "$0" "$@"',
     ]
     agent.start()
     assert agent.process is not None

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 
-from tests.fault.flood import SimulatedAgent, backlog, deliver_all
+from tests.fault.flood import SimulatedAgent, backlog, deliver_all, enroll_in_store
 from tests.fault.harness import CollectorProcess, scaled, stored_reports, wait_until
 
 SIMULATED_AGENTS = scaled("SIMULATED_AGENTS", 20)
@@ -28,6 +28,7 @@ def test_collector_sigkill_mid_batch(collector: CollectorProcess) -> None:
     agents = [
         SimulatedAgent(backlog(REPORTS_PER_AGENT)) for _ in range(SIMULATED_AGENTS)
     ]
+    enroll_in_store(collector.database_url, agents)
     outcome: dict[str, object] = {}
     # Ample: the collector commits thousands of reports a second.
     flood_timeout = 120 + SIMULATED_AGENTS * REPORTS_PER_AGENT / 200
