@@ -199,11 +199,17 @@ OPS_METHOD_ROLES: Mapping[str, Role] = MappingProxyType(
         "GetDevice": Role.VIEWER,
         "ListFindings": Role.VIEWER,
         "ListOutages": Role.VIEWER,
+        "GetPolicy": Role.VIEWER,
+        "ListRules": Role.VIEWER,
+        "ListRemediations": Role.VIEWER,
         "DeclareOutage": Role.OPERATOR,
+        "ChangeRuleState": Role.OPERATOR,
+        "SendCommand": Role.OPERATOR,
         "RevokeDevice": Role.ADMIN,
         "ListTokens": Role.ADMIN,
         "RevokeToken": Role.ADMIN,
         "ListAuditEvents": Role.ADMIN,
+        "SetPolicy": Role.ADMIN,
     }
 )
 

@@ -22,31 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fleetmend.v1 import remediation_pb2 as fleetmend_dot_v1_dot_remediation__pb2
 from fleetmend.v1 import report_pb2 as fleetmend_dot_v1_dot_report__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetmend/v1/agent.proto\x12\x0c\x66leetmend.v1\x1a\x19\x66leetmend/v1/report.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\"5\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08node_key\x18\x02 \x01(\t\"i\n\x0e\x43onnectRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.fleetmend.v1.HelloH\x00\x12&\n\x06report\x18\x02 \x01(\x0b\x32\x14.fleetmend.v1.ReportH\x00\x42\t\n\x07message\"`\n\x05Hello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12-\n\tsend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"h\n\x0f\x43onnectResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.fleetmend.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.fleetmend.v1.AckH\x00\x42\t\n\x07message\"%\n\x07Welcome\x12\x1a\n\x12\x63ommitted_sequence\x18\x01 \x01(\x04\"4\n\x03\x41\x63k\x12\x1a\n\x12\x63ommitted_sequence\x18\x01 \x01(\x04\x12\x11\n\tsequences\x18\x02 \x03(\x04\x32\x9f\x01\n\x0c\x41gentService\x12\x43\n\x06\x45nroll\x12\x1b.fleetmend.v1.EnrollRequest\x1a\x1c.fleetmend.v1.EnrollResponse\x12J\n\x07\x43onnect\x12\x1c.fleetmend.v1.ConnectRequest\x1a\x1d.fleetmend.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66leetmend/v1/agent.proto\x12\x0c\x66leetmend.v1\x1a\x1e\x66leetmend/v1/remediation.proto\x1a\x19\x66leetmend/v1/report.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\"5\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08node_key\x18\x02 \x01(\t\"i\n\x0e\x43onnectRequest\x12$\n\x05hello\x18\x01 \x01(\x0b\x32\x13.fleetmend.v1.HelloH\x00\x12&\n\x06report\x18\x02 \x01(\x0b\x32\x14.fleetmend.v1.ReportH\x00\x42\t\n\x07message\"x\n\x05Hello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12-\n\tsend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\"\xba\x01\n\x0f\x43onnectResponse\x12(\n\x07welcome\x18\x01 \x01(\x0b\x32\x15.fleetmend.v1.WelcomeH\x00\x12 \n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x11.fleetmend.v1.AckH\x00\x12&\n\x06policy\x18\x03 \x01(\x0b\x32\x14.fleetmend.v1.PolicyH\x00\x12(\n\x07\x63ommand\x18\x04 \x01(\x0b\x32\x15.fleetmend.v1.CommandH\x00\x42\t\n\x07message\"%\n\x07Welcome\x12\x1a\n\x12\x63ommitted_sequence\x18\x01 \x01(\x04\"4\n\x03\x41\x63k\x12\x1a\n\x12\x63ommitted_sequence\x18\x01 \x01(\x04\x12\x11\n\tsequences\x18\x02 \x03(\x04\x32\x9f\x01\n\x0c\x41gentService\x12\x43\n\x06\x45nroll\x12\x1b.fleetmend.v1.EnrollRequest\x1a\x1c.fleetmend.v1.EnrollResponse\x12J\n\x07\x43onnect\x12\x1c.fleetmend.v1.ConnectRequest\x1a\x1d.fleetmend.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetmend.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLLREQUEST']._serialized_start=102
-  _globals['_ENROLLREQUEST']._serialized_end=204
-  _globals['_ENROLLRESPONSE']._serialized_start=206
-  _globals['_ENROLLRESPONSE']._serialized_end=259
-  _globals['_CONNECTREQUEST']._serialized_start=261
-  _globals['_CONNECTREQUEST']._serialized_end=366
-  _globals['_HELLO']._serialized_start=368
-  _globals['_HELLO']._serialized_end=464
-  _globals['_CONNECTRESPONSE']._serialized_start=466
-  _globals['_CONNECTRESPONSE']._serialized_end=570
-  _globals['_WELCOME']._serialized_start=572
-  _globals['_WELCOME']._serialized_end=609
-  _globals['_ACK']._serialized_start=611
-  _globals['_ACK']._serialized_end=663
-  _globals['_AGENTSERVICE']._serialized_start=666
-  _globals['_AGENTSERVICE']._serialized_end=825
+  _globals['_ENROLLREQUEST']._serialized_start=134
+  _globals['_ENROLLREQUEST']._serialized_end=236
+  _globals['_ENROLLRESPONSE']._serialized_start=238
+  _globals['_ENROLLRESPONSE']._serialized_end=291
+  _globals['_CONNECTREQUEST']._serialized_start=293
+  _globals['_CONNECTREQUEST']._serialized_end=398
+  _globals['_HELLO']._serialized_start=400
+  _globals['_HELLO']._serialized_end=520
+  _globals['_CONNECTRESPONSE']._serialized_start=523
+  _globals['_CONNECTRESPONSE']._serialized_end=709
+  _globals['_WELCOME']._serialized_start=711
+  _globals['_WELCOME']._serialized_end=748
+  _globals['_ACK']._serialized_start=750
+  _globals['_ACK']._serialized_end=802
+  _globals['_AGENTSERVICE']._serialized_start=805
+  _globals['_AGENTSERVICE']._serialized_end=964
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from fleetmend.v1 import remediation_pb2 as _remediation_pb2
 from fleetmend.v1 import report_pb2 as _report_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -110,9 +111,14 @@ class Hello(_message.Message):
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     SEND_TIME_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """UUID made by the agent at its first start, in canonical text form."""
     agent_version: _builtins.str
+    policy_version: _builtins.int
+    """Version of the collector policy the agent has applied, 0 for none. The
+    collector sends its current policy after the welcome when it differs.
+    """
     @_builtins.property
     def send_time(self) -> _timestamp_pb2.Timestamp:
         """The agent's clock when it sent the hello. The collector compares it with
@@ -126,10 +132,11 @@ class Hello(_message.Message):
         device_id: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         send_time: _timestamp_pb2.Timestamp | None = ...,
+        policy_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["send_time", b"send_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "device_id", b"device_id", "send_time", b"send_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "device_id", b"device_id", "policy_version", b"policy_version", "send_time", b"send_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -141,21 +148,39 @@ class ConnectResponse(_message.Message):
 
     WELCOME_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
     def ack(self) -> Global___Ack: ...
+    @_builtins.property
+    def policy(self) -> _remediation_pb2.Policy:
+        """The fleet's current policy for this device, with the collector's fleet
+        limits applied (paused rules, canary membership). Sent after the
+        welcome when the hello named another version, and whenever it changes.
+        """
+
+    @_builtins.property
+    def command(self) -> _remediation_pb2.Command:
+        """An operator's command, sent after the welcome and when it is created,
+        until a record with its command_id is stored or it expires. The agent
+        runs each command id at most once.
+        """
+
     def __init__(
         self,
         *,
         welcome: Global___Welcome | None = ...,
         ack: Global___Ack | None = ...,
+        policy: _remediation_pb2.Policy | None = ...,
+        command: _remediation_pb2.Command | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "policy", b"policy", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "message", b"message", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "policy", b"policy", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "ack", "policy", "command"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

@@ -22,70 +22,107 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fleetmend.v1 import remediation_pb2 as fleetmend_dot_v1_dot_remediation__pb2
 from fleetmend.v1 import report_pb2 as fleetmend_dot_v1_dot_report__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leetmend/v1/ops.proto\x12\x0c\x66leetmend.v1\x1a\x19\x66leetmend/v1/report.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x01\n\x14\x44\x65\x63lareOutageRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"=\n\x15\x44\x65\x63lareOutageResponse\x12$\n\x06outage\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Outage\"H\n\x12ListOutagesRequest\x12\x32\n\x0e\x65nd_after_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x13ListOutagesResponse\x12%\n\x07outages\x18\x01 \x03(\x0b\x32\x14.fleetmend.v1.Outage\"\x91\x02\n\x06Outage\x12\x11\n\toutage_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x61pp_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65\x63lared_by\x18\x07 \x01(\t\x12\x30\n\x0c\x64\x65\x63lare_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x61\x66\x66\x65\x63ted_device_ids\x18\t \x03(\t\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"C\n\x14RevokeDeviceResponse\x12\x14\n\x0crevoked_keys\x18\x01 \x01(\x05\x12\x15\n\rstream_closed\x18\x02 \x01(\x08\"\x13\n\x11ListTokensRequest\"A\n\x12ListTokensResponse\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.fleetmend.v1.OperatorToken\"\xd4\x01\n\rOperatorToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.fleetmend.v1.Role\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"N\n\x16ListAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"\\\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.fleetmend.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc6\x01\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.fleetmend.v1.Role\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0c\n\x04peer\x18\x08 \x01(\t\"M\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\"U\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.fleetmend.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"9\n\x11GetDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Device\"O\n\x13ListFindingsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\"X\n\x14ListFindingsResponse\x12\'\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x15.fleetmend.v1.Finding\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc2\x04\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x33\n\x0f\x66irst_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ommitted_sequence\x18\x06 \x01(\x04\x12\x34\n\x10last_report_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04host\x18\x08 \x01(\x0b\x32\x17.fleetmend.v1.HostFacts\x12(\n\x05\x64isks\x18\t \x01(\x0b\x32\x19.fleetmend.v1.DiskSection\x12/\n\tbatteries\x18\n \x01(\x0b\x32\x1c.fleetmend.v1.BatterySection\x12\x34\n\x0b\x63redentials\x18\x0b \x01(\x0b\x32\x1f.fleetmend.v1.CredentialSection\x12)\n\x05usage\x18\x0c \x01(\x0b\x32\x1a.fleetmend.v1.UsageSection\x12\x17\n\x0f\x64ropped_reports\x18\r \x01(\x04\x12/\n\x0c\x63lock_offset\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63lock_skewed\x18\x0f \x01(\x08\"\xd4\x01\n\x07\x46inding\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.fleetmend.v1.FindingKind\x12(\n\x08severity\x18\x04 \x01(\x0e\x32\x16.fleetmend.v1.Severity\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x30\n\x0cobserve_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\xec\x01\n\x0b\x46indingKind\x12\x1c\n\x18\x46INDING_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46INDING_KIND_DISK_FAILING\x10\x01\x12\x1a\n\x16\x46INDING_KIND_DISK_WORN\x10\x02\x12\x1d\n\x19\x46INDING_KIND_BATTERY_WORN\x10\x03\x12!\n\x1d\x46INDING_KIND_PASSWORD_EXPIRED\x10\x04\x12\"\n\x1e\x46INDING_KIND_PASSWORD_EXPIRING\x10\x05\x12\x1e\n\x1a\x46INDING_KIND_DEVICE_SILENT\x10\x06*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x32\x8f\x06\n\nOpsService\x12R\n\x0bListDevices\x12 .fleetmend.v1.ListDevicesRequest\x1a!.fleetmend.v1.ListDevicesResponse\x12L\n\tGetDevice\x12\x1e.fleetmend.v1.GetDeviceRequest\x1a\x1f.fleetmend.v1.GetDeviceResponse\x12U\n\x0cListFindings\x12!.fleetmend.v1.ListFindingsRequest\x1a\".fleetmend.v1.ListFindingsResponse\x12X\n\rDeclareOutage\x12\".fleetmend.v1.DeclareOutageRequest\x1a#.fleetmend.v1.DeclareOutageResponse\x12R\n\x0bListOutages\x12 .fleetmend.v1.ListOutagesRequest\x1a!.fleetmend.v1.ListOutagesResponse\x12U\n\x0cRevokeDevice\x12!.fleetmend.v1.RevokeDeviceRequest\x1a\".fleetmend.v1.RevokeDeviceResponse\x12O\n\nListTokens\x12\x1f.fleetmend.v1.ListTokensRequest\x1a .fleetmend.v1.ListTokensResponse\x12R\n\x0bRevokeToken\x12 .fleetmend.v1.RevokeTokenRequest\x1a!.fleetmend.v1.RevokeTokenResponse\x12^\n\x0fListAuditEvents\x12$.fleetmend.v1.ListAuditEventsRequest\x1a%.fleetmend.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leetmend/v1/ops.proto\x12\x0c\x66leetmend.v1\x1a\x1e\x66leetmend/v1/remediation.proto\x1a\x19\x66leetmend/v1/report.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x10SetPolicyRequest\x12$\n\x06policy\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Policy\"$\n\x11SetPolicyResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"\x12\n\x10GetPolicyRequest\"9\n\x11GetPolicyResponse\x12$\n\x06policy\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Policy\"\x12\n\x10ListRulesRequest\";\n\x11ListRulesResponse\x12&\n\x05rules\x18\x01 \x03(\x0b\x32\x17.fleetmend.v1.RuleState\"\x9d\x01\n\tRuleState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05stage\x18\x02 \x01(\x0e\x32\x17.fleetmend.v1.RuleStage\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04runs\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x61ilures\x18\x05 \x01(\x04\x12\x12\n\nruns_today\x18\x06 \x01(\x04\x12\x16\n\x0e\x63\x61nary_devices\x18\x07 \x01(\x04\"`\n\x16\x43hangeRuleStateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x18.fleetmend.v1.RuleChange\x12\x0e\n\x06reason\x18\x03 \x01(\t\"@\n\x17\x43hangeRuleStateResponse\x12%\n\x04rule\x18\x01 \x01(\x0b\x32\x17.fleetmend.v1.RuleState\"\x94\x01\n\x12SendCommandRequest\x12$\n\x06\x61\x63tion\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Action\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\x13\n\x0b\x61ll_devices\x18\x03 \x01(\x08\x12/\n\x0ctime_to_live\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"D\n\x13SendCommandResponse\x12-\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1b.fleetmend.v1.CommandStatus\"u\n\rCommandStatus\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04sent\x18\x04 \x01(\x08\"\xca\x01\n\x17ListRemediationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x31\n\x07outcome\x18\x05 \x01(\x0e\x32 .fleetmend.v1.RemediationOutcome\x12\x34\n\x10start_after_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x98\x01\n\x18ListRemediationsResponse\x12\x35\n\x0cremediations\x18\x01 \x03(\x0b\x32\x1f.fleetmend.v1.StoredRemediation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12,\n\tsummaries\x18\x03 \x03(\x0b\x32\x19.fleetmend.v1.RuleSummary\"\x9b\x01\n\x11StoredRemediation\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12/\n\x06record\x18\x03 \x01(\x0b\x32\x1f.fleetmend.v1.RemediationRecord\x12\x30\n\x0creceive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9f\x01\n\x0bRuleSummary\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0c\n\x04runs\x18\x02 \x01(\x04\x12\x11\n\tsucceeded\x18\x03 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x04\x12\x0f\n\x07skipped\x18\x05 \x01(\x04\x12\x14\n\x0csuccess_rate\x18\x06 \x01(\x01\x12\x19\n\x11recurring_devices\x18\x07 \x01(\x04\x12\x0f\n\x07\x64\x65vices\x18\x08 \x01(\x04\"\xa8\x01\n\x14\x44\x65\x63lareOutageRequest\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\"=\n\x15\x44\x65\x63lareOutageResponse\x12$\n\x06outage\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Outage\"H\n\x12ListOutagesRequest\x12\x32\n\x0e\x65nd_after_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x13ListOutagesResponse\x12%\n\x07outages\x18\x01 \x03(\x0b\x32\x14.fleetmend.v1.Outage\"\x91\x02\n\x06Outage\x12\x11\n\toutage_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x61pp_id\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65\x63lared_by\x18\x07 \x01(\t\x12\x30\n\x0c\x64\x65\x63lare_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x61\x66\x66\x65\x63ted_device_ids\x18\t \x03(\t\"(\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"C\n\x14RevokeDeviceResponse\x12\x14\n\x0crevoked_keys\x18\x01 \x01(\x05\x12\x15\n\rstream_closed\x18\x02 \x01(\x08\"\x13\n\x11ListTokensRequest\"A\n\x12ListTokensResponse\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.fleetmend.v1.OperatorToken\"\xd4\x01\n\rOperatorToken\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04role\x18\x02 \x01(\x0e\x32\x12.fleetmend.v1.Role\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\"\n\x12RevokeTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x13RevokeTokenResponse\x12\x0f\n\x07revoked\x18\x01 \x01(\x08\"N\n\x16ListAuditEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"\\\n\x17ListAuditEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.fleetmend.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc6\x01\n\nAuditEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12 \n\x04role\x18\x04 \x01(\x0e\x32\x12.fleetmend.v1.Role\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\x0c\n\x04peer\x18\x08 \x01(\t\"M\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\"U\n\x13ListDevicesResponse\x12%\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x14.fleetmend.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"9\n\x11GetDeviceResponse\x12$\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x14.fleetmend.v1.Device\"O\n\x13ListFindingsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\"X\n\x14ListFindingsResponse\x12\'\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x15.fleetmend.v1.Finding\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc2\x04\n\x06\x44\x65vice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x33\n\x0f\x66irst_seen_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12\x63ommitted_sequence\x18\x06 \x01(\x04\x12\x34\n\x10last_report_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04host\x18\x08 \x01(\x0b\x32\x17.fleetmend.v1.HostFacts\x12(\n\x05\x64isks\x18\t \x01(\x0b\x32\x19.fleetmend.v1.DiskSection\x12/\n\tbatteries\x18\n \x01(\x0b\x32\x1c.fleetmend.v1.BatterySection\x12\x34\n\x0b\x63redentials\x18\x0b \x01(\x0b\x32\x1f.fleetmend.v1.CredentialSection\x12)\n\x05usage\x18\x0c \x01(\x0b\x32\x1a.fleetmend.v1.UsageSection\x12\x17\n\x0f\x64ropped_reports\x18\r \x01(\x04\x12/\n\x0c\x63lock_offset\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0c\x63lock_skewed\x18\x0f \x01(\x08\"\xd4\x01\n\x07\x46inding\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\'\n\x04kind\x18\x03 \x01(\x0e\x32\x19.fleetmend.v1.FindingKind\x12(\n\x08severity\x18\x04 \x01(\x0e\x32\x16.fleetmend.v1.Severity\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x30\n\x0cobserve_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*l\n\tRuleStage\x12\x1a\n\x16RULE_STAGE_UNSPECIFIED\x10\x00\x12\x15\n\x11RULE_STAGE_ACTIVE\x10\x01\x12\x15\n\x11RULE_STAGE_CANARY\x10\x02\x12\x15\n\x11RULE_STAGE_PAUSED\x10\x03*q\n\nRuleChange\x12\x1b\n\x17RULE_CHANGE_UNSPECIFIED\x10\x00\x12\x17\n\x13RULE_CHANGE_PROMOTE\x10\x01\x12\x15\n\x11RULE_CHANGE_PAUSE\x10\x02\x12\x16\n\x12RULE_CHANGE_RESUME\x10\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03*\xec\x01\n\x0b\x46indingKind\x12\x1c\n\x18\x46INDING_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x46INDING_KIND_DISK_FAILING\x10\x01\x12\x1a\n\x16\x46INDING_KIND_DISK_WORN\x10\x02\x12\x1d\n\x19\x46INDING_KIND_BATTERY_WORN\x10\x03\x12!\n\x1d\x46INDING_KIND_PASSWORD_EXPIRED\x10\x04\x12\"\n\x1e\x46INDING_KIND_PASSWORD_EXPIRING\x10\x05\x12\x1e\n\x1a\x46INDING_KIND_DEVICE_SILENT\x10\x06*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x32\x90\n\n\nOpsService\x12R\n\x0bListDevices\x12 .fleetmend.v1.ListDevicesRequest\x1a!.fleetmend.v1.ListDevicesResponse\x12L\n\tGetDevice\x12\x1e.fleetmend.v1.GetDeviceRequest\x1a\x1f.fleetmend.v1.GetDeviceResponse\x12U\n\x0cListFindings\x12!.fleetmend.v1.ListFindingsRequest\x1a\".fleetmend.v1.ListFindingsResponse\x12X\n\rDeclareOutage\x12\".fleetmend.v1.DeclareOutageRequest\x1a#.fleetmend.v1.DeclareOutageResponse\x12R\n\x0bListOutages\x12 .fleetmend.v1.ListOutagesRequest\x1a!.fleetmend.v1.ListOutagesResponse\x12U\n\x0cRevokeDevice\x12!.fleetmend.v1.RevokeDeviceRequest\x1a\".fleetmend.v1.RevokeDeviceResponse\x12O\n\nListTokens\x12\x1f.fleetmend.v1.ListTokensRequest\x1a .fleetmend.v1.ListTokensResponse\x12R\n\x0bRevokeToken\x12 .fleetmend.v1.RevokeTokenRequest\x1a!.fleetmend.v1.RevokeTokenResponse\x12^\n\x0fListAuditEvents\x12$.fleetmend.v1.ListAuditEventsRequest\x1a%.fleetmend.v1.ListAuditEventsResponse\x12L\n\tSetPolicy\x12\x1e.fleetmend.v1.SetPolicyRequest\x1a\x1f.fleetmend.v1.SetPolicyResponse\x12L\n\tGetPolicy\x12\x1e.fleetmend.v1.GetPolicyRequest\x1a\x1f.fleetmend.v1.GetPolicyResponse\x12L\n\tListRules\x12\x1e.fleetmend.v1.ListRulesRequest\x1a\x1f.fleetmend.v1.ListRulesResponse\x12^\n\x0f\x43hangeRuleState\x12$.fleetmend.v1.ChangeRuleStateRequest\x1a%.fleetmend.v1.ChangeRuleStateResponse\x12R\n\x0bSendCommand\x12 .fleetmend.v1.SendCommandRequest\x1a!.fleetmend.v1.SendCommandResponse\x12\x61\n\x10ListRemediations\x12%.fleetmend.v1.ListRemediationsRequest\x1a&.fleetmend.v1.ListRemediationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetmend.v1.ops_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2874
-  _globals['_ROLE']._serialized_end=2954
-  _globals['_FINDINGKIND']._serialized_start=2957
-  _globals['_FINDINGKIND']._serialized_end=3193
-  _globals['_SEVERITY']._serialized_start=3195
-  _globals['_SEVERITY']._serialized_end=3295
-  _globals['_DECLAREOUTAGEREQUEST']._serialized_start=133
-  _globals['_DECLAREOUTAGEREQUEST']._serialized_end=301
-  _globals['_DECLAREOUTAGERESPONSE']._serialized_start=303
-  _globals['_DECLAREOUTAGERESPONSE']._serialized_end=364
-  _globals['_LISTOUTAGESREQUEST']._serialized_start=366
-  _globals['_LISTOUTAGESREQUEST']._serialized_end=438
-  _globals['_LISTOUTAGESRESPONSE']._serialized_start=440
-  _globals['_LISTOUTAGESRESPONSE']._serialized_end=500
-  _globals['_OUTAGE']._serialized_start=503
-  _globals['_OUTAGE']._serialized_end=776
-  _globals['_REVOKEDEVICEREQUEST']._serialized_start=778
-  _globals['_REVOKEDEVICEREQUEST']._serialized_end=818
-  _globals['_REVOKEDEVICERESPONSE']._serialized_start=820
-  _globals['_REVOKEDEVICERESPONSE']._serialized_end=887
-  _globals['_LISTTOKENSREQUEST']._serialized_start=889
-  _globals['_LISTTOKENSREQUEST']._serialized_end=908
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=910
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=975
-  _globals['_OPERATORTOKEN']._serialized_start=978
-  _globals['_OPERATORTOKEN']._serialized_end=1190
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1192
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1226
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=1228
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=1266
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1268
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1346
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1348
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1440
-  _globals['_AUDITEVENT']._serialized_start=1443
-  _globals['_AUDITEVENT']._serialized_end=1641
-  _globals['_LISTDEVICESREQUEST']._serialized_start=1643
-  _globals['_LISTDEVICESREQUEST']._serialized_end=1720
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=1722
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=1807
-  _globals['_GETDEVICEREQUEST']._serialized_start=1809
-  _globals['_GETDEVICEREQUEST']._serialized_end=1846
-  _globals['_GETDEVICERESPONSE']._serialized_start=1848
-  _globals['_GETDEVICERESPONSE']._serialized_end=1905
-  _globals['_LISTFINDINGSREQUEST']._serialized_start=1907
-  _globals['_LISTFINDINGSREQUEST']._serialized_end=1986
-  _globals['_LISTFINDINGSRESPONSE']._serialized_start=1988
-  _globals['_LISTFINDINGSRESPONSE']._serialized_end=2076
-  _globals['_DEVICE']._serialized_start=2079
-  _globals['_DEVICE']._serialized_end=2657
-  _globals['_FINDING']._serialized_start=2660
-  _globals['_FINDING']._serialized_end=2872
-  _globals['_OPSSERVICE']._serialized_start=3298
-  _globals['_OPSSERVICE']._serialized_end=4081
+  _globals['_RULESTAGE']._serialized_start=4506
+  _globals['_RULESTAGE']._serialized_end=4614
+  _globals['_RULECHANGE']._serialized_start=4616
+  _globals['_RULECHANGE']._serialized_end=4729
+  _globals['_ROLE']._serialized_start=4731
+  _globals['_ROLE']._serialized_end=4811
+  _globals['_FINDINGKIND']._serialized_start=4814
+  _globals['_FINDINGKIND']._serialized_end=5050
+  _globals['_SEVERITY']._serialized_start=5052
+  _globals['_SEVERITY']._serialized_end=5152
+  _globals['_SETPOLICYREQUEST']._serialized_start=164
+  _globals['_SETPOLICYREQUEST']._serialized_end=220
+  _globals['_SETPOLICYRESPONSE']._serialized_start=222
+  _globals['_SETPOLICYRESPONSE']._serialized_end=258
+  _globals['_GETPOLICYREQUEST']._serialized_start=260
+  _globals['_GETPOLICYREQUEST']._serialized_end=278
+  _globals['_GETPOLICYRESPONSE']._serialized_start=280
+  _globals['_GETPOLICYRESPONSE']._serialized_end=337
+  _globals['_LISTRULESREQUEST']._serialized_start=339
+  _globals['_LISTRULESREQUEST']._serialized_end=357
+  _globals['_LISTRULESRESPONSE']._serialized_start=359
+  _globals['_LISTRULESRESPONSE']._serialized_end=418
+  _globals['_RULESTATE']._serialized_start=421
+  _globals['_RULESTATE']._serialized_end=578
+  _globals['_CHANGERULESTATEREQUEST']._serialized_start=580
+  _globals['_CHANGERULESTATEREQUEST']._serialized_end=676
+  _globals['_CHANGERULESTATERESPONSE']._serialized_start=678
+  _globals['_CHANGERULESTATERESPONSE']._serialized_end=742
+  _globals['_SENDCOMMANDREQUEST']._serialized_start=745
+  _globals['_SENDCOMMANDREQUEST']._serialized_end=893
+  _globals['_SENDCOMMANDRESPONSE']._serialized_start=895
+  _globals['_SENDCOMMANDRESPONSE']._serialized_end=963
+  _globals['_COMMANDSTATUS']._serialized_start=965
+  _globals['_COMMANDSTATUS']._serialized_end=1082
+  _globals['_LISTREMEDIATIONSREQUEST']._serialized_start=1085
+  _globals['_LISTREMEDIATIONSREQUEST']._serialized_end=1287
+  _globals['_LISTREMEDIATIONSRESPONSE']._serialized_start=1290
+  _globals['_LISTREMEDIATIONSRESPONSE']._serialized_end=1442
+  _globals['_STOREDREMEDIATION']._serialized_start=1445
+  _globals['_STOREDREMEDIATION']._serialized_end=1600
+  _globals['_RULESUMMARY']._serialized_start=1603
+  _globals['_RULESUMMARY']._serialized_end=1762
+  _globals['_DECLAREOUTAGEREQUEST']._serialized_start=1765
+  _globals['_DECLAREOUTAGEREQUEST']._serialized_end=1933
+  _globals['_DECLAREOUTAGERESPONSE']._serialized_start=1935
+  _globals['_DECLAREOUTAGERESPONSE']._serialized_end=1996
+  _globals['_LISTOUTAGESREQUEST']._serialized_start=1998
+  _globals['_LISTOUTAGESREQUEST']._serialized_end=2070
+  _globals['_LISTOUTAGESRESPONSE']._serialized_start=2072
+  _globals['_LISTOUTAGESRESPONSE']._serialized_end=2132
+  _globals['_OUTAGE']._serialized_start=2135
+  _globals['_OUTAGE']._serialized_end=2408
+  _globals['_REVOKEDEVICEREQUEST']._serialized_start=2410
+  _globals['_REVOKEDEVICEREQUEST']._serialized_end=2450
+  _globals['_REVOKEDEVICERESPONSE']._serialized_start=2452
+  _globals['_REVOKEDEVICERESPONSE']._serialized_end=2519
+  _globals['_LISTTOKENSREQUEST']._serialized_start=2521
+  _globals['_LISTTOKENSREQUEST']._serialized_end=2540
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=2542
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=2607
+  _globals['_OPERATORTOKEN']._serialized_start=2610
+  _globals['_OPERATORTOKEN']._serialized_end=2822
+  _globals['_REVOKETOKENREQUEST']._serialized_start=2824
+  _globals['_REVOKETOKENREQUEST']._serialized_end=2858
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=2860
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=2898
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2900
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2978
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2980
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=3072
+  _globals['_AUDITEVENT']._serialized_start=3075
+  _globals['_AUDITEVENT']._serialized_end=3273
+  _globals['_LISTDEVICESREQUEST']._serialized_start=3275
+  _globals['_LISTDEVICESREQUEST']._serialized_end=3352
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=3354
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=3439
+  _globals['_GETDEVICEREQUEST']._serialized_start=3441
+  _globals['_GETDEVICEREQUEST']._serialized_end=3478
+  _globals['_GETDEVICERESPONSE']._serialized_start=3480
+  _globals['_GETDEVICERESPONSE']._serialized_end=3537
+  _globals['_LISTFINDINGSREQUEST']._serialized_start=3539
+  _globals['_LISTFINDINGSREQUEST']._serialized_end=3618
+  _globals['_LISTFINDINGSRESPONSE']._serialized_start=3620
+  _globals['_LISTFINDINGSRESPONSE']._serialized_end=3708
+  _globals['_DEVICE']._serialized_start=3711
+  _globals['_DEVICE']._serialized_end=4289
+  _globals['_FINDING']._serialized_start=4292
+  _globals['_FINDING']._serialized_end=4504
+  _globals['_OPSSERVICE']._serialized_start=5155
+  _globals['_OPSSERVICE']._serialized_end=6451
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from fleetmend.v1 import remediation_pb2 as _remediation_pb2
 from fleetmend.v1 import report_pb2 as _report_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -21,6 +22,44 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RuleStage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RuleStageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RuleStage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RULE_STAGE_UNSPECIFIED: _RuleStage.ValueType  # 0
+    RULE_STAGE_ACTIVE: _RuleStage.ValueType  # 1
+    RULE_STAGE_CANARY: _RuleStage.ValueType  # 2
+    RULE_STAGE_PAUSED: _RuleStage.ValueType  # 3
+
+class RuleStage(_RuleStage, metaclass=_RuleStageEnumTypeWrapper): ...
+
+RULE_STAGE_UNSPECIFIED: RuleStage.ValueType  # 0
+RULE_STAGE_ACTIVE: RuleStage.ValueType  # 1
+RULE_STAGE_CANARY: RuleStage.ValueType  # 2
+RULE_STAGE_PAUSED: RuleStage.ValueType  # 3
+Global___RuleStage: _TypeAlias = RuleStage  # noqa: Y015
+
+class _RuleChange:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RuleChangeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RuleChange.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RULE_CHANGE_UNSPECIFIED: _RuleChange.ValueType  # 0
+    RULE_CHANGE_PROMOTE: _RuleChange.ValueType  # 1
+    RULE_CHANGE_PAUSE: _RuleChange.ValueType  # 2
+    RULE_CHANGE_RESUME: _RuleChange.ValueType  # 3
+
+class RuleChange(_RuleChange, metaclass=_RuleChangeEnumTypeWrapper): ...
+
+RULE_CHANGE_UNSPECIFIED: RuleChange.ValueType  # 0
+RULE_CHANGE_PROMOTE: RuleChange.ValueType  # 1
+RULE_CHANGE_PAUSE: RuleChange.ValueType  # 2
+RULE_CHANGE_RESUME: RuleChange.ValueType  # 3
+Global___RuleChange: _TypeAlias = RuleChange  # noqa: Y015
 
 class _Role:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -84,6 +123,437 @@ SEVERITY_INFO: Severity.ValueType  # 1
 SEVERITY_WARNING: Severity.ValueType  # 2
 SEVERITY_CRITICAL: Severity.ValueType  # 3
 Global___Severity: _TypeAlias = Severity  # noqa: Y015
+
+@_typing.final
+class SetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _remediation_pb2.Policy:
+        """version is ignored; the collector assigns it."""
+
+    def __init__(
+        self,
+        *,
+        policy: _remediation_pb2.Policy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyResponse: _TypeAlias = SetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> _remediation_pb2.Policy:
+        """Unset before the first SetPolicy."""
+
+    def __init__(
+        self,
+        *,
+        policy: _remediation_pb2.Policy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyResponse: _TypeAlias = GetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListRulesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRulesRequest: _TypeAlias = ListRulesRequest  # noqa: Y015
+
+@_typing.final
+class ListRulesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleState]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___RuleState] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRulesResponse: _TypeAlias = ListRulesResponse  # noqa: Y015
+
+@_typing.final
+class RuleState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    RUNS_TODAY_FIELD_NUMBER: _builtins.int
+    CANARY_DEVICES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    stage: Global___RuleStage.ValueType
+    reason: _builtins.str
+    """Why the rule is paused: the circuit breaker's failure ratio, the daily
+    budget, or the operator who paused it.
+    """
+    runs: _builtins.int
+    """Runs (records that succeeded or failed) over the rule's life, and of
+    them the failures.
+    """
+    failures: _builtins.int
+    runs_today: _builtins.int
+    """Runs in the current UTC day, against FleetLimits.daily_budget."""
+    canary_devices: _builtins.int
+    """Devices that get the rule while it is in canary."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        stage: Global___RuleStage.ValueType = ...,
+        reason: _builtins.str = ...,
+        runs: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        runs_today: _builtins.int = ...,
+        canary_devices: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_devices", b"canary_devices", "failures", b"failures", "name", b"name", "reason", b"reason", "runs", b"runs", "runs_today", b"runs_today", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleState: _TypeAlias = RuleState  # noqa: Y015
+
+@_typing.final
+class ChangeRuleStateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    change: Global___RuleChange.ValueType
+    reason: _builtins.str
+    """Shown as the reason of a pause."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        change: Global___RuleChange.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeRuleStateRequest: _TypeAlias = ChangeRuleStateRequest  # noqa: Y015
+
+@_typing.final
+class ChangeRuleStateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rule(self) -> Global___RuleState: ...
+    def __init__(
+        self,
+        *,
+        rule: Global___RuleState | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeRuleStateResponse: _TypeAlias = ChangeRuleStateResponse  # noqa: Y015
+
+@_typing.final
+class SendCommandRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    DEVICE_IDS_FIELD_NUMBER: _builtins.int
+    ALL_DEVICES_FIELD_NUMBER: _builtins.int
+    TIME_TO_LIVE_FIELD_NUMBER: _builtins.int
+    all_devices: _builtins.bool
+    """Every known device that is not revoked; device_ids must then be empty."""
+    @_builtins.property
+    def action(self) -> _remediation_pb2.Action: ...
+    @_builtins.property
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def time_to_live(self) -> _duration_pb2.Duration:
+        """Default 24 hours."""
+
+    def __init__(
+        self,
+        *,
+        action: _remediation_pb2.Action | None = ...,
+        device_ids: _abc.Iterable[_builtins.str] | None = ...,
+        all_devices: _builtins.bool = ...,
+        time_to_live: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "time_to_live", b"time_to_live"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "all_devices", b"all_devices", "device_ids", b"device_ids", "time_to_live", b"time_to_live"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendCommandRequest: _TypeAlias = SendCommandRequest  # noqa: Y015
+
+@_typing.final
+class SendCommandResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def commands(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommandStatus]:
+        """One command per device, in device id order."""
+
+    def __init__(
+        self,
+        *,
+        commands: _abc.Iterable[Global___CommandStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendCommandResponse: _TypeAlias = SendCommandResponse  # noqa: Y015
+
+@_typing.final
+class CommandStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    device_id: _builtins.str
+    sent: _builtins.bool
+    """Whether the device had an open stream when the command was created."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        sent: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "device_id", b"device_id", "expire_time", b"expire_time", "sent", b"sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandStatus: _TypeAlias = CommandStatus  # noqa: Y015
+
+@_typing.final
+class ListRemediationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    START_AFTER_TIME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    page_token: _builtins.str
+    device_id: _builtins.str
+    rule: _builtins.str
+    outcome: _remediation_pb2.RemediationOutcome.ValueType
+    @_builtins.property
+    def start_after_time(self) -> _timestamp_pb2.Timestamp:
+        """Only records that started at or after this time."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        rule: _builtins.str = ...,
+        outcome: _remediation_pb2.RemediationOutcome.ValueType = ...,
+        start_after_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_after_time", b"start_after_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "outcome", b"outcome", "page_size", b"page_size", "page_token", b"page_token", "rule", b"rule", "start_after_time", b"start_after_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRemediationsRequest: _TypeAlias = ListRemediationsRequest  # noqa: Y015
+
+@_typing.final
+class ListRemediationsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMEDIATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SUMMARIES_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def remediations(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredRemediation]: ...
+    @_builtins.property
+    def summaries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleSummary]:
+        """Over every record that matches the filters, not only this page."""
+
+    def __init__(
+        self,
+        *,
+        remediations: _abc.Iterable[Global___StoredRemediation] | None = ...,
+        next_page_token: _builtins.str = ...,
+        summaries: _abc.Iterable[Global___RuleSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "remediations", b"remediations", "summaries", b"summaries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRemediationsResponse: _TypeAlias = ListRemediationsResponse  # noqa: Y015
+
+@_typing.final
+class StoredRemediation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    hostname: _builtins.str
+    @_builtins.property
+    def record(self) -> _remediation_pb2.RemediationRecord: ...
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        record: _remediation_pb2.RemediationRecord | None = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receive_time", b"receive_time", "record", b"record"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "hostname", b"hostname", "receive_time", b"receive_time", "record", b"record"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredRemediation: _TypeAlias = StoredRemediation  # noqa: Y015
+
+@_typing.final
+class RuleSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    RECURRING_DEVICES_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    rule: _builtins.str
+    """Rule name, or "command" for operator commands."""
+    runs: _builtins.int
+    succeeded: _builtins.int
+    failed: _builtins.int
+    skipped: _builtins.int
+    success_rate: _builtins.float
+    """succeeded / runs, 0 without runs."""
+    recurring_devices: _builtins.int
+    """Devices on which the rule succeeded and its condition came back, that
+    is, the rule ran again on the same device within 7 days.
+    """
+    devices: _builtins.int
+    def __init__(
+        self,
+        *,
+        rule: _builtins.str = ...,
+        runs: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        success_rate: _builtins.float = ...,
+        recurring_devices: _builtins.int = ...,
+        devices: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "failed", b"failed", "recurring_devices", b"recurring_devices", "rule", b"rule", "runs", b"runs", "skipped", b"skipped", "succeeded", b"succeeded", "success_rate", b"success_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuleSummary: _TypeAlias = RuleSummary  # noqa: Y015
 
 @_typing.final
 class DeclareOutageRequest(_message.Message):

@@ -88,6 +88,36 @@ class OpsServiceStub:
                 request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/fleetmend.v1.OpsService/SetPolicy',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.SetPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/fleetmend.v1.OpsService/GetPolicy',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListRules = channel.unary_unary(
+                '/fleetmend.v1.OpsService/ListRules',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListRulesRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListRulesResponse.FromString,
+                _registered_method=True)
+        self.ChangeRuleState = channel.unary_unary(
+                '/fleetmend.v1.OpsService/ChangeRuleState',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.ChangeRuleStateRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ChangeRuleStateResponse.FromString,
+                _registered_method=True)
+        self.SendCommand = channel.unary_unary(
+                '/fleetmend.v1.OpsService/SendCommand',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.SendCommandRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.SendCommandResponse.FromString,
+                _registered_method=True)
+        self.ListRemediations = channel.unary_unary(
+                '/fleetmend.v1.OpsService/ListRemediations',
+                request_serializer=fleetmend_dot_v1_dot_ops__pb2.ListRemediationsRequest.SerializeToString,
+                response_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListRemediationsResponse.FromString,
+                _registered_method=True)
 
 
 class OpsServiceServicer:
@@ -189,6 +219,59 @@ class OpsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPolicy(self, request, context):
+        """Replace the fleet's policy; the collector assigns the next version and
+        sends it to every connected agent. Role: admin.
+
+        Status codes: INVALID_ARGUMENT for a rule without a name, condition or
+        action, a duplicate rule name, or a fleet limit out of range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """Return the fleet's current policy as operators set it. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRules(self, request, context):
+        """List each rule of the current policy with its fleet state. Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeRuleState(self, request, context):
+        """Move a rule from canary to the whole fleet, pause it, or resume a paused
+        rule. Role: operator.
+
+        Status codes: NOT_FOUND for a rule not in the current policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendCommand(self, request, context):
+        """Ask devices to run an allowlisted action now. Role: operator.
+
+        Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
+        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRemediations(self, request, context):
+        """List remediation records, newest first, with a summary per rule.
+        Role: viewer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OpsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +319,36 @@ def add_OpsServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.SetPolicyRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.SetPolicyResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.GetPolicyRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'ListRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRules,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListRulesRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListRulesResponse.SerializeToString,
+            ),
+            'ChangeRuleState': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeRuleState,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ChangeRuleStateRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.ChangeRuleStateResponse.SerializeToString,
+            ),
+            'SendCommand': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendCommand,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.SendCommandRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.SendCommandResponse.SerializeToString,
+            ),
+            'ListRemediations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRemediations,
+                    request_deserializer=fleetmend_dot_v1_dot_ops__pb2.ListRemediationsRequest.FromString,
+                    response_serializer=fleetmend_dot_v1_dot_ops__pb2.ListRemediationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -490,6 +603,168 @@ class OpsService:
             '/fleetmend.v1.OpsService/ListAuditEvents',
             fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsRequest.SerializeToString,
             fleetmend_dot_v1_dot_ops__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/SetPolicy',
+            fleetmend_dot_v1_dot_ops__pb2.SetPolicyRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.SetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/GetPolicy',
+            fleetmend_dot_v1_dot_ops__pb2.GetPolicyRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/ListRules',
+            fleetmend_dot_v1_dot_ops__pb2.ListRulesRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.ListRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeRuleState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/ChangeRuleState',
+            fleetmend_dot_v1_dot_ops__pb2.ChangeRuleStateRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.ChangeRuleStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendCommand(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/SendCommand',
+            fleetmend_dot_v1_dot_ops__pb2.SendCommandRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.SendCommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRemediations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetmend.v1.OpsService/ListRemediations',
+            fleetmend_dot_v1_dot_ops__pb2.ListRemediationsRequest.SerializeToString,
+            fleetmend_dot_v1_dot_ops__pb2.ListRemediationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,33 @@ class OpsServiceStub:
 
     Status codes: INVALID_ARGUMENT for a bad page token.
     """
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_ops_pb2.SetPolicyRequest, _ops_pb2.SetPolicyResponse]
+    """Replace the fleet's policy; the collector assigns the next version and
+    sends it to every connected agent. Role: admin.
+
+    Status codes: INVALID_ARGUMENT for a rule without a name, condition or
+    action, a duplicate rule name, or a fleet limit out of range.
+    """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetPolicyRequest, _ops_pb2.GetPolicyResponse]
+    """Return the fleet's current policy as operators set it. Role: viewer."""
+    ListRules: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ListRulesRequest, _ops_pb2.ListRulesResponse]
+    """List each rule of the current policy with its fleet state. Role: viewer."""
+    ChangeRuleState: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ChangeRuleStateRequest, _ops_pb2.ChangeRuleStateResponse]
+    """Move a rule from canary to the whole fleet, pause it, or resume a paused
+    rule. Role: operator.
+
+    Status codes: NOT_FOUND for a rule not in the current policy.
+    """
+    SendCommand: _grpc.UnaryUnaryMultiCallable[_ops_pb2.SendCommandRequest, _ops_pb2.SendCommandResponse]
+    """Ask devices to run an allowlisted action now. Role: operator.
+
+    Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
+    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+    """
+    ListRemediations: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ListRemediationsRequest, _ops_pb2.ListRemediationsResponse]
+    """List remediation records, newest first, with a summary per rule.
+    Role: viewer.
+    """
 
 @_typing.type_check_only
 class OpsServiceAsyncStub(OpsServiceStub):
@@ -154,6 +181,33 @@ class OpsServiceAsyncStub(OpsServiceStub):
     """List the audit log, newest first. Role: admin.
 
     Status codes: INVALID_ARGUMENT for a bad page token.
+    """
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_ops_pb2.SetPolicyRequest, _ops_pb2.SetPolicyResponse]  # type: ignore[assignment]
+    """Replace the fleet's policy; the collector assigns the next version and
+    sends it to every connected agent. Role: admin.
+
+    Status codes: INVALID_ARGUMENT for a rule without a name, condition or
+    action, a duplicate rule name, or a fleet limit out of range.
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetPolicyRequest, _ops_pb2.GetPolicyResponse]  # type: ignore[assignment]
+    """Return the fleet's current policy as operators set it. Role: viewer."""
+    ListRules: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListRulesRequest, _ops_pb2.ListRulesResponse]  # type: ignore[assignment]
+    """List each rule of the current policy with its fleet state. Role: viewer."""
+    ChangeRuleState: _aio.UnaryUnaryMultiCallable[_ops_pb2.ChangeRuleStateRequest, _ops_pb2.ChangeRuleStateResponse]  # type: ignore[assignment]
+    """Move a rule from canary to the whole fleet, pause it, or resume a paused
+    rule. Role: operator.
+
+    Status codes: NOT_FOUND for a rule not in the current policy.
+    """
+    SendCommand: _aio.UnaryUnaryMultiCallable[_ops_pb2.SendCommandRequest, _ops_pb2.SendCommandResponse]  # type: ignore[assignment]
+    """Ask devices to run an allowlisted action now. Role: operator.
+
+    Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
+    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+    """
+    ListRemediations: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListRemediationsRequest, _ops_pb2.ListRemediationsResponse]  # type: ignore[assignment]
+    """List remediation records, newest first, with a summary per rule.
+    Role: viewer.
     """
 
 class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -269,6 +323,69 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         """List the audit log, newest first. Role: admin.
 
         Status codes: INVALID_ARGUMENT for a bad page token.
+        """
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _ops_pb2.SetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.SetPolicyResponse, _abc.Awaitable[_ops_pb2.SetPolicyResponse]]:
+        """Replace the fleet's policy; the collector assigns the next version and
+        sends it to every connected agent. Role: admin.
+
+        Status codes: INVALID_ARGUMENT for a rule without a name, condition or
+        action, a duplicate rule name, or a fleet limit out of range.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _ops_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.GetPolicyResponse, _abc.Awaitable[_ops_pb2.GetPolicyResponse]]:
+        """Return the fleet's current policy as operators set it. Role: viewer."""
+
+    @_abc_1.abstractmethod
+    def ListRules(
+        self,
+        request: _ops_pb2.ListRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.ListRulesResponse, _abc.Awaitable[_ops_pb2.ListRulesResponse]]:
+        """List each rule of the current policy with its fleet state. Role: viewer."""
+
+    @_abc_1.abstractmethod
+    def ChangeRuleState(
+        self,
+        request: _ops_pb2.ChangeRuleStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.ChangeRuleStateResponse, _abc.Awaitable[_ops_pb2.ChangeRuleStateResponse]]:
+        """Move a rule from canary to the whole fleet, pause it, or resume a paused
+        rule. Role: operator.
+
+        Status codes: NOT_FOUND for a rule not in the current policy.
+        """
+
+    @_abc_1.abstractmethod
+    def SendCommand(
+        self,
+        request: _ops_pb2.SendCommandRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.SendCommandResponse, _abc.Awaitable[_ops_pb2.SendCommandResponse]]:
+        """Ask devices to run an allowlisted action now. Role: operator.
+
+        Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
+        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRemediations(
+        self,
+        request: _ops_pb2.ListRemediationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.ListRemediationsResponse, _abc.Awaitable[_ops_pb2.ListRemediationsResponse]]:
+        """List remediation records, newest first, with a summary per rule.
+        Role: viewer.
         """
 
 def add_OpsServiceServicer_to_server(servicer: OpsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,58 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fleetmend.v1 import remediation_pb2 as fleetmend_dot_v1_dot_remediation__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66leetmend/v1/report.proto\x12\x0c\x66leetmend.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd6\x02\n\x06Report\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x0c\x63ollect_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12%\n\x04host\x18\x04 \x01(\x0b\x32\x17.fleetmend.v1.HostFacts\x12(\n\x05\x64isks\x18\x05 \x01(\x0b\x32\x19.fleetmend.v1.DiskSection\x12/\n\tbatteries\x18\x06 \x01(\x0b\x32\x1c.fleetmend.v1.BatterySection\x12\x34\n\x0b\x63redentials\x18\x07 \x01(\x0b\x32\x1f.fleetmend.v1.CredentialSection\x12)\n\x05usage\x18\x08 \x01(\x0b\x32\x1a.fleetmend.v1.UsageSection\x12\x17\n\x0f\x64ropped_reports\x18\t \x01(\x04\"X\n\nProbeError\x12\x0e\n\x06source\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.fleetmend.v1.ProbeErrorKind\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc2\x02\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0f\n\x07os_name\x18\x02 \x01(\t\x12\x12\n\nos_version\x18\x03 \x01(\t\x12\x16\n\x0ekernel_version\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rserial_number\x18\x08 \x01(\t\x12-\n\tboot_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x04\x12%\n\x07volumes\x18\x0b \x03(\x0b\x32\x14.fleetmend.v1.Volume\x12(\n\x06\x65rrors\x18\x0c \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"j\n\x06Volume\x12\x13\n\x0bmount_point\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nfilesystem\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\"Z\n\x0b\x44iskSection\x12!\n\x05\x64isks\x18\x01 \x03(\x0b\x32\x12.fleetmend.v1.Disk\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"\x95\x03\n\x04\x44isk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rserial_number\x18\x03 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x04 \x01(\t\x12.\n\tinterface\x18\x05 \x01(\x0e\x32\x1b.fleetmend.v1.DiskInterface\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x12\n\nrotational\x18\x07 \x01(\x08\x12-\n\x0bsmart_state\x18\x08 \x01(\x0e\x32\x18.fleetmend.v1.SmartState\x12\x1a\n\x12smart_state_reason\x18\t \x01(\t\x12\x35\n\x0fself_assessment\x18\n \x01(\x0e\x32\x1c.fleetmend.v1.SelfAssessment\x12\x32\n\x0e\x61ta_attributes\x18\x0b \x03(\x0b\x32\x1a.fleetmend.v1.AtaAttribute\x12-\n\x0bnvme_health\x18\x0c \x01(\x0b\x32\x18.fleetmend.v1.NvmeHealth\"\x8d\x01\n\x0c\x41taAttribute\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\r\x12\r\n\x05worst\x18\x04 \x01(\r\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x0b\n\x03raw\x18\x06 \x01(\x03\x12\x10\n\x08raw_text\x18\x07 \x01(\t\x12\x13\n\x0bwhen_failed\x18\x08 \x01(\t\"\xa1\x02\n\nNvmeHealth\x12\x18\n\x10\x63ritical_warning\x18\x01 \x01(\r\x12\x1b\n\x13temperature_celsius\x18\x02 \x01(\x05\x12\x1f\n\x17\x61vailable_spare_percent\x18\x03 \x01(\r\x12)\n!available_spare_threshold_percent\x18\x04 \x01(\r\x12\x17\n\x0fpercentage_used\x18\x05 \x01(\r\x12\x14\n\x0cmedia_errors\x18\x06 \x01(\x04\x12\x18\n\x10unsafe_shutdowns\x18\x07 \x01(\x04\x12\x16\n\x0epower_on_hours\x18\x08 \x01(\x04\x12\x14\n\x0cpower_cycles\x18\t \x01(\x04\x12\x19\n\x11\x65rror_log_entries\x18\n \x01(\x04\"d\n\x0e\x42\x61tterySection\x12(\n\tbatteries\x18\x01 \x03(\x0b\x32\x15.fleetmend.v1.Battery\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"\xb9\x03\n\x07\x42\x61ttery\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rserial_number\x18\x04 \x01(\t\x12\x12\n\ntechnology\x18\x05 \x01(\t\x12\x31\n\rcapacity_unit\x18\x06 \x01(\x0e\x32\x1a.fleetmend.v1.CapacityUnit\x12\x1c\n\x0f\x64\x65sign_capacity\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rfull_capacity\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12remaining_capacity\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x18\n\x0b\x63ycle_count\x18\n \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0ehealth_percent\x18\x0b \x01(\x01H\x04\x88\x01\x01\x12+\n\x06status\x18\x0c \x01(\x0e\x32\x1b.fleetmend.v1.BatteryStatusB\x12\n\x10_design_capacityB\x10\n\x0e_full_capacityB\x15\n\x13_remaining_capacityB\x0e\n\x0c_cycle_countB\x11\n\x0f_health_percent\"l\n\x11\x43redentialSection\x12-\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x18.fleetmend.v1.Credential\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"\xba\x01\n\nCredential\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.fleetmend.v1.CredentialKind\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12.\n\x06\x65xpiry\x18\x03 \x01(\x0e\x32\x1e.fleetmend.v1.CredentialExpiry\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x05 \x01(\t\"Z\n\x0cUsageSection\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12$\n\x04\x61pps\x18\x02 \x03(\x0b\x32\x16.fleetmend.v1.AppUsage\x12\x13\n\x0bwindow_days\x18\x03 \x01(\r\"B\n\x08\x41ppUsage\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x15\n\rhours_of_week\x18\x02 \x03(\r\x12\x0f\n\x07minutes\x18\x03 \x03(\r*r\n\x0eProbeErrorKind\x12 \n\x1cPROBE_ERROR_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROBE_ERROR_KIND_UNPARSED\x10\x01\x12\x1f\n\x1bPROBE_ERROR_KIND_UNREADABLE\x10\x02*\xc4\x01\n\rDiskInterface\x12\x1e\n\x1a\x44ISK_INTERFACE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ISK_INTERFACE_ATA\x10\x01\x12\x17\n\x13\x44ISK_INTERFACE_NVME\x10\x02\x12\x17\n\x13\x44ISK_INTERFACE_SCSI\x10\x03\x12\x16\n\x12\x44ISK_INTERFACE_USB\x10\x04\x12\x19\n\x15\x44ISK_INTERFACE_VIRTIO\x10\x05\x12\x16\n\x12\x44ISK_INTERFACE_MMC\x10\x06*\xf5\x01\n\nSmartState\x12\x1b\n\x17SMART_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SMART_STATE_AVAILABLE\x10\x01\x12\x1d\n\x19SMART_STATE_NOT_SUPPORTED\x10\x02\x12!\n\x1dSMART_STATE_PERMISSION_DENIED\x10\x03\x12\x1a\n\x16SMART_STATE_IN_STANDBY\x10\x04\x12 \n\x1cSMART_STATE_SMARTCTL_MISSING\x10\x05\x12\x18\n\x14SMART_STATE_UNPARSED\x10\x06\x12\x15\n\x11SMART_STATE_ERROR\x10\x07*i\n\x0eSelfAssessment\x12\x1f\n\x1bSELF_ASSESSMENT_UNSPECIFIED\x10\x00\x12\x1a\n\x16SELF_ASSESSMENT_PASSED\x10\x01\x12\x1a\n\x16SELF_ASSESSMENT_FAILED\x10\x02*\xbd\x01\n\x0c\x43\x61pacityUnit\x12\x1d\n\x19\x43\x41PACITY_UNIT_UNSPECIFIED\x10\x00\x12!\n\x1d\x43\x41PACITY_UNIT_MICROWATT_HOURS\x10\x01\x12#\n\x1f\x43\x41PACITY_UNIT_MICROAMPERE_HOURS\x10\x02\x12!\n\x1d\x43\x41PACITY_UNIT_MILLIWATT_HOURS\x10\x03\x12#\n\x1f\x43\x41PACITY_UNIT_MILLIAMPERE_HOURS\x10\x04*\xc2\x01\n\rBatteryStatus\x12\x1e\n\x1a\x42\x41TTERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TTERY_STATUS_CHARGING\x10\x01\x12\x1e\n\x1a\x42\x41TTERY_STATUS_DISCHARGING\x10\x02\x12\x17\n\x13\x42\x41TTERY_STATUS_FULL\x10\x03\x12\x1f\n\x1b\x42\x41TTERY_STATUS_NOT_CHARGING\x10\x04\x12\x1a\n\x16\x42\x41TTERY_STATUS_UNKNOWN\x10\x05*\xc0\x01\n\x0e\x43redentialKind\x12\x1f\n\x1b\x43REDENTIAL_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43REDENTIAL_KIND_LOCAL_PASSWORD\x10\x01\x12#\n\x1f\x43REDENTIAL_KIND_DOMAIN_PASSWORD\x10\x02\x12#\n\x1f\x43REDENTIAL_KIND_KERBEROS_TICKET\x10\x03\x12\x1f\n\x1b\x43REDENTIAL_KIND_CERTIFICATE\x10\x04*\x98\x01\n\x10\x43redentialExpiry\x12!\n\x1d\x43REDENTIAL_EXPIRY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43REDENTIAL_EXPIRY_NEVER\x10\x01\x12\x1d\n\x19\x43REDENTIAL_EXPIRY_AT_TIME\x10\x02\x12%\n!CREDENTIAL_EXPIRY_MUST_CHANGE_NOW\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66leetmend/v1/report.proto\x12\x0c\x66leetmend.v1\x1a\x1e\x66leetmend/v1/remediation.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\x03\n\x06Report\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x30\n\x0c\x63ollect_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12%\n\x04host\x18\x04 \x01(\x0b\x32\x17.fleetmend.v1.HostFacts\x12(\n\x05\x64isks\x18\x05 \x01(\x0b\x32\x19.fleetmend.v1.DiskSection\x12/\n\tbatteries\x18\x06 \x01(\x0b\x32\x1c.fleetmend.v1.BatterySection\x12\x34\n\x0b\x63redentials\x18\x07 \x01(\x0b\x32\x1f.fleetmend.v1.CredentialSection\x12)\n\x05usage\x18\x08 \x01(\x0b\x32\x1a.fleetmend.v1.UsageSection\x12\x17\n\x0f\x64ropped_reports\x18\t \x01(\x04\x12\x35\n\x0cremediations\x18\n \x03(\x0b\x32\x1f.fleetmend.v1.RemediationRecord\x12\x31\n\rpolicy_status\x18\x0b \x01(\x0b\x32\x1a.fleetmend.v1.PolicyStatus\"X\n\nProbeError\x12\x0e\n\x06source\x18\x01 \x01(\t\x12*\n\x04kind\x18\x02 \x01(\x0e\x32\x1c.fleetmend.v1.ProbeErrorKind\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xc2\x02\n\tHostFacts\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0f\n\x07os_name\x18\x02 \x01(\t\x12\x12\n\nos_version\x18\x03 \x01(\t\x12\x16\n\x0ekernel_version\x18\x04 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x05 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rserial_number\x18\x08 \x01(\t\x12-\n\tboot_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmemory_bytes\x18\n \x01(\x04\x12%\n\x07volumes\x18\x0b \x03(\x0b\x32\x14.fleetmend.v1.Volume\x12(\n\x06\x65rrors\x18\x0c \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"j\n\x06Volume\x12\x13\n\x0bmount_point\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x12\n\nfilesystem\x18\x03 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\"Z\n\x0b\x44iskSection\x12!\n\x05\x64isks\x18\x01 \x03(\x0b\x32\x12.fleetmend.v1.Disk\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"\x95\x03\n\x04\x44isk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rserial_number\x18\x03 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x04 \x01(\t\x12.\n\tinterface\x18\x05 \x01(\x0e\x32\x1b.fleetmend.v1.DiskInterface\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x06 \x01(\x04\x12\x12\n\nrotational\x18\x07 \x01(\x08\x12-\n\x0bsmart_state\x18\x08 \x01(\x0e\x32\x18.fleetmend.v1.SmartState\x12\x1a\n\x12smart_state_reason\x18\t \x01(\t\x12\x35\n\x0fself_assessment\x18\n \x01(\x0e\x32\x1c.fleetmend.v1.SelfAssessment\x12\x32\n\x0e\x61ta_attributes\x18\x0b \x03(\x0b\x32\x1a.fleetmend.v1.AtaAttribute\x12-\n\x0bnvme_health\x18\x0c \x01(\x0b\x32\x18.fleetmend.v1.NvmeHealth\"\x8d\x01\n\x0c\x41taAttribute\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\r\x12\r\n\x05worst\x18\x04 \x01(\r\x12\x11\n\tthreshold\x18\x05 \x01(\r\x12\x0b\n\x03raw\x18\x06 \x01(\x03\x12\x10\n\x08raw_text\x18\x07 \x01(\t\x12\x13\n\x0bwhen_failed\x18\x08 \x01(\t\"\xa1\x02\n\nNvmeHealth\x12\x18\n\x10\x63ritical_warning\x18\x01 \x01(\r\x12\x1b\n\x13temperature_celsius\x18\x02 \x01(\x05\x12\x1f\n\x17\x61vailable_spare_percent\x18\x03 \x01(\r\x12)\n!available_spare_threshold_percent\x18\x04 \x01(\r\x12\x17\n\x0fpercentage_used\x18\x05 \x01(\r\x12\x14\n\x0cmedia_errors\x18\x06 \x01(\x04\x12\x18\n\x10unsafe_shutdowns\x18\x07 \x01(\x04\x12\x16\n\x0epower_on_hours\x18\x08 \x01(\x04\x12\x14\n\x0cpower_cycles\x18\t \x01(\x04\x12\x19\n\x11\x65rror_log_entries\x18\n \x01(\x04\"d\n\x0e\x42\x61tterySection\x12(\n\tbatteries\x18\x01 \x03(\x0b\x32\x15.fleetmend.v1.Battery\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"\xb9\x03\n\x07\x42\x61ttery\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cmanufacturer\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rserial_number\x18\x04 \x01(\t\x12\x12\n\ntechnology\x18\x05 \x01(\t\x12\x31\n\rcapacity_unit\x18\x06 \x01(\x0e\x32\x1a.fleetmend.v1.CapacityUnit\x12\x1c\n\x0f\x64\x65sign_capacity\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\rfull_capacity\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12\x1f\n\x12remaining_capacity\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x18\n\x0b\x63ycle_count\x18\n \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x0ehealth_percent\x18\x0b \x01(\x01H\x04\x88\x01\x01\x12+\n\x06status\x18\x0c \x01(\x0e\x32\x1b.fleetmend.v1.BatteryStatusB\x12\n\x10_design_capacityB\x10\n\x0e_full_capacityB\x15\n\x13_remaining_capacityB\x0e\n\x0c_cycle_countB\x11\n\x0f_health_percent\"l\n\x11\x43redentialSection\x12-\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x18.fleetmend.v1.Credential\x12(\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\x18.fleetmend.v1.ProbeError\"\xba\x01\n\nCredential\x12*\n\x04kind\x18\x01 \x01(\x0e\x32\x1c.fleetmend.v1.CredentialKind\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12.\n\x06\x65xpiry\x18\x03 \x01(\x0e\x32\x1e.fleetmend.v1.CredentialExpiry\x12/\n\x0b\x65xpire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x05 \x01(\t\"Z\n\x0cUsageSection\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12$\n\x04\x61pps\x18\x02 \x03(\x0b\x32\x16.fleetmend.v1.AppUsage\x12\x13\n\x0bwindow_days\x18\x03 \x01(\r\"B\n\x08\x41ppUsage\x12\x0e\n\x06\x61pp_id\x18\x01 \x01(\t\x12\x15\n\rhours_of_week\x18\x02 \x03(\r\x12\x0f\n\x07minutes\x18\x03 \x03(\r*r\n\x0eProbeErrorKind\x12 \n\x1cPROBE_ERROR_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROBE_ERROR_KIND_UNPARSED\x10\x01\x12\x1f\n\x1bPROBE_ERROR_KIND_UNREADABLE\x10\x02*\xc4\x01\n\rDiskInterface\x12\x1e\n\x1a\x44ISK_INTERFACE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44ISK_INTERFACE_ATA\x10\x01\x12\x17\n\x13\x44ISK_INTERFACE_NVME\x10\x02\x12\x17\n\x13\x44ISK_INTERFACE_SCSI\x10\x03\x12\x16\n\x12\x44ISK_INTERFACE_USB\x10\x04\x12\x19\n\x15\x44ISK_INTERFACE_VIRTIO\x10\x05\x12\x16\n\x12\x44ISK_INTERFACE_MMC\x10\x06*\xf5\x01\n\nSmartState\x12\x1b\n\x17SMART_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15SMART_STATE_AVAILABLE\x10\x01\x12\x1d\n\x19SMART_STATE_NOT_SUPPORTED\x10\x02\x12!\n\x1dSMART_STATE_PERMISSION_DENIED\x10\x03\x12\x1a\n\x16SMART_STATE_IN_STANDBY\x10\x04\x12 \n\x1cSMART_STATE_SMARTCTL_MISSING\x10\x05\x12\x18\n\x14SMART_STATE_UNPARSED\x10\x06\x12\x15\n\x11SMART_STATE_ERROR\x10\x07*i\n\x0eSelfAssessment\x12\x1f\n\x1bSELF_ASSESSMENT_UNSPECIFIED\x10\x00\x12\x1a\n\x16SELF_ASSESSMENT_PASSED\x10\x01\x12\x1a\n\x16SELF_ASSESSMENT_FAILED\x10\x02*\xbd\x01\n\x0c\x43\x61pacityUnit\x12\x1d\n\x19\x43\x41PACITY_UNIT_UNSPECIFIED\x10\x00\x12!\n\x1d\x43\x41PACITY_UNIT_MICROWATT_HOURS\x10\x01\x12#\n\x1f\x43\x41PACITY_UNIT_MICROAMPERE_HOURS\x10\x02\x12!\n\x1d\x43\x41PACITY_UNIT_MILLIWATT_HOURS\x10\x03\x12#\n\x1f\x43\x41PACITY_UNIT_MILLIAMPERE_HOURS\x10\x04*\xc2\x01\n\rBatteryStatus\x12\x1e\n\x1a\x42\x41TTERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42\x41TTERY_STATUS_CHARGING\x10\x01\x12\x1e\n\x1a\x42\x41TTERY_STATUS_DISCHARGING\x10\x02\x12\x17\n\x13\x42\x41TTERY_STATUS_FULL\x10\x03\x12\x1f\n\x1b\x42\x41TTERY_STATUS_NOT_CHARGING\x10\x04\x12\x1a\n\x16\x42\x41TTERY_STATUS_UNKNOWN\x10\x05*\xc0\x01\n\x0e\x43redentialKind\x12\x1f\n\x1b\x43REDENTIAL_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43REDENTIAL_KIND_LOCAL_PASSWORD\x10\x01\x12#\n\x1f\x43REDENTIAL_KIND_DOMAIN_PASSWORD\x10\x02\x12#\n\x1f\x43REDENTIAL_KIND_KERBEROS_TICKET\x10\x03\x12\x1f\n\x1b\x43REDENTIAL_KIND_CERTIFICATE\x10\x04*\x98\x01\n\x10\x43redentialExpiry\x12!\n\x1d\x43REDENTIAL_EXPIRY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43REDENTIAL_EXPIRY_NEVER\x10\x01\x12\x1d\n\x19\x43REDENTIAL_EXPIRY_AT_TIME\x10\x02\x12%\n!CREDENTIAL_EXPIRY_MUST_CHANGE_NOW\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetmend.v1.report_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROBEERRORKIND']._serialized_start=2885
-  _globals['_PROBEERRORKIND']._serialized_end=2999
-  _globals['_DISKINTERFACE']._serialized_start=3002
-  _globals['_DISKINTERFACE']._serialized_end=3198
-  _globals['_SMARTSTATE']._serialized_start=3201
-  _globals['_SMARTSTATE']._serialized_end=3446
-  _globals['_SELFASSESSMENT']._serialized_start=3448
-  _globals['_SELFASSESSMENT']._serialized_end=3553
-  _globals['_CAPACITYUNIT']._serialized_start=3556
-  _globals['_CAPACITYUNIT']._serialized_end=3745
-  _globals['_BATTERYSTATUS']._serialized_start=3748
-  _globals['_BATTERYSTATUS']._serialized_end=3942
-  _globals['_CREDENTIALKIND']._serialized_start=3945
-  _globals['_CREDENTIALKIND']._serialized_end=4137
-  _globals['_CREDENTIALEXPIRY']._serialized_start=4140
-  _globals['_CREDENTIALEXPIRY']._serialized_end=4292
-  _globals['_REPORT']._serialized_start=77
-  _globals['_REPORT']._serialized_end=419
-  _globals['_PROBEERROR']._serialized_start=421
-  _globals['_PROBEERROR']._serialized_end=509
-  _globals['_HOSTFACTS']._serialized_start=512
-  _globals['_HOSTFACTS']._serialized_end=834
-  _globals['_VOLUME']._serialized_start=836
-  _globals['_VOLUME']._serialized_end=942
-  _globals['_DISKSECTION']._serialized_start=944
-  _globals['_DISKSECTION']._serialized_end=1034
-  _globals['_DISK']._serialized_start=1037
-  _globals['_DISK']._serialized_end=1442
-  _globals['_ATAATTRIBUTE']._serialized_start=1445
-  _globals['_ATAATTRIBUTE']._serialized_end=1586
-  _globals['_NVMEHEALTH']._serialized_start=1589
-  _globals['_NVMEHEALTH']._serialized_end=1878
-  _globals['_BATTERYSECTION']._serialized_start=1880
-  _globals['_BATTERYSECTION']._serialized_end=1980
-  _globals['_BATTERY']._serialized_start=1983
-  _globals['_BATTERY']._serialized_end=2424
-  _globals['_CREDENTIALSECTION']._serialized_start=2426
-  _globals['_CREDENTIALSECTION']._serialized_end=2534
-  _globals['_CREDENTIAL']._serialized_start=2537
-  _globals['_CREDENTIAL']._serialized_end=2723
-  _globals['_USAGESECTION']._serialized_start=2725
-  _globals['_USAGESECTION']._serialized_end=2815
-  _globals['_APPUSAGE']._serialized_start=2817
-  _globals['_APPUSAGE']._serialized_end=2883
+  _globals['_PROBEERRORKIND']._serialized_start=3023
+  _globals['_PROBEERRORKIND']._serialized_end=3137
+  _globals['_DISKINTERFACE']._serialized_start=3140
+  _globals['_DISKINTERFACE']._serialized_end=3336
+  _globals['_SMARTSTATE']._serialized_start=3339
+  _globals['_SMARTSTATE']._serialized_end=3584
+  _globals['_SELFASSESSMENT']._serialized_start=3586
+  _globals['_SELFASSESSMENT']._serialized_end=3691
+  _globals['_CAPACITYUNIT']._serialized_start=3694
+  _globals['_CAPACITYUNIT']._serialized_end=3883
+  _globals['_BATTERYSTATUS']._serialized_start=3886
+  _globals['_BATTERYSTATUS']._serialized_end=4080
+  _globals['_CREDENTIALKIND']._serialized_start=4083
+  _globals['_CREDENTIALKIND']._serialized_end=4275
+  _globals['_CREDENTIALEXPIRY']._serialized_start=4278
+  _globals['_CREDENTIALEXPIRY']._serialized_end=4430
+  _globals['_REPORT']._serialized_start=109
+  _globals['_REPORT']._serialized_end=557
+  _globals['_PROBEERROR']._serialized_start=559
+  _globals['_PROBEERROR']._serialized_end=647
+  _globals['_HOSTFACTS']._serialized_start=650
+  _globals['_HOSTFACTS']._serialized_end=972
+  _globals['_VOLUME']._serialized_start=974
+  _globals['_VOLUME']._serialized_end=1080
+  _globals['_DISKSECTION']._serialized_start=1082
+  _globals['_DISKSECTION']._serialized_end=1172
+  _globals['_DISK']._serialized_start=1175
+  _globals['_DISK']._serialized_end=1580
+  _globals['_ATAATTRIBUTE']._serialized_start=1583
+  _globals['_ATAATTRIBUTE']._serialized_end=1724
+  _globals['_NVMEHEALTH']._serialized_start=1727
+  _globals['_NVMEHEALTH']._serialized_end=2016
+  _globals['_BATTERYSECTION']._serialized_start=2018
+  _globals['_BATTERYSECTION']._serialized_end=2118
+  _globals['_BATTERY']._serialized_start=2121
+  _globals['_BATTERY']._serialized_end=2562
+  _globals['_CREDENTIALSECTION']._serialized_start=2564
+  _globals['_CREDENTIALSECTION']._serialized_end=2672
+  _globals['_CREDENTIAL']._serialized_start=2675
+  _globals['_CREDENTIAL']._serialized_end=2861
+  _globals['_USAGESECTION']._serialized_start=2863
+  _globals['_USAGESECTION']._serialized_end=2953
+  _globals['_APPUSAGE']._serialized_start=2955
+  _globals['_APPUSAGE']._serialized_end=3021
 # @@protoc_insertion_point(module_scope)

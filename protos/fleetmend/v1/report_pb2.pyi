@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from fleetmend.v1 import remediation_pb2 as _remediation_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -230,6 +231,8 @@ class Report(_message.Message):
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     DROPPED_REPORTS_FIELD_NUMBER: _builtins.int
+    REMEDIATIONS_FIELD_NUMBER: _builtins.int
+    POLICY_STATUS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Per-device sequence number, starting at 1 and never reused. The collector
     stores each (device, sequence) pair at most once.
@@ -255,6 +258,17 @@ class Report(_message.Message):
     def credentials(self) -> Global___CredentialSection: ...
     @_builtins.property
     def usage(self) -> Global___UsageSection: ...
+    @_builtins.property
+    def remediations(self) -> _containers.RepeatedCompositeFieldContainer[_remediation_pb2.RemediationRecord]:
+        """Records of the self-healing rules and operator commands since the
+        previous report that carried records. A report that carries records is
+        never dropped by the spool's cap.
+        """
+
+    @_builtins.property
+    def policy_status(self) -> _remediation_pb2.PolicyStatus:
+        """The policy the agent runs; set in full reports and whenever it changes."""
+
     def __init__(
         self,
         *,
@@ -267,10 +281,12 @@ class Report(_message.Message):
         credentials: Global___CredentialSection | None = ...,
         usage: Global___UsageSection | None = ...,
         dropped_reports: _builtins.int = ...,
+        remediations: _abc.Iterable[_remediation_pb2.RemediationRecord] | None = ...,
+        policy_status: _remediation_pb2.PolicyStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "host", b"host", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "host", b"host", "policy_status", b"policy_status", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "dropped_reports", b"dropped_reports", "full", b"full", "host", b"host", "sequence", b"sequence", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "collect_time", b"collect_time", "credentials", b"credentials", "disks", b"disks", "dropped_reports", b"dropped_reports", "full", b"full", "host", b"host", "policy_status", b"policy_status", "remediations", b"remediations", "sequence", b"sequence", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,61 @@
+"""The interface that every self-healing action implements.
+
+Each action is a module in this package with a NAME, the oneof field name of
+fleetmend.v1.Action that selects it, and two functions:
+
+- ``validate(params, allowlist) -> list[str]`` returns what is wrong with the
+  parameters (empty when they are valid), without touching the system. The
+  policy is rejected when any rule's action has a problem.
+- ``execute(params, context) -> ActionResult`` checks that the action is still
+  needed (precheck), makes the change unless context.dry_run is set, verifies
+  it, and returns the outcome. It raises nothing for a failure of the system it
+  acts on: that is a FAILED result with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetmend.v1 import remediation_pb2
+
+Outcome = remediation_pb2.RemediationOutcome
+
+
+@dataclass(frozen=True)
+class LocalAllowlist:
+    """What the laptop's own settings permit, whatever the policy asks for."""
+
+    # Services that restart_service may restart, by the name their service
+    # manager uses (for example "cups.service", "com.apple.cupsd", "Spooler").
+    services: frozenset[str] = frozenset()
+    # Cache sets that clear_cache may clear; empty means every known set.
+    cache_sets: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ActionContext:
+    """Where and how an action runs."""
+
+    state_dir: Path
+    allowlist: LocalAllowlist
+    dry_run: bool = False
+    # Catalog application ids that are in the foreground now, for
+    # throttle_process's undo.
+    foreground_apps: frozenset[str] = frozenset()
+
+
+@dataclass
+class ActionResult:
+    """What an action did: its outcome, the reason, and the measured values."""
+
+    outcome: Outcome.ValueType
+    reason: str = ""
+    # The value the action set out to change, before and after, in unit; for
+    # clear_cache, free bytes of the volume.
+    before: float = 0.0
+    after: float = 0.0
+    unit: str = ""
+    bytes_freed: int = 0
+    # Anything else worth showing to an operator, in words.
+    details: dict[str, str] = field(default_factory=dict)
