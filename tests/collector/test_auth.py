@@ -205,6 +205,9 @@ def test_method_roles() -> None:
     assert roles["ListTokens"] is auth.Role.ADMIN
     assert roles["RevokeToken"] is auth.Role.ADMIN
     assert roles["ListAuditEvents"] is auth.Role.ADMIN
+    assert roles["SetPolicy"] is auth.Role.ADMIN
+    assert roles["ChangeRuleState"] is auth.Role.OPERATOR
+    assert roles["SendCommand"] is auth.Role.OPERATOR
 
 
 def test_method_roles_read_only() -> None:
@@ -214,7 +217,17 @@ def test_method_roles_read_only() -> None:
 
 def test_query_methods() -> None:
     assert (
-        frozenset({"ListDevices", "GetDevice", "ListFindings", "ListOutages"})
+        frozenset(
+            {
+                "ListDevices",
+                "GetDevice",
+                "ListFindings",
+                "ListOutages",
+                "GetPolicy",
+                "ListRules",
+                "ListRemediations",
+            }
+        )
         == auth.QUERY_METHODS
     )
 
