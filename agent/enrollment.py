@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import stat
+import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +35,14 @@ ENROLLMENT_FILE = "enrollment.json"
 CA_COPY_FILE = "collector-ca.pem"
 SECRET_VARIABLE = "FLEETMEND_ENROLL_SECRET"  # noqa: S105 - a variable name
 ENROLL_TIMEOUT_SECONDS = 20.0
+# The shape of an enrollment secret as `fleetmend-collector init` writes it:
+# "fme1." and 32 random bytes in URL-safe base64 without padding.
+SECRET_PATTERN = re.compile(r"fme1\.[A-Za-z0-9_-]{43}")
+
+
+def print_warning(message: str) -> None:
+    """Print a one-line warning of the enroll command on stderr."""
+    print(f"fleetmend-agent: warning: {message}", file=sys.stderr)
 
 
 class EnrollmentError(Exception):
@@ -96,13 +108,21 @@ def _damaged(path: Path, reason: str) -> EnrollmentError:
     )
 
 
-def read_secret(secret_file: Path | None, environ: dict[str, str]) -> str:
+def read_secret(
+    secret_file: Path | None,
+    environ: dict[str, str],
+    *,
+    warn: Callable[[str], None] = print_warning,
+) -> str:
     """Return the enrollment secret from secret_file, else from FLEETMEND_ENROLL_SECRET.
 
     One trailing newline is removed. An empty, unreadable or multi-line
-    source raises EnrollmentError naming it, never its content.
+    source, or one without the ``fme1.<43 characters>`` shape, raises
+    EnrollmentError naming it, never its content. On POSIX a secret file that
+    the group or others can read is accepted with a warning passed to warn.
     """
     if secret_file is not None:
+        _warn_if_shared(secret_file, warn)
         try:
             text = secret_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -129,7 +149,28 @@ def read_secret(secret_file: Path | None, environ: dict[str, str]) -> str:
             f"{source} contains spaces or more than one line; it must contain "
             "the secret only"
         )
+    if not SECRET_PATTERN.fullmatch(text):
+        raise EnrollmentError(
+            f"{source} does not contain an enrollment secret (fme1. followed by "
+            "43 characters); copy the enrollment-secret file that "
+            "`fleetmend-collector init` wrote on the collector"
+        )
     return text
+
+
+def _warn_if_shared(secret_file: Path, warn: Callable[[str], None]) -> None:
+    if sys.platform == "win32":
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(secret_file).st_mode)
+    except OSError:
+        # Reading the file reports the error.
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        warn(
+            f"enrollment secret file {secret_file} is readable by other users "
+            f"(mode {mode:04o}); run `chmod 600 {secret_file}`"
+        )
 
 
 def _copy_ca(ca_file: Path, state_dir: Path) -> Path:
@@ -233,11 +274,13 @@ def enroll(
     secret: str,
     key_store_mode: str,
     now: datetime | None = None,
+    warn: Callable[[str], None] = print_warning,
 ) -> tuple[str, NodeKeyStore]:
     """Enroll this device with collector; return its device id and the key store.
 
     Holds the state directory's lock, so that no running agent reads a
-    half-written enrollment.
+    half-written enrollment. When the collector assigns another device id
+    than the stored one, warn gets one line with both ids and the fix.
     """
     if ca_file is None and not insecure:
         raise EnrollmentError(
@@ -273,6 +316,7 @@ def enroll(
                 state.save(Identity(device_id, identity.next_sequence))
             except StateError as exc:
                 raise EnrollmentError(str(exc)) from None
+            warn(new_device_id_note(device_id, identity.device_id))
         _write_enrollment(
             state_dir,
             Enrollment(
@@ -284,6 +328,16 @@ def enroll(
             ),
         )
     return device_id, key_store
+
+
+def new_device_id_note(device_id: str, requested_id: str) -> str:
+    """Describe why the collector enrolled this machine as a new device."""
+    return (
+        f"this machine is now device {device_id}: the collector already has "
+        f"device {requested_id}, the id in this state folder, enrolled or "
+        f"revoked; revoke the old device with `fleetmend device revoke "
+        f"{requested_id}` if this machine replaced it"
+    )
 
 
 def _checked_device_id(text: str, collector: str) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import sys
 import threading
 import uuid
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent.paths import ensure_private_dir
+from agent.paths import UnsafeDirectoryError, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,42 @@ def _try_lock(handle: IO[str]) -> bool:
     return True
 
 
+# Flags of a new private file: O_EXCL fails on any existing name, a symbolic
+# link included, and O_NOFOLLOW (POSIX) also on a final symbolic link.
+_NEW_FILE_FLAGS = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
 def write_private(path: Path, data: bytes) -> None:
-    """Replace path atomically (write, fsync, rename) with an owner-only file."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Replace path atomically (write, fsync, rename) with an owner-only file.
+
+    The data goes to a new file with a random name beside path, created with
+    mode 0600 by an exclusive open, so that no file or symbolic link planted
+    in the folder is written through. os.replace then swaps it in; a
+    symbolic link at path is replaced, not followed. Raises OSError.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, _NEW_FILE_FLAGS, 0o600)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class StateStore:
@@ -86,6 +113,8 @@ class StateStore:
             )
         try:
             ensure_private_dir(self.state_dir)
+        except UnsafeDirectoryError as exc:
+            raise StateError(str(exc)) from exc
         except OSError as exc:
             raise StateError(
                 f"state directory {self.state_dir} cannot be created: {exc.strerror}; "
@@ -151,7 +180,22 @@ class StateStore:
         """
         self.prepare_dir()
         lock_path = self.state_dir / LOCK_FILE
-        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115
+        # O_NOFOLLOW: the lock file is truncated below, so a symbolic link
+        # there must not lead to another file.
+        flags = (
+            os.O_RDWR
+            | os.O_CREAT
+            | getattr(os, "O_NOFOLLOW", 0)
+            | getattr(os, "O_CLOEXEC", 0)
+        )
+        try:
+            descriptor = os.open(lock_path, flags, 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"lock file {lock_path} cannot be opened: {exc.strerror}; remove "
+                "it if it is not a regular file"
+            ) from exc
+        handle = os.fdopen(descriptor, "r+", encoding="utf-8")
         try:
             if not _try_lock(handle):
                 handle.seek(0)

@@ -159,8 +159,8 @@ class EnrollServicer:
         if result.new_id_assigned:
             logger.warning(
                 "enrolled device %s (hostname %r) from %s with node key %s; the "
-                "requested id %s belongs to another enrolled device, so a new id "
-                "was assigned",
+                "requested id %s belongs to a device that is enrolled or revoked, "
+                "so a new id was assigned",
                 result.device_id,
                 request.hostname,
                 peer,

@@ -34,6 +34,9 @@ REPEATED_ITEM_LIMITS = {
     "fleetmend.v1.Disk.ata_attributes": 255,
 }
 MAX_AGENT_VERSION_CHARS = 128
+# C0 controls, DEL and C1 controls, rejected in the agent version and the
+# enrollment hostname, which the collector logs and shows in tables.
+CONTROL_CHARACTER_PATTERN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # The range that google.protobuf.Timestamp allows and Timestamp.ToDatetime
 # accepts: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
@@ -100,7 +103,7 @@ def validate_hello(hello: agent_pb2.Hello) -> None:
             f"agent_version has {len(hello.agent_version)} characters, "
             f"more than the maximum of {MAX_AGENT_VERSION_CHARS}"
         )
-    _check_no_nul("Hello.agent_version", hello.agent_version)
+    _check_no_control("Hello.agent_version", hello.agent_version)
     if hello.HasField("send_time"):
         _validate_timestamp("fleetmend.v1.Hello.send_time", hello.send_time)
 
@@ -127,7 +130,7 @@ def validate_enroll_request(request: agent_pb2.EnrollRequest) -> None:
                 f"{name} has {len(value)} characters, more than the maximum of "
                 f"{maximum}"
             )
-        _check_no_nul(f"EnrollRequest.{name}", value)
+        _check_no_control(f"EnrollRequest.{name}", value)
 
 
 def validate_report(report: report_pb2.Report) -> None:
@@ -153,6 +156,17 @@ def validate_report(report: report_pb2.Report) -> None:
         _validate_credential(credential)
     if report.HasField("usage"):
         _validate_usage(report.usage)
+
+
+def _check_no_control(name: str, value: str) -> None:
+    # A newline would forge collector log lines, and escape sequences would
+    # reach operators' terminals through device tables.
+    match = CONTROL_CHARACTER_PATTERN.search(value)
+    if match is not None:
+        raise InvalidMessageError(
+            f"{name} {value[:64]!r} contains the control character "
+            f"U+{ord(match.group()):04X}; use printable characters only"
+        )
 
 
 def _check_no_nul(name: str, value: str) -> None:

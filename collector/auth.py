@@ -45,6 +45,16 @@ SECRET_LENGTH = 43
 # ":", which marks local actors ("local:<login name>"), and whitespace.
 TOKEN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
+# Actor of audit events whose call carried no valid token, so no token may
+# have this name, in any case.
+UNKNOWN_ACTOR = "unknown"
+
+# Node keys, operator tokens and enrollment secrets inside other text.
+_SECRET_IN_TEXT_PATTERN = re.compile(
+    r"fm[kt]1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}|fme1\.[A-Za-z0-9_-]{43}"
+)
+REDACTED = "<redacted>"
+
 _ID_PATTERN = re.compile(r"[0-9a-f]{16}")
 _SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
 
@@ -183,13 +193,36 @@ def check_token_name(name: str) -> None:
     """Raise ValueError unless name is a valid operator token name.
 
     A name is 1 to 64 characters: letters, digits, ".", "_", "@" and "-",
-    starting with a letter or digit.
+    starting with a letter or digit. "unknown", in any case, is reserved for
+    the actor of unauthenticated calls. The message redacts a credential
+    pasted as the name.
     """
     if not TOKEN_NAME_PATTERN.fullmatch(name):
         raise ValueError(
-            f"invalid token name {name!r}: use 1 to 64 letters, digits, '.', '_', "
-            "'@' or '-', starting with a letter or digit, such as alice-laptop"
+            f"invalid token name {redact_secrets(name)!r}: use 1 to 64 letters, "
+            "digits, '.', '_', '@' or '-', starting with a letter or digit, such "
+            "as alice-laptop"
         )
+    if redact_secrets(name) != name:
+        raise ValueError(
+            "invalid token name: it is a node key, operator token or enrollment "
+            "secret, which must not be shown as an actor; choose a name such as "
+            "alice-laptop"
+        )
+    if name.casefold() == UNKNOWN_ACTOR:
+        raise ValueError(
+            f"invalid token name {name!r}: {UNKNOWN_ACTOR!r} is reserved for the "
+            "actor of unauthenticated calls in the audit log; choose another name"
+        )
+
+
+def redact_secrets(text: str) -> str:
+    """Replace every node key, operator token and enrollment secret in text.
+
+    Each match of the leak-check patterns becomes "<redacted>", so text that an
+    operator typed can go into audit events, logs and error messages.
+    """
+    return _SECRET_IN_TEXT_PATTERN.sub(REDACTED, text)
 
 
 # Minimum role of every fleetmend.v1.OpsService method, by method name.

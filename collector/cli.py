@@ -21,8 +21,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from google.protobuf import json_format
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from collector import __version__, auth, server, tls
+from collector._authz import audit_arguments
 from collector._limits import (
     DEFAULT_REPORT_BURST,
     DEFAULT_REPORTS_PER_SECOND,
@@ -428,11 +431,42 @@ def _migrate(database_url: str) -> int:
 
 def _run_token_command(database_url: str, args: argparse.Namespace) -> int:
     action: str = args.token_command
+    database_file = sqlite_database_file(database_url)
     if action == "create":
-        return _create_token(database_url, args.name, args.role, args.output)
+        existed = database_file is None or database_file.exists()
+        code = _create_token(database_url, args.name, args.role, args.output)
+        if not existed and database_file is not None and database_file.exists():
+            # The first admin token may come before the first serve, so a new
+            # database is allowed here, but a mistyped --database shows.
+            print(f"created a new database at {database_file}", file=sys.stderr)
+        return code
+    if database_file is not None and not database_file.exists():
+        _print_error(
+            f"database file {database_file} does not exist; check --database, "
+            "or create the database with `fleetmend-collector token create` or "
+            "`fleetmend-collector serve`"
+        )
+        return 1
     if action == "list":
         return _list_tokens(database_url, as_json=args.json)
     return _revoke_token(database_url, args.name)
+
+
+def sqlite_database_file(database_url: str) -> Path | None:
+    """Return the file of a SQLite database URL, or None for other URLs.
+
+    None also for a URL that does not parse, which Store.open then reports.
+    """
+    try:
+        parsed = make_url(database_url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
 
 
 def _create_token(
@@ -554,20 +588,27 @@ def _revoke_token(database_url: str, name: str) -> int:
             _audit(store, actor, "token revoke", arguments, outcome)
     except (OSError, StoreError) as error:
         shown_url = server.redact_database_url(database_url)
-        _print_error(f"revoking token {name!r} in {shown_url} failed: {error}")
+        _print_error(
+            f"revoking token {_shown_name(name)} in {shown_url} failed: {error}"
+        )
         return 1
 
     if revoked is None:
         _print_error(
-            f"no operator token named {name!r}; `fleetmend-collector token list` "
-            "shows the names"
+            f"no operator token named {_shown_name(name)}; `fleetmend-collector "
+            "token list` shows the names"
         )
         return 1
     if revoked:
-        print(f"revoked operator token {name!r}")
+        print(f"revoked operator token {_shown_name(name)}")
     else:
-        print(f"operator token {name!r} was revoked already")
+        print(f"operator token {_shown_name(name)} was revoked already")
     return 0
+
+
+def _shown_name(name: str) -> str:
+    # A token pasted in place of its name must not be echoed.
+    return repr(auth.redact_secrets(name))
 
 
 def token_message(token: TokenRecord) -> ops_pb2.OperatorToken:
@@ -620,7 +661,7 @@ def _audit(
     arguments: dict[str, str],
     outcome: str,
 ) -> None:
-    arguments_json = json.dumps(arguments, separators=(",", ":"))
+    arguments_json = audit_arguments(json.dumps(arguments, separators=(",", ":")))
     store.append_audit(
         datetime.now(UTC), actor, None, action, arguments_json, outcome, ""
     )

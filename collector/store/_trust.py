@@ -30,16 +30,21 @@ def enroll_device(
 ) -> EnrollResult:
     """Bind a new node key to device_id, or to a new id if device_id is enrolled.
 
-    The device row is locked before its keys are read, so that of two
-    concurrent enrollments of one id the second sees the first one's key and
-    gets a new id. On SQLite the BEGIN IMMEDIATE write lock serializes them.
+    A device counts as enrolled when it has any node key, revoked or not, or
+    is revoked: otherwise anyone with the enrollment secret could take over a
+    revoked device's id and history. A device row without keys and not
+    revoked, from before node keys existed, is claimed by the first
+    enrollment. The device row is locked before its keys are read, so that of
+    two concurrent enrollments of one id the second sees the first one's key
+    and gets a new id. On SQLite the BEGIN IMMEDIATE write lock serializes
+    them.
     """
     _check_device_id(device_id)
     _check_aware("enrollment time", now)
     _insert_device_if_missing(connection, device_id, now)
     _lock_device(connection, device_id)
 
-    new_id_assigned = _has_valid_key(connection, device_id)
+    new_id_assigned = _is_enrolled(connection, device_id)
     if new_id_assigned:
         device_id = str(uuid.uuid4())
         # A plain INSERT: a collision with an existing row raises instead of
@@ -215,12 +220,12 @@ def _lock_device(connection: Connection, device_id: str) -> str | None:
     return found
 
 
-def _has_valid_key(connection: Connection, device_id: str) -> bool:
+def _is_enrolled(connection: Connection, device_id: str) -> bool:
+    revoked = select(devices.c.revoked_time).where(devices.c.device_id == device_id)
+    if connection.execute(revoked).scalar_one_or_none() is not None:
+        return True
     query = (
-        select(node_keys.c.key_id)
-        .where(node_keys.c.device_id == device_id)
-        .where(node_keys.c.revoke_time.is_(None))
-        .limit(1)
+        select(node_keys.c.key_id).where(node_keys.c.device_id == device_id).limit(1)
     )
     return connection.execute(query).first() is not None
 

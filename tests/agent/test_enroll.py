@@ -179,6 +179,38 @@ def test_enroll_keeps_assigned_device_id(
     assert assigned != original
     assert assigned in result.stdout
     uuid.UUID(assigned)
+    notes = [line for line in result.stderr.splitlines() if assigned in line]
+    assert len(notes) == 1
+    assert original in notes[0]
+    assert f"`fleetmend device revoke {original}`" in notes[0]
+
+
+def test_enroll_again_warns_new_id(
+    tmp_path: Path, tls_dir: Path, collector: ServerHandle, database_url: str
+) -> None:
+    args = ("--collector", collector.address, "--ca-file", str(tls_dir / "ca.pem"))
+    env = {"FLEETMEND_ENROLL_SECRET": enrollment_secret(tls_dir)}
+    first = run_agent(tmp_path, "enroll", *args, **env)
+    assert first.returncode == 0, first.stderr
+    original = StateStore(tmp_path / "state").read().device_id
+
+    again = run_agent(tmp_path, "enroll", *args, **env)
+
+    assert again.returncode == 0, again.stderr
+    assigned = StateStore(tmp_path / "state").read().device_id
+    assert assigned != original
+    assert first.stderr == ""
+    assert again.stderr.count("\n") == 1
+    assert again.stderr.startswith(
+        f"fleetmend-agent: warning: this machine is now device {assigned}"
+    )
+    assert f"already has device {original}" in again.stderr
+    assert (
+        f"revoke the old device with `fleetmend device revoke {original}` if this "
+        "machine replaced it" in again.stderr
+    )
+    assert sorted(enrolled_devices(database_url)) == sorted([original, assigned])
+    assert_no_secret(again)
 
 
 @pytest.mark.parametrize(
@@ -244,12 +276,101 @@ def test_unreadable_secret_file_named(tmp_path: Path) -> None:
 
 def test_read_secret_strips_one_newline(tmp_path: Path) -> None:
     path = tmp_path / "secret"
-    path.write_text("fme1.abc\n", encoding="utf-8")
-    assert read_secret(path, {}) == "fme1.abc"
-    assert read_secret(None, {"FLEETMEND_ENROLL_SECRET": "fme1.env\n"}) == "fme1.env"
-    path.write_text("fme1.abc\n\n", encoding="utf-8")
+    path.write_text(f"{FILE_SECRET}\n", encoding="utf-8")
+    path.chmod(0o600)
+    environ = {"FLEETMEND_ENROLL_SECRET": f"{ENV_SECRET}\n"}
+    assert read_secret(path, {}) == FILE_SECRET
+    assert read_secret(None, environ) == ENV_SECRET
+    path.write_text(f"{FILE_SECRET}\n\n", encoding="utf-8")
     with pytest.raises(EnrollmentError, match="more than one line"):
         read_secret(path, {})
+
+
+FILE_SECRET = "fme1." + "a" * 43
+ENV_SECRET = "fme1." + "e" * 43
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["fme1.abc", "fme1." + "a" * 44, "fmt1." + "a" * 43, "-----BEGIN-CERTIFICATE-----"],
+)
+def test_read_secret_wrong_shape(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "secret"
+    path.write_text(text + "\n", encoding="utf-8")
+    path.chmod(0o600)
+
+    with pytest.raises(EnrollmentError) as raised:
+        read_secret(path, {})
+
+    message = str(raised.value)
+    assert (
+        f"enrollment secret file {path} does not contain an enrollment secret"
+        in message
+    )
+    assert text not in message
+
+
+def test_read_secret_shared_file_warned(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text(f"{FILE_SECRET}\n", encoding="utf-8")
+    warnings: list[str] = []
+
+    for mode in (0o600, 0o640, 0o604):
+        path.chmod(mode)
+        assert read_secret(path, {}, warn=warnings.append) == FILE_SECRET
+
+    assert warnings == [
+        f"enrollment secret file {path} is readable by other users (mode {mode:04o}); "
+        f"run `chmod 600 {path}`"
+        for mode in (0o640, 0o604)
+    ]
+    assert all(FILE_SECRET not in warning for warning in warnings)
+
+
+def test_malformed_secret_file_not_sent(tmp_path: Path, tls_dir: Path) -> None:
+    path = secret_file(tmp_path, tls_dir, text="hunter2-not-a-secret")
+
+    result = run_agent(
+        tmp_path,
+        "enroll",
+        "--collector",
+        "127.0.0.1:1",
+        "--ca-file",
+        str(tls_dir / "ca.pem"),
+        "--secret-file",
+        str(path),
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1
+    assert f"enrollment secret file {path} does not contain" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert not (tmp_path / "state" / "enrollment.json").exists()
+
+
+def test_shared_secret_file_warned(
+    tmp_path: Path, tls_dir: Path, collector: ServerHandle
+) -> None:
+    path = secret_file(tmp_path, tls_dir)
+    path.chmod(0o644)
+
+    result = run_agent(
+        tmp_path,
+        "enroll",
+        "--collector",
+        collector.address,
+        "--ca-file",
+        str(tls_dir / "ca.pem"),
+        "--secret-file",
+        str(path),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"fleetmend-agent: warning: enrollment secret file {path} is readable by "
+        f"other users (mode 0644); run `chmod 600 {path}`\n"
+    )
+    assert_no_secret(result)
 
 
 def test_wrong_secret_rejected(

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import stat
 import subprocess
+import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +19,7 @@ import pytest
 
 from agent import clock as clock_module
 from agent.report import ReportBuilder
-from agent.state import Identity, StateError, StateStore
+from agent.state import Identity, StateError, StateStore, write_private
 from fleetmend.v1 import report_pb2
 
 FIXED_TIME = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -69,6 +74,101 @@ def test_identity_unreadable_by_other_user(tmp_path: Path) -> None:
 
     assert result.returncode != 0
     assert "Permission denied" in result.stderr
+
+
+def run_as_nobody(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def nobody_base() -> Iterator[Path]:
+    """A folder owned by user 65534 outside pytest's root-only temporary folder."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    base = Path(tempfile.mkdtemp(prefix="fleetmend-state-test-"))
+    os.chown(base, 65534, 65534)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def test_state_dir_of_other_user_rejected(nobody_base: Path, tmp_path: Path) -> None:
+    state_dir = nobody_base / "state"
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me\n", encoding="utf-8")
+    created = run_as_nobody("mkdir", "-m", "0777", str(state_dir))
+    assert created.returncode == 0, created.stderr
+    for name in ("identity.json", "identity.json.tmp", "agent.lock"):
+        planted = run_as_nobody("ln", "-s", str(victim), str(state_dir / name))
+        assert planted.returncode == 0, planted.stderr
+    owner = pwd.getpwuid(65534).pw_name
+
+    with pytest.raises(StateError) as raised:
+        StateStore(state_dir).load_or_create()
+
+    message = str(raised.value)
+    assert str(state_dir) in message
+    assert f"owned by {owner} (uid 65534)" in message
+    assert f"chown root {state_dir}" in message
+    assert "--state-dir" in message
+    assert victim.read_text(encoding="utf-8") == "keep me\n"
+    # The folder is left as its owner made it.
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o777
+
+
+def test_state_dir_of_own_user_accepted(nobody_base: Path) -> None:
+    state_dir = nobody_base / "state"
+    script = (
+        "from pathlib import Path; from agent.state import StateStore; "
+        f"print(StateStore(Path({str(state_dir)!r})).load_or_create().device_id)"
+    )
+
+    result = run_as_nobody(sys.executable, "-c", script)
+
+    assert result.returncode == 0, result.stderr
+    assert uuid.UUID(result.stdout.strip())
+    assert os.stat(state_dir).st_uid == 65534
+    assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+
+
+def test_write_private_ignores_planted_links(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me\n", encoding="utf-8")
+    target = tmp_path / "state.json"
+    (tmp_path / "state.json.tmp").symlink_to(victim)
+    target.symlink_to(victim)
+
+    write_private(target, b"{}")
+
+    assert victim.read_text(encoding="utf-8") == "keep me\n"
+    assert not target.is_symlink()
+    assert target.read_bytes() == b"{}"
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["state.json", "state.json.tmp", "victim.conf"]
+
+
+def test_lock_file_symlink_rejected(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state")
+    store.prepare_dir()
+    victim = tmp_path / "victim.conf"
+    victim.write_text("keep me\n", encoding="utf-8")
+    (store.state_dir / "agent.lock").symlink_to(victim)
+
+    expected = "lock file .*agent.lock cannot be opened"
+    with pytest.raises(StateError, match=expected), store.exclusive():
+        pass
+
+    assert victim.read_text(encoding="utf-8") == "keep me\n"
 
 
 def test_damaged_identity_file(tmp_path: Path) -> None:

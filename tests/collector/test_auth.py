@@ -247,3 +247,49 @@ def test_token_name_invalid(name: str) -> None:
         auth.check_token_name(name)
 
     assert repr(name) in str(raised.value)
+
+
+@pytest.mark.parametrize("name", ["unknown", "Unknown", "UNKNOWN", "unKnown"])
+def test_token_name_unknown_reserved(name: str) -> None:
+    with pytest.raises(ValueError, match="reserved for the actor") as raised:
+        auth.check_token_name(name)
+
+    assert repr(name) in str(raised.value)
+
+
+def test_token_name_credential_rejected() -> None:
+    secret = auth.new_enrollment_secret()
+
+    with pytest.raises(ValueError, match="invalid token name") as raised:
+        auth.check_token_name(secret)
+
+    assert secret not in str(raised.value)
+
+
+def test_token_name_invalid_redacts_token() -> None:
+    token = auth.issue_operator_token().text
+
+    with pytest.raises(ValueError, match="invalid token name") as raised:
+        auth.check_token_name(token)
+
+    assert token not in str(raised.value)
+    assert "<redacted>" in str(raised.value)
+
+
+def test_redact_secrets_every_kind() -> None:
+    key = auth.issue_node_key().text
+    token = auth.issue_operator_token().text
+    secret = auth.new_enrollment_secret()
+    text = f'{{"name":"{token}","key":"x{key}y","secret":" {secret}"}}'
+
+    redacted = auth.redact_secrets(text)
+
+    assert (
+        redacted == '{"name":"<redacted>","key":"x<redacted>y","secret":" <redacted>"}'
+    )
+
+
+def test_redact_secrets_keeps_other_text() -> None:
+    text = "fmt1.0123456789abcdef.short and fme1.tooShort and alice"
+
+    assert auth.redact_secrets(text) == text

@@ -7,8 +7,11 @@ streams, operator tokens, roles and the audit log, and TLS serving.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from collector import auth, tls
 from collector import server as collector_server
 from collector._authz import (
+    MAX_AUDIT_ARGUMENTS_BYTES,
+    THROTTLED_ACTION,
+    UNAUTHENTICATED_AUDITS_PER_ADDRESS,
+    UNAUTHENTICATED_WINDOW_SECONDS,
     AuthorizationMetadataError,
+    OpsAuthInterceptor,
     bearer_credential,
     current_operator,
 )
@@ -220,6 +228,22 @@ def test_enroll_invalid_device_id(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "device_id" in error.details()
     assert counts(reader) == (0, 0)
+
+
+@pytest.mark.parametrize("field", ["hostname", "agent_version"])
+def test_enroll_control_character_invalid(
+    channel: grpc.Channel, tls_dir: Path, reader: Store, field: str
+) -> None:
+    request = enroll_request(enrollment_secret(tls_dir))
+    setattr(request, field, "lab\nERROR forged line \x1b[2J")
+    before = counts(reader)
+
+    error = enroll_error(channel, request)
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"EnrollRequest.{field}" in error.details()
+    assert "U+000A" in error.details()
+    assert counts(reader) == before
 
 
 def test_enroll_without_secret_file(
@@ -463,9 +487,11 @@ def test_revoke_ends_open_stream(
     _, refused = run_failing_stream(
         agents.Connect(iter([hello(device_id), report(2)]), timeout=30)
     )
+    # Enrolling the revoked id again gives a new id: the revoked device's id
+    # and history cannot be claimed back with the enrollment secret.
     enrolled_id, new_key = enroll(enroller.address, tls_dir, device_id)
     responses = run_stream(
-        agents, [hello(device_id), report(2)], metadata=bearer(new_key)
+        agents, [hello(enrolled_id), report(1)], metadata=bearer(new_key)
     )
 
     assert response.revoked_keys == 1
@@ -473,10 +499,11 @@ def test_revoke_ends_open_stream(
     assert ended.code() == grpc.StatusCode.UNAUTHENTICATED
     assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "revoked" in refused.details()
-    assert enrolled_id == device_id
+    assert enrolled_id != device_id
     assert new_key != enroller.keys[device_id]
-    assert acked(responses) == [2]
-    assert reader.count_reports(device_id) == 2
+    assert acked(responses) == [1]
+    assert reader.count_reports(enrolled_id) == 1
+    assert reader.count_reports(device_id) == 1
 
 
 def test_revoke_without_stream(
@@ -653,6 +680,187 @@ def test_bad_token_unauthenticated(
         ("ListTokens", "unknown", "UNAUTHENTICATED")
     ]
     assert events[0].role is None
+
+
+def test_large_request_audit_capped(
+    channel: grpc.Channel, database_url: str, reader: Store
+) -> None:
+    operator = ops_stub(channel, create_token(database_url, "operator", "on-call"))
+    request = outage_request()
+    request.message = "x" * (3 * 1024 * 1024)
+
+    for stub in (ops_pb2_grpc.OpsServiceStub(channel), operator):
+        with pytest.raises(grpc.RpcError):
+            stub.DeclareOutage(request, timeout=30)
+
+    events = reader.list_audit(limit=10)
+    assert [(e.actor, e.outcome) for e in events] == [
+        ("on-call", "INVALID_ARGUMENT"),
+        ("unknown", "UNAUTHENTICATED"),
+    ]
+    for event in events:
+        assert len(event.arguments_json.encode("utf-8")) <= MAX_AUDIT_ARGUMENTS_BYTES
+        stored = json.loads(event.arguments_json)
+        assert stored["truncated"] is True
+        assert stored["bytes"] > 3 * 1024 * 1024
+        assert stored["head"].startswith('{"appId":"sap"')
+
+
+def test_unauthenticated_flood_bounded(
+    server: ServerHandle, reader: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    callers = 100
+    calls_per_caller = 3
+    barrier = threading.Barrier(callers)
+    codes: list[grpc.StatusCode] = []
+    request = outage_request()
+    request.message = "y" * (64 * 1024)
+    # One connection per caller: channels with equal options share one by
+    # default, and its limit of concurrent streams would refuse some calls.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+
+    def flood() -> None:
+        with grpc.insecure_channel(server.address, options=options) as channel:
+            stub = ops_pb2_grpc.OpsServiceStub(channel)
+            barrier.wait(timeout=60)
+            for _ in range(calls_per_caller):
+                try:
+                    stub.DeclareOutage(request, timeout=60)
+                except grpc.RpcError as error:
+                    codes.append(error.code())
+
+    with caplog.at_level(logging.WARNING, logger="collector"):
+        threads = [threading.Thread(target=flood) for _ in range(callers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+
+    events = reader.list_audit(limit=1000)
+    rejected_lines = [r for r in caplog.records if "rejected with" in r.getMessage()]
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * (callers * calls_per_caller)
+    # One window admits UNAUTHENTICATED_AUDITS_PER_ADDRESS calls of an address;
+    # the flood may straddle the end of one window, never of two.
+    single = [event for event in events if event.action == "DeclareOutage"]
+    summaries = [event for event in events if event.action == THROTTLED_ACTION]
+    assert 1 <= len(single) <= 2 * UNAUTHENTICATED_AUDITS_PER_ADDRESS
+    assert len(summaries) <= 1
+    assert len(rejected_lines) == len(single)
+    for event in single:
+        assert len(event.arguments_json.encode("utf-8")) <= MAX_AUDIT_ARGUMENTS_BYTES
+
+
+def test_unauthenticated_summary_after_window(database_url: str) -> None:
+    store = Store.open(database_url)
+    store.migrate()
+    monotonic = [1000.0]
+    calls = UNAUTHENTICATED_AUDITS_PER_ADDRESS + 3
+
+    async def scenario() -> list[grpc.StatusCode]:
+        interceptor = OpsAuthInterceptor(
+            store, lambda: datetime.now(UTC), monotonic=lambda: monotonic[0]
+        )
+        ops_server = grpc.aio.server(interceptors=(interceptor,))
+        ops_pb2_grpc.add_OpsServiceServicer_to_server(
+            ops_pb2_grpc.OpsServiceServicer(), ops_server
+        )
+        port = ops_server.add_insecure_port("127.0.0.1:0")
+        await ops_server.start()
+        codes: list[grpc.StatusCode] = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = ops_pb2_grpc.OpsServiceStub(channel)
+                for call in range(calls + 1):
+                    if call == calls:
+                        # The next window begins, and its first call writes
+                        # the summary of the previous one.
+                        monotonic[0] += UNAUTHENTICATED_WINDOW_SECONDS
+                    try:
+                        await stub.RevokeToken(
+                            ops_pb2.RevokeTokenRequest(name="x"), timeout=10
+                        )
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code())
+        finally:
+            await ops_server.stop(None)
+        return codes
+
+    try:
+        codes = asyncio.run(scenario())
+        events = store.list_audit(limit=100)
+    finally:
+        store.close()
+
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED] * (calls + 1)
+    actions = [event.action for event in reversed(events)]
+    assert actions == [
+        *["RevokeToken"] * UNAUTHENTICATED_AUDITS_PER_ADDRESS,
+        THROTTLED_ACTION,
+        "RevokeToken",
+    ]
+    summary = events[1]
+    assert summary.actor == "unknown"
+    assert summary.role is None
+    assert summary.outcome == "UNAUTHENTICATED"
+    assert summary.peer == "127.0.0.1"
+    stored = json.loads(summary.arguments_json)
+    assert stored["calls"] == 3
+    assert stored["methods"] == {"RevokeToken": 3}
+    assert stored["summary"].startswith("3 more unauthenticated calls from 127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("nanos", -1), ("seconds", 253_402_300_800)]
+)
+def test_out_of_range_timestamp_audited(
+    channel: grpc.Channel,
+    database_url: str,
+    reader: Store,
+    caplog: pytest.LogCaptureFixture,
+    field: str,
+    value: int,
+) -> None:
+    operator = ops_stub(channel, create_token(database_url, "operator", "on-call"))
+    request = outage_request()
+    setattr(request.start_time, field, value)
+
+    with (
+        caplog.at_level(logging.INFO, logger="collector"),
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        operator.DeclareOutage(request, timeout=10)
+
+    events = reader.list_audit(limit=10)
+    lines = [r for r in caplog.records if "cannot be written as JSON" in r.getMessage()]
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(events) == 1
+    assert events[0].actor == "on-call"
+    assert events[0].outcome == "INVALID_ARGUMENT"
+    assert json.loads(events[0].arguments_json) == {
+        "bytes": request.ByteSize(),
+        "type": "fleetmend.v1.DeclareOutageRequest",
+        "unserializable": True,
+    }
+    assert len(lines) == 1
+    assert "\n" not in lines[0].getMessage()
+    assert [r for r in caplog.records if r.exc_info] == []
+
+
+def test_credential_in_request_redacted(
+    channel: grpc.Channel, database_url: str, reader: Store
+) -> None:
+    admin_token = create_token(database_url, "admin", "root-admin")
+    admin = ops_stub(channel, admin_token)
+    pasted = remember_secret(create_token(database_url, "viewer", "watcher"))
+
+    with pytest.raises(grpc.RpcError) as raised:
+        admin.RevokeToken(ops_pb2.RevokeTokenRequest(name=pasted), timeout=10)
+
+    events = reader.list_audit(limit=10)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(events) == 1
+    assert json.loads(events[0].arguments_json) == {"name": "<redacted>"}
+    assert pasted not in events[0].arguments_json
 
 
 def test_health_and_reflection_need_no_token(channel: grpc.Channel) -> None:

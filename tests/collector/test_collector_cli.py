@@ -919,15 +919,53 @@ def test_token_list_json(database_url: str, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_token_list_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["token", "list", "--database", f"sqlite:///{tmp_path}/c.db"])
+    database = f"sqlite:///{tmp_path}/c.db"
+    main(["migrate", "--database", database])
+    capsys.readouterr()
+
+    code = main(["token", "list", "--database", database])
 
     assert code == 0
     assert "no operator tokens" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("action", [["list"], ["list", "--json"], ["revoke", "bob"]])
+def test_token_missing_database_file(
+    action: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "typo" / "c.db"
+
+    code = main(["token", *action, "--database", f"sqlite:///{path}"])
+
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert f"database file {path} does not exist" in captured.err
+    assert not path.exists()
+    assert not path.parent.exists()
+
+
+def test_token_create_new_database_noted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.db"
+
+    first = create_token_command(f"sqlite:///{path}")
+    first_err = capsys.readouterr().err
+    second = create_token_command(f"sqlite:///{path}", name="bob")
+    second_err = capsys.readouterr().err
+
+    assert first == 0
+    assert f"created a new database at {path}\n" in first_err
+    assert second == 0
+    assert "created a new database" not in second_err
+
+
 def test_token_list_audited(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    main(["migrate", "--database", database_url])
     main(["token", "list", "--json", "--database", database_url])
     capsys.readouterr()
 
@@ -974,6 +1012,9 @@ def test_token_revoke_twice(
 def test_token_revoke_unknown(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    main(["migrate", "--database", database_url])
+    capsys.readouterr()
+
     code = main(["token", "revoke", "nobody", "--database", database_url])
 
     err = capsys.readouterr().err
@@ -982,6 +1023,58 @@ def test_token_revoke_unknown(
     assert err.count("\n") == 1
     assert "no operator token named 'nobody'" in err
     assert event.outcome == "NOT_FOUND"
+
+
+def test_token_revoke_redacts_credential(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_token_command(database_url)
+    token = remember_secret(capsys.readouterr().out.strip())
+    secret = remember_secret(f"fme1.{'A' * 43}")
+
+    codes = [
+        main(["token", "revoke", pasted, "--database", database_url])
+        for pasted in (token, f" {secret}\n")
+    ]
+
+    captured = capsys.readouterr()
+    events = audit_events(database_url)
+    assert codes == [1, 1]
+    assert "no operator token named '<redacted>'" in captured.err
+    assert token not in captured.err
+    assert secret not in captured.err
+    assert [event.outcome for event in events[:2]] == ["NOT_FOUND", "NOT_FOUND"]
+    for event in events:
+        assert token not in event.arguments_json
+        assert secret not in event.arguments_json
+    assert json.loads(events[1].arguments_json) == {"name": "<redacted>"}
+
+
+@pytest.mark.parametrize("name", ["unknown", "Unknown", "UNKNOWN"])
+def test_token_create_reserved_name(
+    name: str, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = create_token_command(database_url, name=name)
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert "is reserved for the actor of unauthenticated calls" in captured.err
+    assert TOKEN_SHAPE.search(captured.err) is None
+
+
+def test_token_create_credential_name(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = remember_secret(f"fme1.{'B' * 43}")
+
+    code = create_token_command(database_url, name=secret)
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "invalid token name" in captured.err
+    assert secret not in captured.err
+    assert captured.out == ""
 
 
 def test_token_revoked_fails_calls(

@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, insert, text
 
 from collector import auth
 from collector.auth import Role
@@ -23,6 +23,7 @@ from collector.store import (
     StoreError,
     TokenNameTakenError,
 )
+from collector.store._schema import node_keys
 from fleetmend.v1 import report_pb2
 
 DEVICE = "5f0c7d2e-8a41-4c3b-9e0d-2b6f1a7c9d31"
@@ -118,7 +119,7 @@ def test_enroll_enrolled_id_gets_new_id(store: Store) -> None:
     )
 
 
-def test_enroll_revoked_device_keeps_id(store: Store, database_url: str) -> None:
+def test_enroll_revoked_device_new_id(store: Store, database_url: str) -> None:
     _, old_key = enroll(store)
     store.revoke_device(DEVICE, NOW + timedelta(hours=1))
 
@@ -127,18 +128,46 @@ def test_enroll_revoked_device_keeps_id(store: Store, database_url: str) -> None
 
     old = store.find_node_key(old_key.credential_id)
     new = store.find_node_key(new_key.credential_id)
-    device = store.get_device(DEVICE)
-    assert result == EnrollResult(device_id=DEVICE, new_id_assigned=False)
+    revoked_device = store.get_device(DEVICE)
+    new_device = store.get_device(result.device_id)
+    assert result.new_id_assigned
+    assert result.device_id != DEVICE
     assert old is not None
+    assert old.device_id == DEVICE
     assert old.revoke_time == NOW + timedelta(hours=1)
     assert new is not None
-    assert new.device_id == DEVICE
+    assert new.device_id == result.device_id
     assert new.revoke_time is None
-    assert revoked_time(database_url, DEVICE) is None
-    assert device is not None
-    assert device.hostname == "pc-ops-018"
-    # Enrollment does not move the first-seen time of a known device.
-    assert device.first_seen_time.ToDatetime(tzinfo=UTC) == NOW
+    # The revoked device stays revoked, with its old hostname.
+    assert revoked_time(database_url, DEVICE) is not None
+    assert revoked_device is not None
+    assert revoked_device.hostname == "pc-ops-017"
+    assert new_device is not None
+    assert new_device.hostname == "pc-ops-018"
+    assert new_device.first_seen_time.ToDatetime(tzinfo=UTC) == later
+
+
+def test_enroll_revoked_keyless_device_new_id(store: Store) -> None:
+    report = report_pb2.Report(sequence=1, full=True)
+    store.ingest([IncomingReport(DEVICE, report, NOW)])
+    store.revoke_device(DEVICE, NOW + timedelta(hours=1))
+
+    result, _ = enroll(store, now=NOW + timedelta(hours=2))
+
+    assert result.new_id_assigned
+    assert result.device_id != DEVICE
+
+
+def test_enroll_keyless_device_claimed_once(store: Store) -> None:
+    report = report_pb2.Report(sequence=1, full=True)
+    store.ingest([IncomingReport(DEVICE, report, NOW)])
+
+    first, _ = enroll(store, now=NOW + timedelta(hours=1))
+    second, _ = enroll(store, now=NOW + timedelta(hours=2))
+
+    assert first == EnrollResult(device_id=DEVICE, new_id_assigned=False)
+    assert second.new_id_assigned
+    assert second.device_id != DEVICE
 
 
 def test_enroll_known_unenrolled_device(store: Store) -> None:
@@ -202,14 +231,14 @@ def test_enroll_concurrent_same_id(store: Store, database_url: str) -> None:
         other.close()
 
 
-def test_enroll_concurrent_revoked_id(store: Store, database_url: str) -> None:
+def test_enroll_concurrent_keyless_id(store: Store, database_url: str) -> None:
     # The device row exists here, so only its row lock orders the two.
     other = Store.open(database_url)
     try:
-        for _ in range(5):
+        for sequence in range(1, 6):
             device_id = str(uuid.uuid4())
-            enroll(store, device_id)
-            store.revoke_device(device_id, NOW)
+            report = report_pb2.Report(sequence=sequence, full=True)
+            store.ingest([IncomingReport(device_id, report, NOW)])
 
             results = enroll_concurrently((store, other), device_id)
 
@@ -317,18 +346,45 @@ def test_revoke_device_keeps_first_time(store: Store, database_url: str) -> None
     assert revoked_time(database_url, DEVICE) == first
 
 
-def test_revoke_device_all_keys(store: Store) -> None:
+def add_node_key(
+    database_url: str, device_id: str, now: datetime, revoke_time: datetime | None
+) -> auth.IssuedCredential:
+    """Insert a node key for device_id directly, as enroll_device gives one key."""
+    key = auth.issue_node_key()
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                insert(node_keys).values(
+                    key_id=key.credential_id,
+                    device_id=device_id,
+                    key_hash=key.secret_hash,
+                    create_time=now,
+                    revoke_time=revoke_time,
+                )
+            )
+    finally:
+        engine.dispose()
+    return key
+
+
+def test_revoke_device_all_keys(store: Store, database_url: str) -> None:
     _, first_key = enroll(store)
-    store.revoke_device(DEVICE, NOW + timedelta(hours=1))
-    _, second_key = enroll(store, now=NOW + timedelta(hours=2))
+    revoked_key = add_node_key(
+        database_url, DEVICE, NOW, revoke_time=NOW + timedelta(hours=1)
+    )
+    second_key = add_node_key(database_url, DEVICE, NOW, revoke_time=None)
 
     count = store.revoke_device(DEVICE, NOW + timedelta(hours=3))
 
     first = store.find_node_key(first_key.credential_id)
+    revoked = store.find_node_key(revoked_key.credential_id)
     second = store.find_node_key(second_key.credential_id)
-    assert count == 1
+    assert count == 2
     assert first is not None
-    assert first.revoke_time == NOW + timedelta(hours=1)
+    assert first.revoke_time == NOW + timedelta(hours=3)
+    assert revoked is not None
+    assert revoked.revoke_time == NOW + timedelta(hours=1)
     assert second is not None
     assert second.revoke_time == NOW + timedelta(hours=3)
 

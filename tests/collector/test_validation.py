@@ -282,6 +282,42 @@ def test_hello_nul_version_invalid() -> None:
         validate_hello(hello)
 
 
+CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x1b", "\x7f", "\x85", "\x9b"]
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS)
+def test_hello_control_version_invalid(character: str) -> None:
+    hello = agent_pb2.Hello(device_id=DEVICE_ID, agent_version=f"0.1{character}x")
+
+    with pytest.raises(InvalidMessageError) as raised:
+        validate_hello(hello)
+
+    message = str(raised.value)
+    assert message.startswith("Hello.agent_version ")
+    assert f"U+{ord(character):04X}" in message
+    assert character not in message
+
+
+@pytest.mark.parametrize("field", ["hostname", "agent_version"])
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS)
+def test_enroll_request_control_invalid(field: str, character: str) -> None:
+    request = enroll_request(**{field: f"lab{character}07"})
+
+    with pytest.raises(InvalidMessageError) as raised:
+        validate_enroll_request(request)
+
+    message = str(raised.value)
+    assert message.startswith(f"EnrollRequest.{field} ")
+    assert f"U+{ord(character):04X}" in message
+    assert character not in message
+
+
+@pytest.mark.parametrize("text", ["0.2.0+build.7", "lab-07 (Ünïcode ü)", "Ꮭ-Δ"])
+def test_printable_text_accepted(text: str) -> None:
+    validate_hello(agent_pb2.Hello(device_id=DEVICE_ID, agent_version=text))
+    validate_enroll_request(enroll_request(hostname=text, agent_version=text))
+
+
 def test_hello_valid() -> None:
     validate_hello(agent_pb2.Hello(device_id=DEVICE_ID, agent_version="0.1.0"))
 
@@ -436,9 +472,9 @@ def test_enroll_request_valid() -> None:
         ({"device_id": DEVICE_ID.upper()}, "not a canonical lowercase UUID"),
         ({"device_id": NIL_UUID}, "nil UUID"),
         ({"hostname": "h" * 4097}, "hostname has 4097 characters"),
-        ({"hostname": "lab\x0007"}, "NUL"),
+        ({"hostname": "lab\x0007"}, "EnrollRequest.hostname .* U\\+0000"),
         ({"agent_version": "v" * 129}, "agent_version has 129 characters"),
-        ({"agent_version": "0.1\x00"}, "NUL"),
+        ({"agent_version": "0.1\x00"}, "EnrollRequest.agent_version .* U\\+0000"),
     ],
 )
 def test_enroll_request_rejected(fields: dict[str, str], reason: str) -> None:

@@ -37,9 +37,10 @@ class AgentServiceStub:
     """Exchange the fleet's enrollment secret for a node key bound to one device
     id. The agent sends its own device id; the collector keeps it unless an
     enrolled device already holds it, and then assigns a new one, returned in
-    the response. Enrolling a revoked device again issues a new key for the
-    same id. Each call issues a new key; earlier keys of the device stay valid
-    until it is revoked.
+    the response. A device that has ever had a node key counts as enrolled,
+    even when it is revoked, so enrolling with a revoked device's id also
+    gives a new id. Each call issues a new key; earlier keys of a device stay
+    valid until it is revoked.
 
     Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
     malformed device id; RESOURCE_EXHAUSTED when the source address made too
@@ -74,9 +75,10 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Exchange the fleet's enrollment secret for a node key bound to one device
     id. The agent sends its own device id; the collector keeps it unless an
     enrolled device already holds it, and then assigns a new one, returned in
-    the response. Enrolling a revoked device again issues a new key for the
-    same id. Each call issues a new key; earlier keys of the device stay valid
-    until it is revoked.
+    the response. A device that has ever had a node key counts as enrolled,
+    even when it is revoked, so enrolling with a revoked device's id also
+    gives a new id. Each call issues a new key; earlier keys of a device stay
+    valid until it is revoked.
 
     Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
     malformed device id; RESOURCE_EXHAUSTED when the source address made too
@@ -114,9 +116,10 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Exchange the fleet's enrollment secret for a node key bound to one device
         id. The agent sends its own device id; the collector keeps it unless an
         enrolled device already holds it, and then assigns a new one, returned in
-        the response. Enrolling a revoked device again issues a new key for the
-        same id. Each call issues a new key; earlier keys of the device stay valid
-        until it is revoked.
+        the response. A device that has ever had a node key counts as enrolled,
+        even when it is revoked, so enrolling with a revoked device's id also
+        gives a new id. Each call issues a new key; earlier keys of a device stay
+        valid until it is revoked.
 
         Status codes: UNAUTHENTICATED for a wrong secret; INVALID_ARGUMENT for a
         malformed device id; RESOURCE_EXHAUSTED when the source address made too

@@ -565,7 +565,11 @@ class DeclareOutageRequest(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     app_id: _builtins.str
-    """Catalog id of the application, for example "sap"."""
+    """Id of the application in the agents' catalog, for example "sap-gui" in
+    the built-in catalog: 1 to 64 of a-z, 0-9, "_" and "-". Any such id is
+    accepted, because the collector has no catalog. Devices match by the ids
+    in their agents' catalogs, so an id that no agent uses matches none.
+    """
     time_zone: _builtins.str
     """IANA time zone, such as "Europe/Berlin", in which the span is matched
     against the hours of the week of the devices' usage. Empty means UTC.

@@ -166,6 +166,8 @@ class OpsServiceServicer:
     def DeclareOutage(self, request, context):
         """Declare that a catalogued application is unavailable for a span of time,
         and return the devices whose users usually use it then. Role: operator.
+        The collector has no application catalog: it accepts any app id of the
+        form below, and a device matches only if its agent's catalog has that id.
 
         Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
         start, a span over 7 days, an unknown time zone or a message over 500
@@ -248,7 +250,10 @@ class OpsServiceServicer:
         """Move a rule from canary to the whole fleet, pause it, or resume a paused
         rule. Role: operator.
 
-        Status codes: NOT_FOUND for a rule not in the current policy.
+        Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
+        change, or a reason over 500 characters; NOT_FOUND for a rule not in the
+        current policy; FAILED_PRECONDITION for promoting a paused rule, which
+        must be resumed first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,7 +263,9 @@ class OpsServiceServicer:
         """Ask devices to run an allowlisted action now. Role: operator.
 
         Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+        FAILED_PRECONDITION for a revoked device id, which cannot receive
+        commands until it enrolls again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,6 +64,8 @@ class OpsServiceStub:
     DeclareOutage: _grpc.UnaryUnaryMultiCallable[_ops_pb2.DeclareOutageRequest, _ops_pb2.DeclareOutageResponse]
     """Declare that a catalogued application is unavailable for a span of time,
     and return the devices whose users usually use it then. Role: operator.
+    The collector has no application catalog: it accepts any app id of the
+    form below, and a device matches only if its agent's catalog has that id.
 
     Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
     start, a span over 7 days, an unknown time zone or a message over 500
@@ -106,13 +108,18 @@ class OpsServiceStub:
     """Move a rule from canary to the whole fleet, pause it, or resume a paused
     rule. Role: operator.
 
-    Status codes: NOT_FOUND for a rule not in the current policy.
+    Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
+    change, or a reason over 500 characters; NOT_FOUND for a rule not in the
+    current policy; FAILED_PRECONDITION for promoting a paused rule, which
+    must be resumed first.
     """
     SendCommand: _grpc.UnaryUnaryMultiCallable[_ops_pb2.SendCommandRequest, _ops_pb2.SendCommandResponse]
     """Ask devices to run an allowlisted action now. Role: operator.
 
     Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+    FAILED_PRECONDITION for a revoked device id, which cannot receive
+    commands until it enrolls again.
     """
     ListRemediations: _grpc.UnaryUnaryMultiCallable[_ops_pb2.ListRemediationsRequest, _ops_pb2.ListRemediationsResponse]
     """List remediation records, newest first, with a summary per rule.
@@ -155,6 +162,8 @@ class OpsServiceAsyncStub(OpsServiceStub):
     DeclareOutage: _aio.UnaryUnaryMultiCallable[_ops_pb2.DeclareOutageRequest, _ops_pb2.DeclareOutageResponse]  # type: ignore[assignment]
     """Declare that a catalogued application is unavailable for a span of time,
     and return the devices whose users usually use it then. Role: operator.
+    The collector has no application catalog: it accepts any app id of the
+    form below, and a device matches only if its agent's catalog has that id.
 
     Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
     start, a span over 7 days, an unknown time zone or a message over 500
@@ -197,13 +206,18 @@ class OpsServiceAsyncStub(OpsServiceStub):
     """Move a rule from canary to the whole fleet, pause it, or resume a paused
     rule. Role: operator.
 
-    Status codes: NOT_FOUND for a rule not in the current policy.
+    Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
+    change, or a reason over 500 characters; NOT_FOUND for a rule not in the
+    current policy; FAILED_PRECONDITION for promoting a paused rule, which
+    must be resumed first.
     """
     SendCommand: _aio.UnaryUnaryMultiCallable[_ops_pb2.SendCommandRequest, _ops_pb2.SendCommandResponse]  # type: ignore[assignment]
     """Ask devices to run an allowlisted action now. Role: operator.
 
     Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+    FAILED_PRECONDITION for a revoked device id, which cannot receive
+    commands until it enrolls again.
     """
     ListRemediations: _aio.UnaryUnaryMultiCallable[_ops_pb2.ListRemediationsRequest, _ops_pb2.ListRemediationsResponse]  # type: ignore[assignment]
     """List remediation records, newest first, with a summary per rule.
@@ -267,6 +281,8 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ops_pb2.DeclareOutageResponse, _abc.Awaitable[_ops_pb2.DeclareOutageResponse]]:
         """Declare that a catalogued application is unavailable for a span of time,
         and return the devices whose users usually use it then. Role: operator.
+        The collector has no application catalog: it accepts any app id of the
+        form below, and a device matches only if its agent's catalog has that id.
 
         Status codes: INVALID_ARGUMENT for an empty app id, an end not after the
         start, a span over 7 days, an unknown time zone or a message over 500
@@ -363,7 +379,10 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Move a rule from canary to the whole fleet, pause it, or resume a paused
         rule. Role: operator.
 
-        Status codes: NOT_FOUND for a rule not in the current policy.
+        Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
+        change, or a reason over 500 characters; NOT_FOUND for a rule not in the
+        current policy; FAILED_PRECONDITION for promoting a paused rule, which
+        must be resumed first.
         """
 
     @_abc_1.abstractmethod
@@ -375,7 +394,9 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Ask devices to run an allowlisted action now. Role: operator.
 
         Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id.
+        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+        FAILED_PRECONDITION for a revoked device id, which cannot receive
+        commands until it enrolls again.
         """
 
     @_abc_1.abstractmethod
