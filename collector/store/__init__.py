@@ -1,4 +1,6 @@
-"""Storage of devices, reports, credentials and the audit log (SQLAlchemy Core).
+"""Storage of devices, reports, credentials, the audit log and self-healing state.
+
+The store uses SQLAlchemy Core.
 
 The store does not depend on gRPC. It takes and returns fleetmend.v1 messages
 and plain values. SQLite (WAL mode) is the default; PostgreSQL is selected by a
@@ -23,7 +25,16 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from collector.auth import Role
-from collector.store import _audit, _devices, _ingest, _migrations, _outages, _trust
+from collector.store import (
+    _audit,
+    _devices,
+    _healing,
+    _ingest,
+    _migrations,
+    _outages,
+    _remediations,
+    _trust,
+)
 from collector.store._engine import (
     WRITE_OPTION,
     create_store_engine,
@@ -31,27 +42,52 @@ from collector.store._engine import (
     redact_url,
 )
 from collector.store._model import (
+    RULE_STAGES,
+    RULE_STATS_OUTCOMES,
     AuditRecord,
+    CommandRecord,
     EnrollResult,
     IncomingReport,
+    IngestResult,
     NodeKeyRecord,
     OutageRecord,
+    PolicyRecord,
+    RemediationPosition,
+    RuleStageName,
+    RuleStateRecord,
+    RuleStats,
+    StoredRemediationRecord,
     StoreError,
     TokenNameTakenError,
     TokenRecord,
+    UnknownDeviceError,
 )
-from fleetmend.v1 import ops_pb2
+from collector.store._remediations import COMMAND_SUMMARY_RULE, RECURRENCE_WINDOW
+from fleetmend.v1 import ops_pb2, remediation_pb2
 
 __all__ = [
+    "COMMAND_SUMMARY_RULE",
+    "RECURRENCE_WINDOW",
+    "RULE_STAGES",
+    "RULE_STATS_OUTCOMES",
     "AuditRecord",
+    "CommandRecord",
     "EnrollResult",
     "IncomingReport",
+    "IngestResult",
     "NodeKeyRecord",
     "OutageRecord",
+    "PolicyRecord",
+    "RemediationPosition",
+    "RuleStageName",
+    "RuleStateRecord",
+    "RuleStats",
     "Store",
     "StoreError",
+    "StoredRemediationRecord",
     "TokenNameTakenError",
     "TokenRecord",
+    "UnknownDeviceError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,7 +196,25 @@ class Store:
 
         The total stops at 2**63 - 1. Raises ValueError, before anything is
         written, for an empty device id, a sequence number outside 1 to
-        2**63 - 1, a naive received time or an invalid collect_time.
+        2**63 - 1, a naive received time, an invalid collect_time, or a
+        remediation record with an invalid start_time or duration.
+
+        The remediation records and policy status of each newly stored report
+        are stored too (see ingest_with_details).
+        """
+        return self.ingest_with_details(batch).committed
+
+    def ingest_with_details(self, batch: Sequence[IncomingReport]) -> IngestResult:
+        """Commit a batch of reports as ingest does; return what it changed.
+
+        Besides the committed sequence numbers, the result names the rules and
+        devices with new remediation records and the commands marked done. Each
+        newly stored report adds a row per entry of its remediations, so a
+        repeated report adds nothing. A record with a command_id of a command
+        for the same device sets that command's done_time to the report's
+        received time, unless it is set already. The device's policy status is
+        replaced by the policy_status of the report with the highest sequence
+        number that carries one.
         """
         with self._write(f"storing a batch of {len(batch)} reports") as connection:
             return _ingest.ingest(connection, batch)
@@ -202,6 +256,15 @@ class Store:
         """
         with self._read(f"reading device {device_id}") as connection:
             return _devices.get_device(connection, device_id)
+
+    def revoked_device_ids(self, device_ids: Sequence[str]) -> set[str]:
+        """Return the ids among device_ids of revoked devices.
+
+        Unknown ids are left out, as are devices enrolled again after their
+        revocation.
+        """
+        with self._read("reading revoked devices") as connection:
+            return _devices.revoked_device_ids(connection, device_ids)
 
     def count_reports(self, device_id: str | None = None) -> int:
         """Return the number of stored reports, of one device or of all."""
@@ -364,6 +427,150 @@ class Store:
         """Return the outages that end after end_after, latest start first."""
         with self._read("listing outages") as connection:
             return _outages.list_outages(connection, end_after)
+
+    def set_policy(
+        self, policy: remediation_pb2.Policy, set_by: str, now: datetime
+    ) -> int:
+        """Store policy as the fleet's next version and return that version.
+
+        The stored copy has its version field set to the new version; policy
+        itself is not changed. A rule without a state gets one, "canary" when
+        its fleet.canary_percent is 1 to 99 and "active" otherwise, and a rule
+        that keeps its name keeps its state. States of rules that the policy no
+        longer has are deleted. Raises ValueError for two rules of one name or
+        a naive now.
+        """
+        with self._write("storing a policy") as connection:
+            return _healing.set_policy(connection, policy, set_by, now)
+
+    def current_policy(self) -> PolicyRecord | None:
+        """Return the latest policy version, or None before the first set_policy."""
+        with self._read("reading the current policy") as connection:
+            return _healing.current_policy(connection)
+
+    def rule_states(self) -> dict[str, RuleStateRecord]:
+        """Return the fleet state of every rule of the current policy, by name."""
+        with self._read("reading rule states") as connection:
+            return _healing.rule_states_by_name(connection)
+
+    def set_rule_state(
+        self,
+        name: str,
+        stage: str,
+        reason: str,
+        changed_by: str,
+        now: datetime,
+    ) -> RuleStateRecord | None:
+        """Set a rule's stage ("active", "canary" or "paused") and reason.
+
+        Returns the new state, or None for a rule that has no state, which is
+        one not in the current policy. Raises ValueError for another stage or a
+        naive now.
+        """
+        with self._write(f"changing the state of rule {name!r}") as connection:
+            return _healing.set_rule_state(
+                connection, name, stage, reason, changed_by, now
+            )
+
+    def rule_statistics(self, since_day_start: datetime) -> dict[str, RuleStats]:
+        """Return the runs of every rule that has any, by rule name.
+
+        A run is a record of the rule that succeeded or failed, from any
+        device; runs_today counts those that started at or after
+        since_day_start. Records of operator commands are left out. Raises
+        ValueError for a naive since_day_start.
+        """
+        with self._read("reading rule statistics") as connection:
+            return _remediations.rule_statistics(connection, since_day_start)
+
+    def create_commands(
+        self,
+        action: remediation_pb2.Action,
+        device_ids: Sequence[str],
+        expire_time: datetime,
+        created_by: str,
+        now: datetime,
+    ) -> list[CommandRecord]:
+        """Store one command per device to run action, by device id.
+
+        Each command gets a uuid4 id, and a device id given twice gets one
+        command. Raises UnknownDeviceError, before storing any, when a device id
+        is not stored, and ValueError for an empty action, naive times or an
+        expire_time not after now.
+        """
+        with self._write("creating commands") as connection:
+            return _healing.create_commands(
+                connection, action, device_ids, expire_time, created_by, now
+            )
+
+    def pending_commands(self, device_id: str, now: datetime) -> list[CommandRecord]:
+        """Return the device's commands not done and not expired at now, oldest first.
+
+        Raises ValueError for a naive now.
+        """
+        with self._read(f"reading the commands of device {device_id}") as connection:
+            return _healing.pending_commands(connection, device_id, now)
+
+    def get_command(self, command_id: str) -> CommandRecord | None:
+        """Return the command with command_id, or None if unknown."""
+        with self._read("reading a command") as connection:
+            return _healing.get_command(connection, command_id)
+
+    def device_policy_status(
+        self, device_id: str
+    ) -> remediation_pb2.PolicyStatus | None:
+        """Return the policy status that the device reported last.
+
+        Returns None for an unknown device and before its first report that
+        carries a policy status.
+        """
+        with self._read(f"reading the policy status of {device_id}") as connection:
+            return _healing.device_policy_status(connection, device_id)
+
+    def list_remediations(
+        self,
+        limit: int,
+        before: RemediationPosition | None = None,
+        device_id: str = "",
+        rule: str = "",
+        outcome: int = 0,
+        since: datetime | None = None,
+    ) -> list[StoredRemediationRecord]:
+        """Return up to limit remediation records, newest start time first.
+
+        Records are ordered by start time, device id, report sequence number
+        and index in the report, all descending. before, if given, is the
+        position of the last record of the previous page (its .position), and
+        only records after it in that order are returned. device_id, rule and
+        outcome, where not empty or 0, keep only matching records; since keeps
+        records that started at or after it. A negative limit or a naive since
+        raises ValueError.
+        """
+        with self._read("listing remediation records") as connection:
+            return _remediations.list_remediations(
+                connection, limit, before, device_id, rule, outcome, since
+            )
+
+    def summarize_remediations(
+        self,
+        device_id: str = "",
+        rule: str = "",
+        outcome: int = 0,
+        since: datetime | None = None,
+    ) -> list[ops_pb2.RuleSummary]:
+        """Return a summary per rule of the records that match, ordered by rule.
+
+        The filters are those of list_remediations. Records of operator
+        commands are summarized under the rule "command". runs counts records
+        that succeeded or failed, and success_rate is succeeded / runs (0
+        without runs). recurring_devices counts devices on which a run that
+        succeeded was followed by another run of the same rule within 7 days,
+        among the records that match.
+        """
+        with self._read("summarizing remediation records") as connection:
+            return _remediations.summarize_remediations(
+                connection, device_id, rule, outcome, since
+            )
 
     def close(self) -> None:
         """Dispose of the engine and its connections."""

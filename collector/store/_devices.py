@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -10,6 +11,10 @@ from sqlalchemy import Connection, RowMapping, func, select
 
 from collector.store._schema import SECTIONS, SectionName, devices, reports
 from fleetmend.v1 import ops_pb2
+
+# Largest number of device ids bound in one IN list; SQLite before 3.32
+# accepts at most 999 parameters per statement.
+_IN_LIST_SIZE = 900
 
 _SUMMARY_COLUMNS = (
     "device_id",
@@ -62,6 +67,21 @@ def committed_sequence(connection: Connection, device_id: str) -> int:
     """Return the highest stored sequence number of a device, 0 if unknown."""
     query = select(devices.c.committed_sequence).where(devices.c.device_id == device_id)
     return int(connection.execute(query).scalar_one_or_none() or 0)
+
+
+def revoked_device_ids(connection: Connection, device_ids: Sequence[str]) -> set[str]:
+    """Return the ids among device_ids of devices with a revoked_time set."""
+    unique_ids = sorted(set(device_ids))
+    revoked: set[str] = set()
+    for start in range(0, len(unique_ids), _IN_LIST_SIZE):
+        chunk = unique_ids[start : start + _IN_LIST_SIZE]
+        query = (
+            select(devices.c.device_id)
+            .where(devices.c.device_id.in_(chunk))
+            .where(devices.c.revoked_time.is_not(None))
+        )
+        revoked.update(connection.execute(query).scalars())
+    return revoked
 
 
 def count_reports(connection: Connection, device_id: str | None) -> int:

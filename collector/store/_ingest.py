@@ -10,7 +10,9 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, case, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from collector.store._model import IncomingReport
+from collector.store import _remediations
+from collector.store._model import IncomingReport, IngestResult
+from collector.store._remediations import RemediationRow
 from collector.store._schema import (
     MAX_BIGINT,
     MAX_SEQUENCE,
@@ -19,6 +21,14 @@ from collector.store._schema import (
     devices,
     reports,
 )
+from fleetmend.v1 import remediation_pb2
+
+_POLICY_STATUS_COLUMNS = [
+    "policy_applied_version",
+    "policy_rejected_version",
+    "policy_rejected_reason",
+    "policy_status_sequence",
+]
 
 # Largest number of device ids bound in one IN list; SQLite before 3.32
 # accepts at most 999 parameters per statement.
@@ -42,6 +52,8 @@ class _DeviceState:
     dropped_reports: int
     clock_skewed: bool
     sections: dict[SectionName, _Section]
+    policy_status_sequence: int
+    policy_status: remediation_pb2.PolicyStatus | None = None
     hostname: str | None = None
     changed: set[str] = field(default_factory=set)
 
@@ -51,6 +63,7 @@ class _ReportRow:
     item: IncomingReport
     sequence: int
     collect_time: datetime | None
+    remediations: tuple[RemediationRow, ...] = ()
 
     @property
     def key(self) -> tuple[str, int]:
@@ -128,8 +141,8 @@ def touch(
         )
 
 
-def ingest(connection: Connection, batch: Sequence[IncomingReport]) -> dict[str, int]:
-    """Store a batch of reports and update the devices' latest state.
+def ingest(connection: Connection, batch: Sequence[IncomingReport]) -> IngestResult:
+    """Store a batch of reports, their remediation records and the devices' state.
 
     The caller commits. Raises ValueError, before writing anything, for a report
     the store cannot represent.
@@ -137,17 +150,38 @@ def ingest(connection: Connection, batch: Sequence[IncomingReport]) -> dict[str,
     rows = _unique_rows(batch)
     device_ids = sorted({row.item.device_id for row in rows})
     if not device_ids:
-        return {}
+        return IngestResult(committed={})
 
     _insert_missing_devices(connection, rows)
     states = _lock_devices(connection, device_ids)
     inserted = _insert_reports(connection, rows)
+    new_rows = [row for row in rows if row.key in inserted]
 
-    for row in rows:
-        if row.key in inserted:
-            _apply(states[row.item.device_id], row)
+    for row in new_rows:
+        _apply(states[row.item.device_id], row)
     _write_devices(connection, [state for state in states.values() if state.changed])
-    return {device_id: states[device_id].committed_sequence for device_id in device_ids}
+
+    records = [record for row in new_rows for record in row.remediations]
+    _remediations.insert_rows(connection, records)
+    done: dict[tuple[str, str], datetime] = {}
+    for row in new_rows:
+        for record in row.remediations:
+            if record.command_id:
+                key = (row.item.device_id, record.command_id)
+                received = row.item.received_time
+                done[key] = min(done.get(key, received), received)
+    done_command_ids = _remediations.mark_commands_done(connection, done)
+
+    return IngestResult(
+        committed={
+            device_id: states[device_id].committed_sequence for device_id in device_ids
+        },
+        rules=frozenset(record.rule for record in records if record.rule),
+        remediation_devices=frozenset(
+            row.item.device_id for row in new_rows if row.remediations
+        ),
+        done_command_ids=frozenset(done_command_ids),
+    )
 
 
 def _unique_rows(batch: Sequence[IncomingReport]) -> list[_ReportRow]:
@@ -182,7 +216,15 @@ def _report_row(item: IncomingReport) -> _ReportRow:
                 f"report {sequence} of device {item.device_id} has an invalid "
                 f"collect_time: {error}"
             ) from error
-    return _ReportRow(item=item, sequence=sequence, collect_time=collect_time)
+    records = _remediations.remediation_rows(
+        item.device_id, sequence, item.report, item.received_time
+    )
+    return _ReportRow(
+        item=item,
+        sequence=sequence,
+        collect_time=collect_time,
+        remediations=records,
+    )
 
 
 def _check_device_id(device_id: str) -> None:
@@ -230,6 +272,7 @@ def _lock_devices(
         devices.c.last_report_time,
         devices.c.dropped_reports,
         devices.c.clock_skewed,
+        devices.c.policy_status_sequence,
         *(devices.c[f"{name}_sequence"] for name in SECTIONS),
     ]
     states: dict[str, _DeviceState] = {}
@@ -252,6 +295,7 @@ def _lock_devices(
                 dropped_reports=record["dropped_reports"],
                 clock_skewed=record["clock_skewed"],
                 sections=sections,
+                policy_status_sequence=record["policy_status_sequence"],
             )
     return states
 
@@ -306,6 +350,11 @@ def _apply(state: _DeviceState, row: _ReportRow) -> None:
         state.clock_skewed = row.item.clock_skewed
         state.changed.add("committed_sequence")
 
+    if report.HasField("policy_status") and row.sequence > state.policy_status_sequence:
+        state.policy_status_sequence = row.sequence
+        state.policy_status = report.policy_status
+        state.changed.add("policy_status")
+
     for name in SECTIONS:
         section = state.sections[name]
         if report.HasField(name) and row.sequence > section.sequence:
@@ -318,12 +367,13 @@ def _apply(state: _DeviceState, row: _ReportRow) -> None:
 
 def _write_devices(connection: Connection, states: list[_DeviceState]) -> None:
     """Write the changed columns, one executemany per set of changed sections."""
-    groups: dict[tuple[SectionName, ...], list[dict[str, Any]]] = {}
+    groups: dict[tuple[tuple[SectionName, ...], bool], list[dict[str, Any]]] = {}
     for state in states:
         changed_sections = tuple(name for name in SECTIONS if name in state.changed)
-        groups.setdefault(changed_sections, []).append(_device_values(state))
+        group = (changed_sections, "policy_status" in state.changed)
+        groups.setdefault(group, []).append(_device_values(state))
 
-    for changed_sections, values in groups.items():
+    for (changed_sections, policy_changed), values in groups.items():
         columns = [
             "last_seen",
             "committed_sequence",
@@ -335,6 +385,8 @@ def _write_devices(connection: Connection, states: list[_DeviceState]) -> None:
             columns += [f"{name}_pb", f"{name}_sequence"]
         if "host" in changed_sections:
             columns += ["hostname", "hostname_key"]
+        if policy_changed:
+            columns += _POLICY_STATUS_COLUMNS
 
         # Typed parameters, so that UtcDateTime converts the times to UTC.
         assignments = {
@@ -367,6 +419,12 @@ def _device_values(state: _DeviceState) -> dict[str, Any]:
         hostname = state.hostname or ""
         values["new_hostname"] = hostname
         values["new_hostname_key"] = hostname.casefold()
+    if state.policy_status is not None:
+        status = state.policy_status
+        values["new_policy_applied_version"] = min(status.applied_version, MAX_BIGINT)
+        values["new_policy_rejected_version"] = min(status.rejected_version, MAX_BIGINT)
+        values["new_policy_rejected_reason"] = status.rejected_reason
+        values["new_policy_status_sequence"] = state.policy_status_sequence
     return values
 
 

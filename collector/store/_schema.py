@@ -15,7 +15,9 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Double,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -135,6 +137,13 @@ devices = Table(
     # When the device was last revoked; NULL while it may enroll and connect.
     # Enrolling the device again clears it.
     Column("revoked_time", UtcDateTime, nullable=True),
+    # The agent's latest PolicyStatus: the policy version it runs (0 for its
+    # built-in default) and the latest version it rejected, with the reason.
+    Column("policy_applied_version", BigInteger, nullable=False, server_default="0"),
+    Column("policy_rejected_version", BigInteger, nullable=False, server_default="0"),
+    Column("policy_rejected_reason", Text, nullable=False, server_default=""),
+    # Sequence number of the report that set the policy status, 0 before.
+    Column("policy_status_sequence", BigInteger, nullable=False, server_default="0"),
 )
 
 # One row per stored report, with the serialized fleetmend.v1.Report.
@@ -230,4 +239,85 @@ outages = Table(
     Column("declare_time", UtcDateTime, nullable=False),
     # JSON array of device ids, sorted.
     Column("affected_device_ids", Text, nullable=False),
+)
+
+# Self-healing policies as operators set them, one row per version. policy_pb is
+# a serialized fleetmend.v1.Policy whose version field equals the row's.
+policies = Table(
+    "policies",
+    metadata,
+    Column("version", serial_id_type(), primary_key=True, autoincrement=True),
+    Column("policy_pb", LargeBinary, nullable=False),
+    Column("set_by", String, nullable=False),
+    Column("set_time", UtcDateTime, nullable=False),
+)
+
+# Fleet state of each rule of the current policy.
+rule_states = Table(
+    "rule_states",
+    metadata,
+    Column("name", String, primary_key=True),
+    # "active", "canary" or "paused".
+    Column("stage", String, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("changed_time", UtcDateTime, nullable=False),
+    # Operator name, or "fleet" for a change made by the fleet limits.
+    Column("changed_by", String, nullable=False),
+)
+
+# Operator commands, one row per device; action_pb is a serialized
+# fleetmend.v1.Action. done_time is set when the device reports a record of it.
+commands = Table(
+    "commands",
+    metadata,
+    Column("command_id", String, primary_key=True),
+    Column(
+        "device_id",
+        device_id_type(),
+        ForeignKey("devices.device_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("action_pb", LargeBinary, nullable=False),
+    Column("created_by", String, nullable=False),
+    Column("create_time", UtcDateTime, nullable=False),
+    Column("expire_time", UtcDateTime, nullable=False),
+    Column("done_time", UtcDateTime, nullable=True),
+)
+
+# Remediation records, one row per entry of Report.remediations: idx is the
+# entry's position in the report. The columns repeat fields of record_pb, the
+# serialized fleetmend.v1.RemediationRecord, for filtering and statistics.
+remediations = Table(
+    "remediations",
+    metadata,
+    Column(
+        "device_id",
+        device_id_type(),
+        ForeignKey("devices.device_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("sequence", BigInteger, primary_key=True, autoincrement=False),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    # Empty for a record of an operator command.
+    Column("rule", String, nullable=False),
+    Column("command_id", String, nullable=False),
+    # Field name of the Action oneof, such as "clear_cache"; empty if unset.
+    Column("action", String, nullable=False),
+    # A fleetmend.v1.RemediationOutcome value.
+    Column("outcome", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("before", Double, nullable=False),
+    Column("after", Double, nullable=False),
+    Column("unit", String, nullable=False),
+    # The record's start_time, or receive_time when the record carries none.
+    Column("start_time", UtcDateTime, nullable=False, index=True),
+    Column("duration_ms", BigInteger, nullable=False),
+    Column("repeat_count", BigInteger, nullable=False),
+    # Saturates at MAX_BIGINT.
+    Column("bytes_freed", BigInteger, nullable=False),
+    Column("record_pb", LargeBinary, nullable=False),
+    Column("receive_time", UtcDateTime, nullable=False),
+    # For the per-rule statistics, which read a rule's runs by start time.
+    Index("ix_remediations_rule_start_time", "rule", "start_time"),
 )
