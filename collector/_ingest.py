@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
@@ -19,7 +20,7 @@ from typing import Any, NoReturn
 import grpc
 from sqlalchemy import exc as sqlalchemy_errors
 
-from collector import auth
+from collector import auth, fleet
 from collector._authz import AuthorizationMetadataError, bearer_credential
 from collector._enroll import peer_host
 from collector._limits import (
@@ -37,8 +38,16 @@ from collector._validation import (
     validate_hello,
     validate_report,
 )
-from collector.store import IncomingReport, NodeKeyRecord, Store, StoreError
-from fleetmend.v1 import agent_pb2, report_pb2
+from collector.store import (
+    IncomingReport,
+    IngestResult,
+    NodeKeyRecord,
+    PolicyRecord,
+    RuleStateRecord,
+    Store,
+    StoreError,
+)
+from fleetmend.v1 import agent_pb2, remediation_pb2, report_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,10 @@ AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 # Reports of one stream that are queued but not yet acknowledged. Past this the
 # stream stops reading, so HTTP/2 flow control slows the agent down.
 MAX_UNACKED_PER_STREAM = 1000
+
+# A Connect call that sends no hello within this time ends with
+# DEADLINE_EXCEEDED, so that idle streams cannot pile up on one node key.
+HELLO_TIMEOUT_SECONDS = 30.0
 
 # Repeats of the same failed commit are logged as one line at most this often.
 REPEATED_FAILURE_LOG_INTERVAL_SECONDS = 10.0
@@ -189,6 +202,9 @@ class Batcher:
     When a batch fails for a reason other than a database error, its halves are
     committed separately, down to single reports, so that one report the store
     cannot take fails alone. A database error fails the whole batch at once.
+
+    on_remediations, if given, is called on the event loop after each commit
+    that stored new remediation records.
     """
 
     def __init__(
@@ -198,8 +214,10 @@ class Batcher:
         max_batch_size: int = 500,
         max_delay_seconds: float = 0.020,
         repeat_log_interval_seconds: float = REPEATED_FAILURE_LOG_INTERVAL_SECONDS,
+        on_remediations: Callable[[IngestResult], None] | None = None,
     ) -> None:
         self._store = store
+        self._on_remediations = on_remediations
         self._max_batch_size = max_batch_size
         self._max_delay_seconds = max_delay_seconds
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
@@ -292,9 +310,11 @@ class Batcher:
 
     async def _ingest(self, batch: Sequence[_Pending]) -> dict[str, int]:
         incoming = [pending.incoming for pending in batch]
-        committed = await asyncio.to_thread(self._store.ingest, incoming)
+        result = await asyncio.to_thread(self._store.ingest_with_details, incoming)
         self.committed_batches += 1
-        return committed
+        if result.rules and self._on_remediations is not None:
+            self._on_remediations(result)
+        return result.committed
 
 
 def _retrieve_exception(future: asyncio.Future[int]) -> None:
@@ -393,10 +413,41 @@ class _Stream:
         default_factory=lambda: asyncio.Semaphore(MAX_UNACKED_PER_STREAM)
     )
     reader: asyncio.Task[None] | None = None
+    # Policies and commands that the handler writes next, in order. Only the
+    # handler's task writes to the call, so that responses do not interleave.
+    outbox: collections.deque[agent_pb2.ConnectResponse] = field(
+        default_factory=collections.deque
+    )
+    # The serialized effective policy last queued, or the one the agent runs
+    # by its hello; None before the first delivery.
+    policy_sent: bytes | None = None
+    command_ids_sent: set[str] = field(default_factory=set)
 
     def push(self, item: _StreamItem) -> None:
         self.items.append(item)
         self.available.set()
+
+    def send(self, response: agent_pb2.ConnectResponse) -> None:
+        """Queue a response for the handler to write after the acks due."""
+        self.outbox.append(response)
+        self.available.set()
+
+    def queue_policy(self, policy: remediation_pb2.Policy) -> bool:
+        """Queue policy unless it is the one last queued; return whether queued."""
+        payload = policy.SerializeToString(deterministic=True)
+        if payload == self.policy_sent:
+            return False
+        self.policy_sent = payload
+        self.send(agent_pb2.ConnectResponse(policy=policy))
+        return True
+
+    def queue_command(self, command: remediation_pb2.Command) -> bool:
+        """Queue command unless this stream sent it before; return whether queued."""
+        if command.command_id in self.command_ids_sent:
+            return False
+        self.command_ids_sent.add(command.command_id)
+        self.send(agent_pb2.ConnectResponse(command=command))
+        return True
 
     def close(self, status: _StreamClosed) -> None:
         """Stop reading and make the handler end the stream with status next."""
@@ -407,10 +458,18 @@ class _Stream:
         self.available.set()
         self.closed.set()
 
-    async def pop(self) -> _StreamItem:
-        while not self.items:
+    async def pop(self) -> _StreamItem | None:
+        """Return the next queued item, or None while the outbox has responses.
+
+        A close by close_device_streams comes before the outbox.
+        """
+        while not self.items and not self.outbox:
             self.available.clear()
             await self.available.wait()
+        if self.outbox and self.close_status is None:
+            return None
+        if not self.items:
+            return None
         return self.items.popleft()
 
 
@@ -437,6 +496,11 @@ class AgentServicer:
     A report over the device's rate limit ends the stream with
     RESOURCE_EXHAUSTED once the reports before it are acknowledged. Reports are
     flagged as clock-skewed by the clock offset that the stream's hello showed.
+
+    After the welcome, a stream gets the device's effective policy unless its
+    hello names that version, and every pending command. Later policy changes
+    and new commands reach open streams through notify_policy_changed and
+    deliver_commands. The handler's task writes these between the acks.
     """
 
     def __init__(
@@ -460,6 +524,10 @@ class AgentServicer:
         # Every authenticated stream, from before its hello until it ends.
         self._streams: set[_Stream] = set()
         self._closing = False
+        # Held while the policy is read and queued, so that an older read
+        # cannot be queued after a newer one.
+        self._policy_lock = asyncio.Lock()
+        self._deliveries: set[asyncio.Task[None]] = set()
 
     def rpc_handler(
         self, *, enroll: grpc.RpcMethodHandler | None = None
@@ -509,6 +577,139 @@ class AgentServicer:
             )
         return ended
 
+    def notify_policy_changed(self) -> None:
+        """Send every open stream its effective policy if it changed; call on the loop.
+
+        The policy and the rule states are read in a worker thread by a
+        background task, so this returns at once.
+        """
+        self._start_delivery(self._push_policies(), "fleetmend-policy-push")
+
+    def deliver_commands(self, device_ids: Iterable[str]) -> set[str]:
+        """Send the pending commands of these devices to their open streams.
+
+        Returns the ids of the devices that have an open stream past its
+        welcome. A background task reads and sends the commands, so this
+        returns at once. Call it on the event loop, after the commands are
+        stored. A device without an open stream gets its commands after the
+        welcome of its next stream.
+        """
+        requested = set(device_ids)
+        streams = [
+            stream
+            for stream in self._deliverable_streams()
+            if stream.device_id in requested
+        ]
+        if streams:
+            self._start_delivery(
+                self._send_pending_commands(streams), "fleetmend-command-delivery"
+            )
+        return {stream.device_id for stream in streams}
+
+    async def close_deliveries(self) -> None:
+        """Cancel the policy and command deliveries still running."""
+        tasks = list(self._deliveries)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _start_delivery(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    def _deliverable_streams(self) -> list[_Stream]:
+        return [
+            stream
+            for stream in self._streams
+            if stream.welcomed and stream.close_status is None
+        ]
+
+    def _read_policy(self) -> tuple[PolicyRecord, dict[str, RuleStateRecord]] | None:
+        record = self._store.current_policy()
+        if record is None:
+            return None
+        return record, self._store.rule_states()
+
+    async def _push_policies(self) -> None:
+        async with self._policy_lock:
+            try:
+                loaded = await asyncio.to_thread(self._read_policy)
+            except Exception:
+                logger.exception("reading the policy to send to open streams failed")
+                return
+            if loaded is None:
+                return
+            record, states = loaded
+            streams = self._deliverable_streams()
+            queued = 0
+            version = 0
+            for stream in streams:
+                policy = fleet.effective_policy(record, states, stream.device_id)
+                version = policy.version
+                if stream.queue_policy(policy):
+                    queued += 1
+            if queued:
+                logger.info(
+                    "sending policy %d as effective version %d to %d of %d open "
+                    "streams",
+                    record.version,
+                    version,
+                    queued,
+                    len(streams),
+                )
+
+    async def _send_pending_commands(self, streams: Sequence[_Stream]) -> None:
+        for stream in streams:
+            await self._queue_pending_commands(stream)
+
+    async def _queue_pending_commands(self, stream: _Stream) -> None:
+        try:
+            commands = await asyncio.to_thread(
+                self._store.pending_commands, stream.device_id, self._clock()
+            )
+        except Exception:
+            logger.exception(
+                "reading the pending commands of device %s failed", stream.device_id
+            )
+            return
+        for command in commands:
+            stream.queue_command(command.to_message())
+
+    async def _queue_connect_deliveries(
+        self, stream: _Stream, hello: agent_pb2.Hello
+    ) -> None:
+        """Queue the effective policy, unless the agent has it, and pending commands."""
+        async with self._policy_lock:
+            try:
+                loaded = await asyncio.to_thread(self._read_policy)
+            except Exception:
+                loaded = None
+                logger.exception(
+                    "reading the policy for device %s failed; it gets the policy "
+                    "with the next change or stream",
+                    stream.device_id,
+                )
+            if loaded is not None:
+                record, states = loaded
+                policy = fleet.effective_policy(record, states, stream.device_id)
+                if policy.version == hello.policy_version:
+                    # The agent runs this version already, so only a later
+                    # change is sent.
+                    stream.policy_sent = policy.SerializeToString(deterministic=True)
+                elif stream.queue_policy(policy):
+                    logger.info(
+                        "sending policy %d as effective version %d to device %s, "
+                        "which runs version %d",
+                        record.version,
+                        policy.version,
+                        stream.device_id,
+                        hello.policy_version,
+                    )
+        await self._queue_pending_commands(stream)
+
     def flush_logs(self) -> None:
         """Log the rate-limit rejections counted since their device's last line."""
         self._rate_limit_log.flush()
@@ -536,6 +737,10 @@ class AgentServicer:
         # stream whose key is revoked while its hello is on its way.
         self._streams.add(stream)
         try:
+            # A revocation that committed after the key was read but before
+            # the stream was registered found no stream to close, so the key
+            # is read once more now that close_device_streams can reach it.
+            await self._authenticate(context, peer)
             await self._run_stream(context, stream)
         finally:
             if stream.reader is not None:
@@ -547,7 +752,22 @@ class AgentServicer:
     async def _run_stream(
         self, context: grpc.aio.ServicerContext, stream: _Stream
     ) -> None:
-        first = await self._read_unless_closed(context, stream)
+        try:
+            first = await asyncio.wait_for(
+                self._read_unless_closed(context, stream), HELLO_TIMEOUT_SECONDS
+            )
+        except TimeoutError:
+            logger.info(
+                "stream of device %s from %s sent no hello within %g s",
+                stream.device_id,
+                stream.peer,
+                HELLO_TIMEOUT_SECONDS,
+            )
+            await _abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no hello within {HELLO_TIMEOUT_SECONDS:g} s of the call's start",
+            )
         received_time = self._clock()
         if first is grpc.aio.EOF:
             logger.info(
@@ -580,6 +800,7 @@ class AgentServicer:
             committed,
             _describe_offset(stream.clock_offset),
         )
+        await self._queue_connect_deliveries(stream, hello)
         stream.reader = asyncio.create_task(self._read_reports(context, stream))
         await self._send_acks(context, stream)
 
@@ -866,7 +1087,8 @@ class AgentServicer:
         """Acknowledge each committed report of the stream by its sequence number.
 
         Reports are awaited in the order they arrived, and every report whose
-        commit has already finished is folded into the same ack. An ack names
+        commit has already finished is folded into the same ack. Policies and
+        commands in the stream's outbox are written between acks. An ack names
         each report, because an agent sends a fresh full report before its
         older backlog, so a highest-so-far number would not say which of the
         lower ones are committed.
@@ -878,6 +1100,12 @@ class AgentServicer:
                 await context.write(_ack(highest, committed))
                 committed = []
             item = await stream.pop()
+            if item is None:
+                if committed:
+                    await context.write(_ack(highest, committed))
+                    committed = []
+                await self._write_outbox(context, stream)
+                continue
             if isinstance(item, _QueuedReport):
                 stream.credit.release()
                 await self._wait_commit(context, stream, item)
@@ -889,6 +1117,26 @@ class AgentServicer:
                 await context.write(_ack(highest, committed))
             await self._end_stream(context, stream, item)
             return
+
+    async def _write_outbox(
+        self, context: grpc.aio.ServicerContext, stream: _Stream
+    ) -> None:
+        while stream.outbox:
+            response = stream.outbox.popleft()
+            await context.write(response)
+            if response.HasField("command"):
+                logger.info(
+                    "sent command %s (%s) to device %s",
+                    response.command.command_id,
+                    response.command.action.WhichOneof("kind") or "no action",
+                    stream.device_id,
+                )
+            elif response.HasField("policy"):
+                logger.debug(
+                    "sent policy version %d to device %s",
+                    response.policy.version,
+                    stream.device_id,
+                )
 
     async def _wait_commit(
         self, context: grpc.aio.ServicerContext, stream: _Stream, item: _QueuedReport

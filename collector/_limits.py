@@ -1,14 +1,23 @@
-"""Rate limits: reports per device, enrollments per source address, and the log."""
+"""Limits of the collector: rates per device and address, and the fleet limits.
+
+Reports per device, enrollments per source address and their log lines, and
+the worker that applies the fleet limits of self-healing rules.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
+from collector import fleet
 from collector._validation import ClockLimits
+from collector.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -234,3 +243,133 @@ class LogThrottle:
         for key, entry in list(self._entries.items()):
             if now - entry.line_time >= 2 * self.interval_seconds:
                 del self._entries[key]
+
+
+# Fleet limits of self-healing rules
+
+# Shortest interval between two evaluations of the fleet limits, however often
+# batches with remediation records commit.
+FLEET_LIMITS_MIN_INTERVAL_SECONDS = 1.0
+# Interval of the evaluations without new records, so that a rule paused by
+# its daily budget resumes on the next UTC day even when no device reports.
+FLEET_LIMITS_IDLE_INTERVAL_SECONDS = 60.0
+
+
+class FleetLimitsWorker:
+    """Evaluates the fleet limits of the current policy and stores the changes.
+
+    request() requests an evaluation, for example after a batch with
+    remediation records committed. A task on the event loop runs the
+    evaluation in a worker thread, at most once per min_interval_seconds and
+    at least once per idle_interval_seconds. Each StateChange is stored with
+    changed_by "fleet limits" and logged, and on_changed is called on the
+    event loop after an evaluation that changed a state.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], datetime],
+        on_changed: Callable[[], None],
+        *,
+        min_interval_seconds: float = FLEET_LIMITS_MIN_INTERVAL_SECONDS,
+        idle_interval_seconds: float = FLEET_LIMITS_IDLE_INTERVAL_SECONDS,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._on_changed = on_changed
+        self._min_interval_seconds = min_interval_seconds
+        self._idle_interval_seconds = idle_interval_seconds
+        self._requested = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failure_log = LogThrottle(clock=time.monotonic)
+        self.evaluations = 0
+
+    def start(self) -> None:
+        """Start the evaluating task on the running event loop."""
+        self._task = asyncio.create_task(self._run(), name="fleetmend-fleet-limits")
+
+    def request(self) -> None:
+        """Ask for an evaluation soon; call on the event loop."""
+        self._requested.set()
+
+    async def close(self) -> None:
+        """Stop the task; an evaluation in its worker thread finishes first."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._requested.wait(), self._idle_interval_seconds
+                )
+            self._requested.clear()
+            try:
+                changes = await asyncio.to_thread(self.evaluate_once)
+            except Exception as error:  # noqa: BLE001 - logged, retried next time
+                held_back = self._failure_log.admit("evaluate")
+                if held_back is not None:
+                    logger.error(
+                        "evaluating the fleet limits failed (%d failures not "
+                        "logged since the previous line): %s",
+                        held_back,
+                        error,
+                        exc_info=error,
+                    )
+                changes = []
+            if changes:
+                self._on_changed()
+            await asyncio.sleep(self._min_interval_seconds)
+
+    def evaluate_once(self) -> list[fleet.StateChange]:
+        """Evaluate the fleet limits now, store and log the changes, return them.
+
+        Runs in a worker thread. A rule whose state changed between the read
+        and the write, for example by an operator, is left as it is and
+        evaluated again next time.
+        """
+        self.evaluations += 1
+        record = self._store.current_policy()
+        if record is None:
+            return []
+        now = self._clock()
+        states = self._store.rule_states()
+        stats = self._store.rule_statistics(fleet.utc_day_start(now))
+        changes = fleet.evaluate(record.policy, states, stats, now)
+        if not changes:
+            return []
+        # NOTE: this check and the write below are two transactions, so an
+        # operator's change in between is overwritten. The window is the
+        # length of one write.
+        latest = self._store.rule_states()
+        applied = []
+        for change in changes:
+            if latest.get(change.rule) != states.get(change.rule):
+                logger.info(
+                    "rule %s changed while the fleet limits were evaluated; "
+                    "evaluating it again next time",
+                    change.rule,
+                )
+                continue
+            stored = self._store.set_rule_state(
+                change.rule, change.stage, change.reason, fleet.FLEET_LIMITS_ACTOR, now
+            )
+            if stored is None:
+                continue
+            level = logging.WARNING if change.stage == fleet.PAUSED else logging.INFO
+            logger.log(
+                level,
+                "fleet limits changed rule %s of policy %d from %s to %s: %s",
+                change.rule,
+                record.version,
+                change.previous_stage,
+                change.stage,
+                change.reason,
+            )
+            applied.append(change)
+        return applied

@@ -37,6 +37,7 @@ from collector._ingest import AGENT_SERVICE, AgentServicer, Batcher, utc_now
 from collector._limits import (
     DEFAULT_ENROLL_BURST,
     DEFAULT_ENROLLS_PER_MINUTE,
+    FleetLimitsWorker,
     IngestLimits,
 )
 from collector._ops import OpsServicer
@@ -92,6 +93,13 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         # Off, so that a second collector on the same port fails to start
         # instead of silently sharing the agents' connections.
         ("grpc.so_reuseport", 0),
+        # A connection that has not finished its TLS and HTTP/2 handshake
+        # within 10 s is closed (gRPC's default is 120 s), so that idle
+        # sockets cannot use up the process's file descriptors.
+        ("grpc.server_handshake_timeout_ms", 10_000),
+        # One agent needs one stream and an operator's CLI a few calls at
+        # once; 100 per connection bounds what one connection can hold.
+        ("grpc.max_concurrent_streams", 100),
         # NOTE: gRPC rejects a larger message before the handler reads it, so
         # the collector cannot log which device sent it. The agent gets
         # RESOURCE_EXHAUSTED with both sizes in the details.
@@ -187,7 +195,7 @@ def _bind_advice(error: OSError) -> str:
 
 
 class CollectorServer:
-    """The aio server with its store, batcher and last-seen updater.
+    """The aio server with its store, batcher, fleet limits and last-seen updater.
 
     Create it on the event loop that will run it. start() binds the port, and
     stop() shuts everything down in order. tls_dir contains the certificate
@@ -212,7 +220,14 @@ class CollectorServer:
         self._tls_dir = Path(tls_dir)
         self._insecure = insecure
         self._clock = clock
-        self._batcher = Batcher(store)
+        # After a state change, the fleet limits send the changed effective
+        # policy to every open stream.
+        self._fleet_limits = FleetLimitsWorker(
+            store, clock, on_changed=self._notify_policy_changed
+        )
+        self._batcher = Batcher(
+            store, on_remediations=lambda _result: self._fleet_limits.request()
+        )
         self._agents = AgentServicer(
             store, self._batcher, clock=clock, limits=self._settings.limits
         )
@@ -240,6 +255,9 @@ class CollectorServer:
         if ":" in host:
             host = f"[{host}]"
         return f"{host}:{self.port}"
+
+    def _notify_policy_changed(self) -> None:
+        self._agents.notify_policy_changed()
 
     @property
     def agents(self) -> AgentServicer:
@@ -281,6 +299,7 @@ class CollectorServer:
         if self.port == 0:
             raise self._bind_error()
         self._batcher.start()
+        self._fleet_limits.start()
         await self._server.start()
         self._toucher = asyncio.create_task(self._touch_open_streams())
         self._log_listening()
@@ -368,6 +387,8 @@ class CollectorServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._batcher.close()
+        await self._fleet_limits.close()
+        await self._agents.close_deliveries()
         await asyncio.to_thread(self._store.close)
         logger.info("collector on %s stopped", self.address)
 
