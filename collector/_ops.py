@@ -4,45 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn, Protocol, TypeVar
+from datetime import datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from collector import outages
+from collector import auth, outages
 from collector._authz import current_operator
+from collector._ops_common import (
+    FLEET_SCAN_CHUNK,
+    DeviceStreams,
+    InvalidPageTokenError,
+    _abort_failed,
+    _abort_invalid,
+    _abort_not_found,
+    _decode_base64,
+    _ends_with_status,
+    _failure,
+    _invalid,
+    _Rejected,
+    _timestamp,
+    _to_datetime,
+    effective_page_size,
+)
+from collector._ops_healing import HealingHandlers
 from collector._validation import (
     APP_ID_PATTERN,
-    MAX_TIMESTAMP_SECONDS,
-    MIN_TIMESTAMP_SECONDS,
     InvalidMessageError,
     validate_device_id,
 )
 from collector.findings import SortKey, compute_findings, sort_key
-from collector.store import (
-    AuditRecord,
-    OutageRecord,
-    Store,
-    StoreError,
-    TokenRecord,
-)
-from fleetmend.v1 import ops_pb2, ops_pb2_grpc
+from collector.store import AuditRecord, OutageRecord, Store, TokenRecord
+from fleetmend.v1 import ops_pb2
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-# Devices read per store call while computing the findings of the whole fleet.
-FLEET_SCAN_CHUNK = 500
 
 # Page tokens are opaque to clients: a prefix naming the token's kind and
 # format version, then urlsafe base64 of the position after which the next page
@@ -58,10 +58,6 @@ MAX_OUTAGE_MESSAGE_CHARS = 500
 MAX_TIME_ZONE_CHARS = 64
 # Status details that end a revoked device's open streams.
 DEVICE_REVOKED_DETAILS = "device revoked by an operator"
-
-
-class InvalidPageTokenError(ValueError):
-    """A page token that this collector did not issue."""
 
 
 def encode_devices_token(last_device_id: str) -> str:
@@ -124,28 +120,6 @@ def _is_sort_key(value: Any) -> bool:
     )
 
 
-def _decode_base64(token: str, prefix: str) -> bytes:
-    if not token.startswith(prefix):
-        raise InvalidPageTokenError("page token was not issued by this collector")
-    try:
-        encoded = token[len(prefix) :].encode("ascii")
-        return base64.b64decode(encoded, altchars=b"-_", validate=True)
-    except (binascii.Error, UnicodeEncodeError) as error:
-        raise InvalidPageTokenError("page token is not valid base64") from error
-
-
-def effective_page_size(requested: int) -> int:
-    """Apply the default and the maximum to a requested page size.
-
-    Raises ValueError for a negative size.
-    """
-    if requested < 0:
-        raise ValueError(f"page_size must not be negative, got {requested}")
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(requested, MAX_PAGE_SIZE)
-
-
 def iter_fleet(store: Store) -> Iterator[ops_pb2.Device]:
     """Yield every device with all its sections, in device id order."""
     after = ""
@@ -163,88 +137,13 @@ class _DeviceNotFoundError(LookupError):
     pass
 
 
-class DeviceStreams(Protocol):
-    """The open agent streams, which RevokeDevice ends (the AgentServicer)."""
-
-    def close_device_streams(
-        self, device_id: str, code: grpc.StatusCode, details: str
-    ) -> int:
-        """End the device's open streams with code and details; return how many."""
-        ...
-
-
-class _Rejected(Exception):
-    """A failed call of an audited method, ended by _ends_with_status."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
-_Request = TypeVar("_Request", bound=Message)
-_Response = TypeVar("_Response", bound=Message)
-_Handler = Callable[
-    ["OpsServicer", _Request, grpc.aio.ServicerContext], Awaitable[_Response]
-]
-
-
-def _ends_with_status(
-    response_type: type[_Response],
-) -> Callable[[_Handler[_Request, _Response]], _Handler[_Request, _Response]]:
-    """Make a handler end a _Rejected call by setting its status and returning.
-
-    Audited methods fail this way rather than with context.abort, because
-    abort sends the status at once, before the authorization interceptor has
-    written the call's audit event. A client that reads the audit log right
-    after a failed call then finds the event, and a collector that stops
-    right after it does not lose the event.
-    """
-
-    def decorate(
-        handler: _Handler[_Request, _Response],
-    ) -> _Handler[_Request, _Response]:
-        @functools.wraps(handler)
-        async def run(
-            servicer: OpsServicer, request: _Request, context: grpc.aio.ServicerContext
-        ) -> _Response:
-            try:
-                return await handler(servicer, request, context)
-            except _Rejected as rejected:
-                context.set_code(rejected.code)
-                context.set_details(rejected.details)
-                return response_type()
-
-        return run
-
-    return decorate
-
-
-def _invalid(context: grpc.aio.ServicerContext, method: str, reason: str) -> _Rejected:
-    logger.info("%s from %s rejected: %s", method, context.peer(), reason)
-    return _Rejected(grpc.StatusCode.INVALID_ARGUMENT, reason)
-
-
-def _failure(
-    context: grpc.aio.ServicerContext, method: str, error: Exception
-) -> _Rejected:
-    """Log the traceback of error and return the short status to end the call with.
-
-    A StoreError is UNAVAILABLE because the call is safe to retry once the
-    database is back; anything else is INTERNAL.
-    """
-    logger.error("%s from %s failed", method, context.peer(), exc_info=error)
-    if isinstance(error, StoreError):
-        return _Rejected(grpc.StatusCode.UNAVAILABLE, "the database is unavailable")
-    return _Rejected(grpc.StatusCode.INTERNAL, f"{method} failed on the collector")
-
-
-class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
+class OpsServicer(HealingHandlers):
     """Serves operators' queries and actions from the store.
 
     Store calls run in worker threads so that a slow query does not stall the
     agents' streams on the event loop. The authorization interceptor has checked
-    the caller's token and role before a handler runs.
+    the caller's token and role before a handler runs. The self-healing methods
+    are inherited from HealingHandlers in collector._ops_healing.
     """
 
     def __init__(
@@ -464,10 +363,15 @@ class OpsServicer(ops_pb2_grpc.OpsServiceServicer):
             raise _failure(context, "RevokeToken", error) from error
         if revoked is None:
             raise _Rejected(
-                grpc.StatusCode.NOT_FOUND, f"token {request.name!r} not found"
+                grpc.StatusCode.NOT_FOUND,
+                f"token {auth.redact_secrets(request.name)!r} not found",
             )
         if revoked:
-            logger.info("token %r revoked by %s", request.name, current_operator().name)
+            logger.info(
+                "token %r revoked by %s",
+                auth.redact_secrets(request.name),
+                current_operator().name,
+            )
         return ops_pb2.RevokeTokenResponse(revoked=revoked)
 
     @_ends_with_status(ops_pb2.ListAuditEventsResponse)
@@ -570,22 +474,6 @@ def validate_time_zone(name: str) -> None:
         ) from None
 
 
-def _to_datetime(name: str, timestamp: Timestamp) -> datetime:
-    if not MIN_TIMESTAMP_SECONDS <= timestamp.seconds <= MAX_TIMESTAMP_SECONDS:
-        raise ValueError(f"{name} has seconds {timestamp.seconds}, out of range")
-    if not 0 <= timestamp.nanos <= 999_999_999:
-        raise ValueError(f"{name} has nanos {timestamp.nanos}, out of range")
-    return timestamp.ToDatetime(tzinfo=UTC)
-
-
-def _timestamp(moment: datetime | None) -> Timestamp | None:
-    if moment is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 def outage_message(record: OutageRecord) -> ops_pb2.Outage:
     """Return a stored outage as an Outage message."""
     return ops_pb2.Outage(
@@ -625,37 +513,3 @@ def audit_message(record: AuditRecord) -> ops_pb2.AuditEvent:
         outcome=record.outcome,
         peer=record.peer,
     )
-
-
-async def _abort(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
-) -> NoReturn:
-    await context.abort(code, details)
-    raise AssertionError("context.abort returned")
-
-
-async def _abort_invalid(
-    context: grpc.aio.ServicerContext, method: str, reason: str
-) -> NoReturn:
-    logger.info("%s from %s rejected: %s", method, context.peer(), reason)
-    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason)
-
-
-async def _abort_not_found(context: grpc.aio.ServicerContext, details: str) -> NoReturn:
-    await _abort(context, grpc.StatusCode.NOT_FOUND, details)
-
-
-async def _abort_failed(
-    context: grpc.aio.ServicerContext, method: str, error: Exception
-) -> NoReturn:
-    """Log the traceback of error and end the call with a short status.
-
-    A StoreError is UNAVAILABLE because the call is safe to retry once the
-    database is back; anything else is INTERNAL.
-    """
-    logger.error("%s from %s failed", method, context.peer(), exc_info=error)
-    if isinstance(error, StoreError):
-        await _abort(
-            context, grpc.StatusCode.UNAVAILABLE, "the database is unavailable"
-        )
-    await _abort(context, grpc.StatusCode.INTERNAL, f"{method} failed on the collector")

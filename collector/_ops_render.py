@@ -1,29 +1,41 @@
 """Output of the ``fleetmend`` CLI: tables and reports for people, and JSON.
 
 The JSON output uses the protobuf JSON mapping with the field names of the
-.proto files.
+.proto files. The tables and reports print device- and operator-supplied
+strings with their control characters escaped (see escape_controls), so that a
+hostname cannot move the cursor, set the terminal title or forge a row. JSON
+escapes them by itself.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fleetmend.v1 import ops_pb2, report_pb2
+from fleetmend.v1 import ops_pb2, remediation_pb2, report_pb2
 
 # ATA attributes that predict failure or describe wear, shown by `device show`:
 # reallocated, pending and uncorrectable sectors, power-on hours, temperature,
 # reported uncorrectable errors, command timeouts, UDMA CRC errors.
 KEY_ATA_ATTRIBUTES = (5, 9, 187, 188, 194, 197, 198, 199)
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+DURATION_TYPE = "google.protobuf.Duration"
+
+# C0 controls, DEL and C1 controls, which terminals act on (ESC and CSI start
+# escape sequences, CR and LF move the cursor), and U+2028 and U+2029, on which
+# str.splitlines breaks the lines of a report.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 # JSON for scripts
@@ -47,8 +59,31 @@ def to_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
 # Rendering for people
 
 
+def escape_controls(text: str) -> str:
+    """Replace each control character in text with a visible escape.
+
+    Tab, LF and CR become \\t, \\n and \\r, and the others \\x1b or \\u2028 as
+    Python writes them. A backslash stays as it is, so text that contains
+    such an escape literally prints the same.
+    """
+    return _CONTROL_CHARACTERS.sub(_visible_escape, text)
+
+
+def _visible_escape(match: re.Match[str]) -> str:
+    character = match.group()
+    if character in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[character]
+    code = ord(character)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Return rows under headers, in columns two spaces apart, one per line."""
+    """Return rows under headers, in columns two spaces apart, one per line.
+
+    Cells are printed with escape_controls, so every row stays on one line.
+    """
+    headers = [escape_controls(header) for header in headers]
+    rows = [[escape_controls(cell) for cell in row] for row in rows]
     widths = [len(header) for header in headers]
     for row in rows:
         widths = [
@@ -193,7 +228,9 @@ def _indent(text: str) -> str:
 
 def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
     width = max(len(label) for label, _ in pairs)
-    return "".join(f"{label.ljust(width)}  {value}\n" for label, value in pairs)
+    return "".join(
+        f"{label.ljust(width)}  {escape_controls(value)}\n" for label, value in pairs
+    )
 
 
 def _render_summary(device: ops_pb2.Device, now: datetime) -> str:
@@ -207,7 +244,8 @@ def _render_summary(device: ops_pb2.Device, now: datetime) -> str:
         ("dropped reports", str(device.dropped_reports)),
         ("clock", clock_text(device)),
     ]
-    return f"Device {device.device_id} ({name})\n" + _indent(_render_pairs(pairs))
+    title = escape_controls(f"Device {device.device_id} ({name})")
+    return f"{title}\n" + _indent(_render_pairs(pairs))
 
 
 def clock_text(device: ops_pb2.Device) -> str:
@@ -486,22 +524,25 @@ def render_outages_table(outages: Sequence[ops_pb2.Outage]) -> str:
 
 def render_outage(outage: ops_pb2.Outage) -> str:
     """Return the report of the outage declare command."""
-    zone = outage.time_zone or "UTC"
+    zone = escape_controls(outage.time_zone or "UTC")
+    app_id = escape_controls(outage.app_id)
     start = format_zoned_time(outage.start_time, outage.time_zone)
     end = format_zoned_time(outage.end_time, outage.time_zone)
     count = len(outage.affected_device_ids)
     lines = [
-        f"Outage {outage.outage_id} of {outage.app_id} declared: "
-        f"{start} to {end} {zone}",
+        f"Outage {outage.outage_id} of {app_id} declared: {start} to {end} {zone}",
     ]
     if outage.message:
-        lines.append(f"message: {outage.message}")
+        lines.append(f"message: {escape_controls(outage.message)}")
     if count == 0:
-        lines.append(f"No device's users usually use {outage.app_id} then.")
+        lines.append(f"No device's users usually use {app_id} then.")
     else:
         devices = "1 device" if count == 1 else f"{count} devices"
-        lines.append(f"{devices} whose users usually use {outage.app_id} then:")
-        lines.extend(f"  {device_id}" for device_id in outage.affected_device_ids)
+        lines.append(f"{devices} whose users usually use {app_id} then:")
+        lines.extend(
+            f"  {escape_controls(device_id)}"
+            for device_id in outage.affected_device_ids
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -509,6 +550,7 @@ def render_device_revoked(
     device_id: str, response: ops_pb2.RevokeDeviceResponse
 ) -> str:
     """Return the report of the device revoke command."""
+    device_id = escape_controls(device_id)
     if response.revoked_keys == 0:
         text = f"Device {device_id} had no valid node key; it was revoked already."
     else:
@@ -540,3 +582,234 @@ def _role_text(role: int) -> str:
     if role == ops_pb2.ROLE_UNSPECIFIED:
         return "-"
     return enum_label(ops_pb2.Role, role)
+
+
+# Self-healing
+
+
+def render_policy_toml(policy: remediation_pb2.Policy) -> str:
+    """Return a policy as TOML that `fleetmend policy set` reads back unchanged.
+
+    Keys are the .proto field names and durations are protobuf JSON strings
+    such as "3600s", as in the agent's default policy file. The version is a
+    comment, because the collector assigns it.
+    """
+    lines = [
+        f"# Fleet policy version {policy.version}; `fleetmend policy set` ignores "
+        "the version."
+    ]
+    for rule in policy.rules:
+        lines.append("")
+        lines.extend(_toml_table(rule, "rules", array=True))
+    return "\n".join(lines) + "\n"
+
+
+def _toml_table(message: Message, path: str, *, array: bool = False) -> list[str]:
+    """Return the TOML lines of message as the table at path, then its subtables."""
+    scalars: list[str] = []
+    tables: list[str] = []
+    for field, value in message.ListFields():
+        child = f"{path}.{field.name}"
+        repeated = field.is_repeated
+        if field.type == FieldDescriptor.TYPE_MESSAGE and not _is_toml_scalar(field):
+            if repeated:
+                for item in value:
+                    tables.extend(_toml_table(item, child, array=True))
+            else:
+                tables.extend(_toml_table(value, child))
+            continue
+        if repeated:
+            items = ", ".join(_toml_value(field, item) for item in value)
+            scalars.append(f"{field.name} = [{items}]")
+        else:
+            scalars.append(f"{field.name} = {_toml_value(field, value)}")
+    # A table with only subtables needs no header of its own, except an empty
+    # message such as DiskFailing, which must still appear to be set.
+    if array:
+        header = [f"[[{path}]]"]
+    elif scalars or not tables:
+        header = [f"[{path}]"]
+    else:
+        header = []
+    return header + scalars + tables
+
+
+def _is_toml_scalar(field: FieldDescriptor) -> bool:
+    message_type = field.message_type
+    return message_type is not None and message_type.full_name == DURATION_TYPE
+
+
+def _toml_value(field: FieldDescriptor, value: Any) -> str:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return _toml_string(value.ToJsonString())
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return "true" if value else "false"
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return _toml_string(value)
+    if field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None:
+        return _toml_string(field.enum_type.values_by_number[value].name)
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return repr(float(value))
+    return str(value)
+
+
+def _toml_string(text: str) -> str:
+    """Return text as a TOML basic string, with every control character escaped."""
+    escaped = []
+    for character in text:
+        if character in ('"', "\\"):
+            escaped.append("\\" + character)
+        elif character == "\n":
+            escaped.append("\\n")
+        elif character == "\t":
+            escaped.append("\\t")
+        elif _CONTROL_CHARACTERS.fullmatch(character):
+            escaped.append(f"\\u{ord(character):04x}")
+        else:
+            escaped.append(character)
+    return '"' + "".join(escaped) + '"'
+
+
+def render_rules_table(
+    rules: Sequence[ops_pb2.RuleState], budgets: Mapping[str, int]
+) -> str:
+    """Return the table of the rules command.
+
+    budgets maps a rule name to its fleet.daily_budget, 0 meaning no budget.
+    """
+    if not rules:
+        return "No rules: no policy is set, or it has no rules.\n"
+    rows = []
+    for rule in rules:
+        budget = budgets.get(rule.name, 0)
+        stage = enum_label(ops_pb2.RuleStage, rule.stage)
+        if rule.stage == ops_pb2.RULE_STAGE_CANARY:
+            devices = (
+                "1 device"
+                if rule.canary_devices == 1
+                else (f"{rule.canary_devices} devices")
+            )
+            stage = f"canary ({devices})"
+        rows.append(
+            [
+                rule.name,
+                stage,
+                rule.reason or "-",
+                str(rule.runs),
+                str(rule.failures),
+                success_rate_text(rule.runs - rule.failures, rule.runs),
+                f"{rule.runs_today}/{budget}" if budget else f"{rule.runs_today}/-",
+            ]
+        )
+    headers = ["NAME", "STAGE", "REASON", "RUNS", "FAILURES", "SUCCESS", "TODAY"]
+    return render_table(headers, rows)
+
+
+def success_rate_text(succeeded: int, runs: int) -> str:
+    """Return succeeded / runs as a percentage, "-" without runs."""
+    if runs == 0:
+        return "-"
+    return f"{100 * succeeded / runs:.0f}%"
+
+
+def render_rule_state(rule: ops_pb2.RuleState) -> str:
+    """Return the report of the rules promote, pause and resume commands."""
+    name = escape_controls(rule.name)
+    if rule.stage == ops_pb2.RULE_STAGE_ACTIVE:
+        text = f"Rule {name} is active on the whole fleet."
+    elif rule.stage == ops_pb2.RULE_STAGE_CANARY:
+        devices = (
+            "1 device"
+            if rule.canary_devices == 1
+            else (f"{rule.canary_devices} devices")
+        )
+        text = f"Rule {name} is in canary on {devices}."
+    else:
+        label = enum_label(ops_pb2.RuleStage, rule.stage)
+        text = f"Rule {name} is {label}."
+    if rule.reason:
+        text += f" Reason: {escape_controls(rule.reason)}."
+    return text + "\n"
+
+
+def render_commands(action: str, commands: Sequence[ops_pb2.CommandStatus]) -> str:
+    """Return the report of the act command."""
+    if not commands:
+        return (
+            "No device received the command: the collector knows no device that "
+            "is not revoked.\n"
+        )
+    sent = sum(1 for command in commands if command.sent)
+    count = len(commands)
+    devices = "1 device" if count == 1 else f"{count} devices"
+    lines = [
+        f"Sent {escape_controls(action)} to {devices}: {sent} connected now, "
+        f"{count - sent} get it when they connect before it expires.",
+    ]
+    rows = [
+        [
+            command.command_id,
+            command.device_id,
+            format_time(command.expire_time),
+            "sent" if command.sent else "waiting",
+        ]
+        for command in commands
+    ]
+    table = render_table(["COMMAND ID", "DEVICE ID", "EXPIRES", "STATUS"], rows)
+    return "\n".join(lines) + "\n" + table
+
+
+def render_remediations(
+    remediations: Sequence[ops_pb2.StoredRemediation],
+    summaries: Sequence[ops_pb2.RuleSummary],
+) -> str:
+    """Return the records and the per-rule summary of the remediations command."""
+    if not remediations:
+        return "No remediation records.\n"
+    rows = []
+    for stored in remediations:
+        record = stored.record
+        rows.append(
+            [
+                format_time(record.start_time),
+                stored.device_id,
+                stored.hostname or "-",
+                record.rule or f"command {record.command_id}",
+                record.action.WhichOneof("kind") or "-",
+                enum_label(remediation_pb2.RemediationOutcome, record.outcome),
+                _change_text(record),
+                record.reason or "-",
+            ]
+        )
+    headers = ["TIME", "DEVICE ID", "HOSTNAME", "RULE", "ACTION", "OUTCOME"]
+    records = render_table([*headers, "CHANGE", "REASON"], rows)
+    summary_rows = [
+        [
+            summary.rule,
+            str(summary.runs),
+            str(summary.succeeded),
+            str(summary.failed),
+            str(summary.skipped),
+            success_rate_text(summary.succeeded, summary.runs),
+            str(summary.devices),
+            str(summary.recurring_devices),
+        ]
+        for summary in summaries
+    ]
+    summary_headers = ["RULE", "RUNS", "SUCCEEDED", "FAILED", "SKIPPED", "SUCCESS"]
+    summary = render_table([*summary_headers, "DEVICES", "RECURRING"], summary_rows)
+    return f"{records}\nSummary per rule\n{_indent(summary)}"
+
+
+def _change_text(record: remediation_pb2.RemediationRecord) -> str:
+    """Return the tested value before and after the action, and the bytes freed."""
+    parts = []
+    if record.unit and "bytes" in record.unit:
+        before = format_bytes(int(max(record.before, 0)))
+        after = format_bytes(int(max(record.after, 0)))
+        parts.append(f"{before} -> {after} ({record.unit})")
+    elif record.unit:
+        parts.append(f"{record.before:g} -> {record.after:g} {record.unit}")
+    if record.bytes_freed:
+        parts.append(f"freed {format_bytes(record.bytes_freed)}")
+    return ", ".join(parts) or "-"

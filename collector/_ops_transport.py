@@ -3,12 +3,14 @@
 Reads the CA file and the operator token file, opens the gRPC channel and calls
 the OpsService. A failed call becomes a CliError with a one-line message. When
 gRPC reports a failed connection, a handshake of the ssl module with the same
-address and CA file finds the reason.
+address and CA file finds the reason. Also defines the global options, such
+as --collector and --token-file, that every command accepts.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -18,6 +20,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,7 @@ CA_FILE_ENV = "FLEETMEND_CA_FILE"
 TOKEN_FILE_ENV = "FLEETMEND_TOKEN_FILE"  # noqa: S105 - a variable name, not a secret
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
 DEFAULT_PAGE_SIZE = 1000
+DEFAULT_TIMEOUT_SECONDS = 30.0
 OPERATOR_TOKEN_PREFIX = "fmt1."  # noqa: S105 - the format's prefix, not a secret
 
 # Shapes of Fleetmend secrets (node keys, operator tokens, enrollment secrets).
@@ -420,6 +424,27 @@ class OpsClient:
             if not token:
                 return
 
+    def list_remediations(
+        self, request: ops_pb2.ListRemediationsRequest, limit: int
+    ) -> tuple[list[ops_pb2.StoredRemediation], list[ops_pb2.RuleSummary]]:
+        """Return up to limit records of the request's filters, following pages.
+
+        The summaries, per rule, cover every record that matches the filters.
+        """
+        query = ops_pb2.ListRemediationsRequest()
+        query.CopyFrom(request)
+        remediations: list[ops_pb2.StoredRemediation] = []
+        summaries: list[ops_pb2.RuleSummary] = []
+        while True:
+            query.page_size = min(self._page_size, limit - len(remediations))
+            response = self.call("ListRemediations", query)
+            if not summaries:
+                summaries = list(response.summaries)
+            remediations.extend(response.remediations[: limit - len(remediations)])
+            query.page_token = response.next_page_token
+            if not query.page_token or len(remediations) >= limit:
+                return remediations, summaries
+
     def get_device(self, device_id: str) -> ops_pb2.Device:
         """Return a device with every section, raising CliError for an unknown id."""
         request = ops_pb2.GetDeviceRequest(device_id=device_id)
@@ -431,9 +456,17 @@ class OpsClient:
 
         Raises CliError for no match and AmbiguousHostnameError for several.
         """
+        return self.get_device(self.resolve_device_id(id_or_hostname))
+
+    def resolve_device_id(self, id_or_hostname: str) -> str:
+        """Return the device id given, or the id of the only device with this hostname.
+
+        A device id is returned as it is, for the collector to check. Raises
+        CliError for no match and AmbiguousHostnameError for several.
+        """
         device_id = canonical_uuid(id_or_hostname)
         if device_id:
-            return self.get_device(device_id)
+            return device_id
         matches = list(self.iter_devices(hostname=id_or_hostname))
         if not matches:
             raise CliError(
@@ -441,7 +474,7 @@ class OpsClient:
             )
         if len(matches) > 1:
             raise AmbiguousHostnameError(id_or_hostname, matches)
-        return self.get_device(matches[0].device_id)
+        return matches[0].device_id
 
     def call(self, method: str, request: Message) -> Any:
         """Call an OpsService method by name, raising CliError if it fails."""
@@ -474,7 +507,10 @@ class OpsClient:
             return CliError(f"permission denied: {details}")
         if code == grpc.StatusCode.NOT_FOUND:
             return self._not_found(request, details)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
+        if code in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ):
             return CliError(f"the collector rejected {method}: {details}")
         return CliError(f"{method} failed: {code.name}: {details}")
 
@@ -505,6 +541,12 @@ class OpsClient:
             return CliError(
                 f"unknown token {request.name!r}: {details}; see `fleetmend token list`"
             )
+        if isinstance(request, ops_pb2.ChangeRuleStateRequest):
+            return CliError(
+                f"unknown rule {request.name!r}: {details}; see `fleetmend rules`"
+            )
+        if isinstance(request, ops_pb2.SendCommandRequest):
+            return CliError(f"the collector rejected SendCommand: {details}")
         device_id = getattr(request, "device_id", "")
         return CliError(f"unknown device {device_id}: {details}")
 
@@ -533,3 +575,109 @@ def canonical_uuid(text: str) -> str:
         return str(uuid.UUID(text))
     except ValueError:
         return ""
+
+
+# Global options and argument types of every command
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # A subcommand's copy of an option must not overwrite a value given before
+    # the command, so only the top-level parser sets defaults. The help texts
+    # state the defaults literally, because %(default)s fails on SUPPRESS.
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--collector",
+        metavar="HOST:PORT",
+        default=default(None),
+        help=(
+            f"collector address (default: ${COLLECTOR_ENV}, else {DEFAULT_COLLECTOR})"
+        ),
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        default=default(None),
+        help=(
+            "CA certificate that the collector's TLS certificate must chain to, "
+            f"the collector's ca.pem (default: ${CA_FILE_ENV})"
+        ),
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(None),
+        help=(
+            "file that contains the operator token on one line "
+            f"(default: ${TOKEN_FILE_ENV})"
+        ),
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=default(False),
+        help="connect in plaintext, without TLS; only to a loopback address",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print JSON for scripts instead of tables",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        default=default(DEFAULT_TIMEOUT_SECONDS),
+        help=(
+            f"deadline of each call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g})"
+        ),
+    )
+    parser.add_argument(
+        "--page-size",
+        type=_positive_int,
+        metavar="N",
+        default=default(DEFAULT_PAGE_SIZE),
+        help=(
+            "devices, findings, audit events or remediation records fetched "
+            "per call "
+            f"(default: {DEFAULT_PAGE_SIZE})"
+        ),
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of at least 1, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds greater than 0, got {text!r}"
+        )
+    return value
+
+
+def _device_reference(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must not be empty; give a device id or a hostname"
+        )
+    return text
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)

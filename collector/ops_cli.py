@@ -14,6 +14,13 @@ messages in the protobuf JSON mapping and field names as in the .proto files:
 {"outage": Outage} and ``outage list`` prints {"outages": [Outage]}.
 ``device revoke`` prints {"device_id", "revoked_keys", "stream_closed"} and
 ``token revoke`` prints {"name", "revoked"}.
+
+For self-healing, ``policy set`` prints {"version", "rules"} (the number of
+rules), ``policy show`` prints {"policy": Policy}, null before the first
+``policy set``, ``rules`` prints {"rules": [RuleState]}, ``rules promote``,
+``pause`` and ``resume`` print {"rule": RuleState}, ``act`` prints
+{"commands": [CommandStatus]} and ``remediations`` prints
+{"remediations": [StoredRemediation], "summaries": [RuleSummary]}.
 """
 
 from __future__ import annotations
@@ -24,21 +31,32 @@ import os
 # INFO lines about failed TLS handshakes on stderr, which would break the
 # CLI's one-line errors, so the CLI shows ERROR and above unless the user sets
 # the variable. This runs before the imports below, because
-# collector._ops_transport imports grpc.
+# collector._ops_transport imports grpc, and so does
+# collector._ops_cli_healing through it.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
+from datetime import datetime  # noqa: E402
 from typing import Any  # noqa: E402
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # noqa: E402
 
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
 from collector import __version__  # noqa: E402
+from collector._ops_cli_healing import (  # noqa: E402
+    _add_act_parser,
+    _add_policy_parser,
+    _add_remediations_parser,
+    _add_rules_parser,
+    _run_act_command,
+    _run_policy_command,
+    _run_remediations_command,
+    _run_rules_command,
+)
 from collector._ops_render import (  # noqa: E402
+    escape_controls,
     print_json,
     render_audit_table,
     render_device,
@@ -52,15 +70,14 @@ from collector._ops_render import (  # noqa: E402
     to_dicts,
 )
 from collector._ops_transport import (  # noqa: E402
-    CA_FILE_ENV,
-    COLLECTOR_ENV,
-    DEFAULT_COLLECTOR,
-    DEFAULT_PAGE_SIZE,
     PROG,
-    TOKEN_FILE_ENV,
     AmbiguousHostnameError,
     CliError,
     OpsClient,
+    _add_global_options,
+    _device_reference,
+    _positive_int,
+    _utc_now,
     canonical_uuid,
     open_channel,
     redact_secrets,
@@ -69,7 +86,6 @@ from collector._ops_transport import (  # noqa: E402
 )
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc  # noqa: E402
 
-DEFAULT_TIMEOUT_SECONDS = 30.0
 DEFAULT_AUDIT_LIMIT = 50
 
 
@@ -119,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_token_parser(commands)
     _add_outage_parser(commands)
+    _add_policy_parser(commands)
+    _add_rules_parser(commands)
+    _add_act_parser(commands)
+    _add_remediations_parser(commands)
     return parser
 
 
@@ -180,12 +200,21 @@ def _add_outage_parser(commands: Any) -> None:
         help="declare that an application is down for a span of time (operator)",
         description=(
             "Declare that a catalogued application is unavailable from --from to "
-            "--to, and list the devices whose users usually use it then."
+            "--to, and list the devices whose users usually use it then. The "
+            "collector has no catalog of its own and accepts any id of 1 to 64 "
+            "of a-z, 0-9, '_' and '-'; a device matches only if its agent's "
+            "catalog has an app with that id."
         ),
     )
     _add_global_options(declare, defaults=False)
     declare.add_argument(
-        "app_id", type=_app_id, metavar="APP", help='catalog id of the app, e.g. "sap"'
+        "app_id",
+        type=_app_id,
+        metavar="APP",
+        help=(
+            'app id in the agents\' catalog, such as "sap-gui" in the built-in '
+            "catalog; an id that no agent uses matches no device"
+        ),
     )
     declare.add_argument(
         "--from",
@@ -226,104 +255,6 @@ def _add_outage_parser(commands: Any) -> None:
         "list", help="list outages that have not ended yet"
     )
     _add_global_options(listing, defaults=False)
-
-
-def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    # A subcommand's copy of an option must not overwrite a value given before
-    # the command, so only the top-level parser sets defaults. The help texts
-    # state the defaults literally, because %(default)s fails on SUPPRESS.
-    def default(value: object) -> object:
-        return value if defaults else argparse.SUPPRESS
-
-    parser.add_argument(
-        "--collector",
-        metavar="HOST:PORT",
-        default=default(None),
-        help=(
-            f"collector address (default: ${COLLECTOR_ENV}, else {DEFAULT_COLLECTOR})"
-        ),
-    )
-    parser.add_argument(
-        "--ca-file",
-        metavar="FILE",
-        default=default(None),
-        help=(
-            "CA certificate that the collector's TLS certificate must chain to, "
-            f"the collector's ca.pem (default: ${CA_FILE_ENV})"
-        ),
-    )
-    parser.add_argument(
-        "--token-file",
-        metavar="FILE",
-        default=default(None),
-        help=(
-            "file that contains the operator token on one line "
-            f"(default: ${TOKEN_FILE_ENV})"
-        ),
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        default=default(False),
-        help="connect in plaintext, without TLS; only to a loopback address",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        default=default(False),
-        help="print JSON for scripts instead of tables",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_seconds,
-        metavar="SECONDS",
-        default=default(DEFAULT_TIMEOUT_SECONDS),
-        help=(
-            f"deadline of each call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g})"
-        ),
-    )
-    parser.add_argument(
-        "--page-size",
-        type=_positive_int,
-        metavar="N",
-        default=default(DEFAULT_PAGE_SIZE),
-        help=(
-            "devices, findings or audit events fetched per call "
-            f"(default: {DEFAULT_PAGE_SIZE})"
-        ),
-    )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of at least 1, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of seconds greater than 0, got {text!r}"
-        )
-    return value
-
-
-def _device_reference(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError(
-            "must not be empty; give a device id or a hostname"
-        )
-    return text
 
 
 def _device_id(text: str) -> str:
@@ -434,6 +365,14 @@ def _run_command(args: argparse.Namespace, client: OpsClient) -> None:
         _run_token_command(args, client)
     elif args.command == "outage":
         _run_outage_command(args, client, now)
+    elif args.command == "policy":
+        _run_policy_command(args, client)
+    elif args.command == "rules":
+        _run_rules_command(args, client)
+    elif args.command == "act":
+        _run_act_command(args, client)
+    elif args.command == "remediations":
+        _run_remediations_command(args, client)
 
 
 def _revoke_device(args: argparse.Namespace, client: OpsClient) -> None:
@@ -464,9 +403,10 @@ def _run_token_command(args: argparse.Namespace, client: OpsClient) -> None:
     if args.json:
         print_json({"name": args.name, "revoked": revoked})
     elif revoked:
-        print(f"Revoked token {args.name}; calls with it are rejected from now on.")
+        name = escape_controls(args.name)
+        print(f"Revoked token {name}; calls with it are rejected from now on.")
     else:
-        print(f"Token {args.name} was revoked already.")
+        print(f"Token {escape_controls(args.name)} was revoked already.")
 
 
 def _run_outage_command(
@@ -508,12 +448,11 @@ def _timestamp(moment: datetime) -> Timestamp:
     return stamp
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _print_error(message: str) -> None:
-    print(f"{PROG}: error: {redact_secrets(message)}", file=sys.stderr)
+    # The message can contain status details from the collector, so it is
+    # printed with its control characters escaped, on one line.
+    text = escape_controls(redact_secrets(message))
+    print(f"{PROG}: error: {text}", file=sys.stderr)
 
 
 def _print_devices(

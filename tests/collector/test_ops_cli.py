@@ -773,6 +773,16 @@ def test_help_states_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     assert "(default: 1000)" in out
 
 
+def test_outage_help_catalog_id(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["outage", "declare", "--help"])
+
+    out = " ".join(capsys.readouterr().out.split())
+    assert '"sap-gui"' in out
+    assert '"sap"' not in out
+    assert "no catalog of its own" in out
+
+
 def test_version_printed(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as raised:
         main(["--version"])

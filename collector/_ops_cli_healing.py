@@ -1,0 +1,544 @@
+"""The self-healing commands of ``fleetmend``: policy, rules, act, remediations.
+
+Parses their arguments, builds their requests and prints their results.
+collector.ops_cli adds these commands to its parser and runs them; it sets
+GRPC_VERBOSITY before it imports this module, which imports grpc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import tomllib
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from collector._ops_render import (
+    DURATION_TYPE,
+    enum_label,
+    print_json,
+    render_commands,
+    render_policy_toml,
+    render_remediations,
+    render_rule_state,
+    render_rules_table,
+    to_dict,
+    to_dicts,
+)
+from collector._ops_transport import (
+    CliError,
+    OpsClient,
+    _add_global_options,
+    _device_reference,
+    _positive_int,
+    _utc_now,
+)
+from fleetmend.v1 import ops_pb2, remediation_pb2
+
+DEFAULT_REMEDIATIONS_LIMIT = 50
+# The collector's default time to live of a command, as ops.proto states it.
+DEFAULT_COMMAND_TTL = timedelta(hours=24)
+
+
+def _add_policy_parser(commands: Any) -> None:
+    policy = commands.add_parser("policy", help="set or show the fleet's policy")
+    policy_commands = policy.add_subparsers(
+        dest="policy_command", required=True, metavar="COMMAND"
+    )
+    setter = policy_commands.add_parser(
+        "set",
+        help="replace the fleet's policy with a TOML file (admin)",
+        description=(
+            "Replace the fleet's self-healing policy with the rules in a TOML "
+            "file whose keys are the field names of fleetmend.v1.Policy, as in "
+            "the agent's default_policy.toml. The collector assigns the next "
+            "version and sends the policy to every connected agent."
+        ),
+    )
+    _add_global_options(setter, defaults=False)
+    setter.add_argument("file", type=Path, metavar="FILE.toml", help="policy file")
+    show = policy_commands.add_parser(
+        "show", help="print the fleet's current policy as TOML"
+    )
+    _add_global_options(show, defaults=False)
+
+
+def _add_rules_parser(commands: Any) -> None:
+    rules = commands.add_parser(
+        "rules",
+        help="list the policy's rules with their fleet state, or change a state",
+        description=(
+            "Without a command, list each rule of the current policy with its "
+            "stage (active, canary or paused, and why), its runs across the "
+            "fleet and its runs today against the daily budget."
+        ),
+    )
+    _add_global_options(rules, defaults=False)
+    rule_commands = rules.add_subparsers(dest="rules_command", metavar="COMMAND")
+    helps = {
+        "promote": "give a canary rule to the whole fleet (operator)",
+        "pause": "pause a rule on every device (operator)",
+        "resume": "resume a paused rule (operator)",
+    }
+    for name, help_text in helps.items():
+        change = rule_commands.add_parser(name, help=help_text)
+        _add_global_options(change, defaults=False)
+        change.add_argument("name", metavar="NAME", help="rule name")
+        change.add_argument(
+            "--reason",
+            default="",
+            metavar="TEXT",
+            help="why, shown in the rule's reason",
+        )
+
+
+def _add_act_parser(commands: Any) -> None:
+    act = commands.add_parser(
+        "act",
+        help="ask devices to run an allowlisted action now (operator)",
+        description=(
+            "Ask devices to run one of the agent's actions now. Each agent checks "
+            "the request against its local policy and allowlist, and reports "
+            "what it did. A device that does not connect within the time to "
+            "live never runs the command."
+        ),
+    )
+    _add_global_options(act, defaults=False)
+    act.add_argument(
+        "action",
+        metavar="ACTION",
+        help="action name: " + ", ".join(action_names()),
+    )
+    act.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=(
+            "a field of the action's message; repeated fields take a comma list "
+            "and durations a span such as 30s, 10m or 1h"
+        ),
+    )
+    targets = act.add_mutually_exclusive_group(required=True)
+    targets.add_argument(
+        "--device",
+        dest="devices",
+        nargs="+",
+        action="extend",
+        type=_device_reference,
+        metavar="ID-OR-HOSTNAME",
+        help="devices to run the action on",
+    )
+    targets.add_argument(
+        "--all",
+        dest="all_devices",
+        action="store_true",
+        help="every device that is not revoked",
+    )
+    act.add_argument(
+        "--ttl",
+        type=_span,
+        default=DEFAULT_COMMAND_TTL,
+        metavar="SPAN",
+        help=(
+            "time to live, such as 30m or 2d, from 1 minute to 7 days (default: 24h)"
+        ),
+    )
+
+
+def _add_remediations_parser(commands: Any) -> None:
+    remediations = commands.add_parser(
+        "remediations",
+        help="list remediation records, newest first, with a summary per rule",
+    )
+    _add_global_options(remediations, defaults=False)
+    remediations.add_argument(
+        "--device",
+        type=_device_reference,
+        metavar="ID-OR-HOSTNAME",
+        help="only the records of this device",
+    )
+    remediations.add_argument(
+        "--rule",
+        default="",
+        metavar="NAME",
+        help="only the records of this rule",
+    )
+    remediations.add_argument(
+        "--outcome",
+        type=_outcome,
+        default=0,
+        metavar="NAME",
+        help="only records with this outcome: " + ", ".join(outcome_names()),
+    )
+    remediations.add_argument(
+        "--since",
+        type=_since,
+        default=None,
+        metavar="TIME",
+        help=(
+            "only records that started at or after TIME: ISO 8601 such as "
+            "2026-05-04T09:00 (UTC without an offset), or a span before now "
+            "such as 24h or 7d"
+        ),
+    )
+    remediations.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=DEFAULT_REMEDIATIONS_LIMIT,
+        metavar="N",
+        help=(
+            f"maximum number of records to list (default: {DEFAULT_REMEDIATIONS_LIMIT})"
+        ),
+    )
+
+
+def _span(text: str) -> timedelta:
+    try:
+        return parse_span(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _outcome(text: str) -> int:
+    try:
+        return parse_outcome(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _since(text: str) -> datetime:
+    stripped = text.strip()
+    if SPAN_PATTERN.fullmatch(stripped):
+        return _utc_now() - parse_span(stripped)
+    try:
+        moment = datetime.fromisoformat(stripped)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}; give ISO 8601 such as 2026-05-04T09:00, or a "
+            "span before now such as 24h or 7d"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# Self-healing input: policy files, action parameters, spans
+
+
+def load_policy_file(path: Path) -> remediation_pb2.Policy:
+    """Read a policy TOML file into a Policy; raise CliError (exit 2).
+
+    The message names the file and the field that is wrong.
+    """
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        raise CliError(
+            f"cannot read the policy file {path}: {error.strerror or error}", 2
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise CliError(
+            f"the policy file {path} is not valid TOML: {error}", 2
+        ) from None
+    try:
+        _check_fields(data, remediation_pb2.Policy.DESCRIPTOR, "")
+        return json_format.ParseDict(data, remediation_pb2.Policy())
+    except ValueError as error:
+        raise CliError(f"invalid policy file {path}: {error}", 2) from None
+
+
+def _check_fields(value: object, descriptor: Descriptor, where: str) -> None:
+    """Check value's keys and values against a message type, field by field.
+
+    Raises ValueError naming the field's path, such as rules[0].fleet.canary_percent,
+    so that a mistake deep in a policy file is found without reading
+    json_format's nested messages.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"{where or 'the file'} must be a table, not {value!r}")
+    fields = {field.name: field for field in descriptor.fields}
+    fields.update({field.json_name: field for field in descriptor.fields})
+    for key, item in value.items():
+        field = fields.get(key)
+        if field is None:
+            choices = ", ".join(field.name for field in descriptor.fields)
+            raise ValueError(
+                f"unknown field {key!r} in {where or 'the policy'}; valid fields: "
+                f"{choices}"
+            )
+        path = f"{where}.{key}" if where else key
+        if field.is_repeated:
+            if not isinstance(item, list):
+                raise ValueError(f"{path} must be an array, not {item!r}")
+            for index, element in enumerate(item):
+                _check_field_value(descriptor, field, element, f"{path}[{index}]")
+        else:
+            _check_field_value(descriptor, field, item, path)
+
+
+def _check_field_value(
+    container: Descriptor, field: FieldDescriptor, value: object, path: str
+) -> None:
+    message_type = field.message_type
+    if message_type is not None and not _is_well_known(message_type):
+        _check_fields(value, message_type, path)
+        return
+    # A scalar or a well-known type such as Duration: let json_format parse
+    # the value alone, so its error names this field.
+    item = [value] if field.is_repeated else value
+    try:
+        json_format.ParseDict(
+            {field.name: item}, message_factory.GetMessageClass(container)()
+        )
+    except json_format.ParseError as error:
+        raise ValueError(f"{path}: {_parse_error_text(error)}") from None
+
+
+def _is_well_known(message_type: Descriptor) -> bool:
+    return message_type.full_name.startswith("google.protobuf.")
+
+
+def _parse_error_text(error: json_format.ParseError) -> str:
+    text = " ".join(str(error).split())
+    text = re.sub(r"^(Failed to parse \w+ field: )+", "", text)
+    return re.sub(r"\s+at \S+$", "", text).rstrip(".")
+
+
+def action_names() -> list[str]:
+    """Return the names of the actions, the fields of Action's "kind" oneof."""
+    oneof = remediation_pb2.Action.DESCRIPTOR.oneofs_by_name["kind"]
+    return [field.name for field in oneof.fields]
+
+
+def outcome_names() -> list[str]:
+    """Return the RemediationOutcome labels that --outcome takes."""
+    return [
+        enum_label(remediation_pb2.RemediationOutcome, value)
+        for value in remediation_pb2.RemediationOutcome.values()
+        if value != remediation_pb2.REMEDIATION_OUTCOME_UNSPECIFIED
+    ]
+
+
+def parse_outcome(text: str) -> int:
+    """Return the RemediationOutcome value of a label such as "failed"."""
+    label = text.strip().lower()
+    for value in remediation_pb2.RemediationOutcome.values():
+        if value and enum_label(remediation_pb2.RemediationOutcome, value) == label:
+            return value
+    raise ValueError(
+        f"unknown outcome {text!r}; choose one of {', '.join(outcome_names())}"
+    )
+
+
+def build_action(name: str, params: Sequence[str]) -> remediation_pb2.Action:
+    """Return the Action named name, its fields set from KEY=VALUE params.
+
+    Values are converted by their field's type: numbers, booleans, strings,
+    comma lists for repeated fields and spans such as 30s for durations.
+    Raises CliError (exit 2) naming an unknown action or field and the valid ones.
+    """
+    if name not in action_names():
+        raise CliError(
+            f"unknown action {name!r}; choose one of {', '.join(action_names())}", 2
+        )
+    action = remediation_pb2.Action()
+    message = getattr(action, name)
+    message.SetInParent()
+    seen_keys: set[str] = set()
+    for param in params:
+        key, separator, text = param.partition("=")
+        key = key.strip()
+        field = message.DESCRIPTOR.fields_by_name.get(key)
+        if not separator or not key:
+            raise CliError(
+                f"invalid --param {param!r}; give KEY=VALUE, such as "
+                f"{_example_param(message.DESCRIPTOR)}",
+                2,
+            )
+        if field is None:
+            choices = ", ".join(field.name for field in message.DESCRIPTOR.fields)
+            raise CliError(
+                f"unknown parameter {key!r} of {name}; valid parameters: {choices}", 2
+            )
+        if key in seen_keys:
+            raise CliError(f"--param {key} is given twice; give it once", 2)
+        seen_keys.add(key)
+        try:
+            _set_param(message, field, text)
+        except ValueError as error:
+            raise CliError(f"invalid --param {key}={text!r}: {error}", 2) from None
+    return action
+
+
+def _example_param(descriptor: Descriptor) -> str:
+    field = descriptor.fields[0]
+    return f"{field.name}=VALUE"
+
+
+def _set_param(message: Message, field: FieldDescriptor, text: str) -> None:
+    if field.is_repeated:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if field.message_type is not None:
+            raise ValueError(f"{field.name} cannot be set with --param")
+        getattr(message, field.name).extend(
+            _scalar_value(field, item) for item in items
+        )
+        return
+    if field.message_type is not None:
+        if field.message_type.full_name != DURATION_TYPE:
+            raise ValueError(f"{field.name} cannot be set with --param")
+        getattr(message, field.name).FromTimedelta(parse_span(text.strip()))
+        return
+    setattr(message, field.name, _scalar_value(field, text.strip()))
+
+
+_INTEGER_RANGES = {
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+}
+_BOOLEANS = {
+    "true": True,
+    "yes": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "0": False,
+}
+
+
+def _scalar_value(field: FieldDescriptor, text: str) -> object:
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return text
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        if text.lower() not in _BOOLEANS:
+            raise ValueError("expected true or false")
+        return _BOOLEANS[text.lower()]
+    if field.type in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[field.type]
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if not low <= value <= high:
+            raise ValueError(f"expected a whole number from {low} to {high}")
+        return value
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ValueError("expected a number")
+        return number
+    raise ValueError(f"{field.name} cannot be set with --param")
+
+
+# A span: one or more numbers, each with a unit of s, m, h or d, such as 1h30m.
+SPAN_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
+_SPAN_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_span(text: str) -> timedelta:
+    """Parse a span such as 30s, 10m, 1h, 2d or 1h30m; raise ValueError."""
+    if not SPAN_PATTERN.fullmatch(text):
+        raise ValueError(
+            f"invalid span {text!r}; give a number with a unit of s, m, h or d, "
+            "such as 30s, 10m or 1h"
+        )
+    seconds = sum(
+        float(number) * _SPAN_UNITS[unit] for number, unit in _SPAN_PART.findall(text)
+    )
+    return timedelta(seconds=seconds)
+
+
+def _run_policy_command(args: argparse.Namespace, client: OpsClient) -> None:
+    if args.policy_command == "show":
+        response = client.call("GetPolicy", ops_pb2.GetPolicyRequest())
+        has_policy = response.HasField("policy")
+        if args.json:
+            print_json({"policy": to_dict(response.policy) if has_policy else None})
+        elif has_policy:
+            print(render_policy_toml(response.policy), end="")
+        else:
+            print("No policy set; agents run their built-in default policy.")
+        return
+    policy = load_policy_file(args.file)
+    request = ops_pb2.SetPolicyRequest(policy=policy)
+    version = client.call("SetPolicy", request).version
+    if args.json:
+        print_json({"version": version, "rules": len(policy.rules)})
+        return
+    rules = "1 rule" if len(policy.rules) == 1 else f"{len(policy.rules)} rules"
+    print(
+        f"Set policy version {version} with {rules} from {args.file}; connected "
+        "agents get it now, the others when they connect."
+    )
+
+
+def _run_rules_command(args: argparse.Namespace, client: OpsClient) -> None:
+    if args.rules_command is None:
+        rules = client.call("ListRules", ops_pb2.ListRulesRequest()).rules
+        if args.json:
+            print_json({"rules": to_dicts(rules)})
+            return
+        policy = client.call("GetPolicy", ops_pb2.GetPolicyRequest()).policy
+        budgets = {rule.name: rule.fleet.daily_budget for rule in policy.rules}
+        print(render_rules_table(rules, budgets), end="")
+        return
+    change = _RULE_CHANGES[args.rules_command]
+    request = ops_pb2.ChangeRuleStateRequest(
+        name=args.name, change=change, reason=args.reason
+    )
+    rule = client.call("ChangeRuleState", request).rule
+    if args.json:
+        print_json({"rule": to_dict(rule)})
+    else:
+        print(render_rule_state(rule), end="")
+
+
+_RULE_CHANGES = {
+    "promote": ops_pb2.RULE_CHANGE_PROMOTE,
+    "pause": ops_pb2.RULE_CHANGE_PAUSE,
+    "resume": ops_pb2.RULE_CHANGE_RESUME,
+}
+
+
+def _run_act_command(args: argparse.Namespace, client: OpsClient) -> None:
+    action = build_action(args.action, args.params)
+    request = ops_pb2.SendCommandRequest(action=action, all_devices=args.all_devices)
+    for reference in args.devices or ():
+        device_id = client.resolve_device_id(reference)
+        request.device_ids.append(device_id)
+    request.time_to_live.FromTimedelta(args.ttl)
+    commands = client.call("SendCommand", request).commands
+    if args.json:
+        print_json({"commands": to_dicts(commands)})
+    else:
+        print(render_commands(args.action, commands), end="")
+
+
+def _run_remediations_command(args: argparse.Namespace, client: OpsClient) -> None:
+    device_id = client.resolve_device_id(args.device) if args.device else ""
+    request = ops_pb2.ListRemediationsRequest(
+        device_id=device_id, rule=args.rule, outcome=args.outcome
+    )
+    if args.since is not None:
+        request.start_after_time.FromDatetime(args.since)
+    remediations, summaries = client.list_remediations(request, args.limit)
+    if args.json:
+        print_json(
+            {"remediations": to_dicts(remediations), "summaries": to_dicts(summaries)}
+        )
+    else:
+        print(render_remediations(remediations, summaries), end="")
