@@ -109,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "diagnose", parents=[common], help="print every setting and where it came from"
     )
+    commands.add_parser(
+        "rules",
+        parents=[common],
+        help="evaluate every self-healing rule once as a dry run and print what "
+        "each would do",
+    )
+    commands.add_parser(
+        "notices",
+        parents=[common],
+        help="list the notices that self-healing rules left for the user",
+    )
     run = commands.add_parser(
         "run",
         parents=[common],
@@ -123,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
         "--exit-after",
         type=int,
         metavar="N",
-        help="exit once N reports are acknowledged (for demos and smoke tests)",
+        help="exit once N routine reports are acknowledged, not counting reports "
+        "of remediation records (for demos and smoke tests)",
     )
     enroll = commands.add_parser(
         "enroll",
@@ -184,8 +196,10 @@ def _read_usage(config: AgentConfig) -> report_pb2.UsageSection:
         ) from exc
 
 
-def _collect_once(config: AgentConfig) -> tuple[report_pb2.Report, str | None]:
-    """Read every section once; return the report and the usage error, if any."""
+def _read_once(
+    config: AgentConfig, usage: bool = True
+) -> tuple[ReportBuilder, str | None]:
+    """Read every section once into a builder; return it and the usage error, if any."""
     # A collected report is not numbered, so no identity is created or changed.
     state = StateStore(config.state_dir)
     builder = ReportBuilder(state, Identity(device_id="", next_sequence=1))
@@ -194,10 +208,17 @@ def _collect_once(config: AgentConfig) -> tuple[report_pb2.Report, str | None]:
         if reading is not None:
             builder.update(source.section, reading)
     usage_error = None
-    try:
-        builder.update("usage", _read_usage(config))
-    except UsageUnavailable as exc:
-        usage_error = str(exc)
+    if usage:
+        try:
+            builder.update("usage", _read_usage(config))
+        except UsageUnavailable as exc:
+            usage_error = str(exc)
+    return builder, usage_error
+
+
+def _collect_once(config: AgentConfig) -> tuple[report_pb2.Report, str | None]:
+    """Read every section once; return the report and the usage error, if any."""
+    builder, usage_error = _read_once(config)
     return builder.snapshot(), usage_error
 
 
@@ -233,6 +254,39 @@ def _spool_stats(config: AgentConfig) -> tuple[SpoolStats | None, str | None]:
         return read_stats(config.state_dir / SPOOL_FILE, config.spool_max_bytes), None
     except SpoolError as exc:
         return None, str(exc)
+
+
+def cmd_rules(config: AgentConfig) -> int:
+    """Print what each rule of the policy in force would do now, changing nothing."""
+    from agent.healing.policy import PolicyError
+    from agent.render import render_rules
+    from agent.runtime import build_engine
+
+    builder, _ = _read_once(config, usage=False)
+    try:
+        engine = build_engine(config, builder, None, usage_source(config))
+    except PolicyError as exc:
+        return _fail(str(exc), 1)
+    local = "Built-in policy"
+    if config.healing_policy_file is not None:
+        local = f"Local policy {config.healing_policy_file}"
+    previews = engine.preview(engine.readings())
+    sys.stdout.write(render_rules(previews, engine.policies.status, local))
+    if not config.healing_enabled:
+        print(
+            "fleetmend-agent: self-healing is turned off (healing.enabled = false); "
+            "the agent runs none of these rules",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_notices(config: AgentConfig) -> int:
+    """Print the notices that rules left for the user."""
+    from agent.healing.notices import render_notices
+
+    sys.stdout.write(render_notices(config.state_dir))
+    return 0
 
 
 def _key_store_line(config: AgentConfig) -> str:
@@ -449,6 +503,7 @@ def _run_connection(
 def cmd_run(
     config: AgentConfig, exit_after: int | None, ca_file: Path | None = None
 ) -> int:
+    from agent.healing.policy import PolicyError
     from agent.priority import lower_priority
     from agent.runtime import Agent
     from agent.sections import usage_source as make_usage
@@ -479,15 +534,18 @@ def cmd_run(
 
     with StateStore(config.state_dir).exclusive():
         log.info("priority lowered: %s", ", ".join(lower_priority()) or "unchanged")
-        agent = Agent(
-            config,
-            probe_sources(),
-            usage,
-            target=target,
-            node_key=node_key,
-            root_certificates=root_certificates,
-            insecure=insecure,
-        )
+        try:
+            agent = Agent(
+                config,
+                probe_sources(),
+                usage,
+                target=target,
+                node_key=node_key,
+                root_certificates=root_certificates,
+                insecure=insecure,
+            )
+        except PolicyError as exc:
+            return _fail(str(exc), 1)
         stop = threading.Event()
 
         def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -564,6 +622,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_show(config)
         if args.command == "diagnose":
             return cmd_diagnose(config)
+        if args.command == "rules":
+            return cmd_rules(config)
+        if args.command == "notices":
+            return cmd_notices(config)
         if args.command == "enroll":
             return cmd_enroll(config, args.ca_file, args.secret_file)
         return cmd_run(config, args.exit_after, args.ca_file)

@@ -19,6 +19,16 @@ diagnose`` can print it. The TOML file looks like this::
 
     [spool]
     max_bytes = 16777216 # reports kept while the collector is unreachable
+
+    [healing]
+    enabled = true
+    services = ["cups.service"]          # services restart_service may restart
+    cache_sets = ["browser", "thumbnails"] # empty: every known cache set
+    policy_file = "/etc/fleetmend/policy.toml" # replaces the built-in policy
+
+List settings from a FLEETMEND_* variable are comma-separated names
+(FLEETMEND_HEALING_SERVICES=cups.service,sshd.service); path lists use the
+OS path separator.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ DEFAULT_INTERVALS: dict[str, int] = {
     "usage_sample": 60,
     "report_min": 300,
     "full_report": 86400,
+    "healing": 60,
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -119,6 +130,23 @@ class AgentConfig:
     def spool_max_bytes(self) -> int:
         return int(self.get("spool.max_bytes"))
 
+    @property
+    def healing_enabled(self) -> bool:
+        return bool(self.get("healing.enabled"))
+
+    @property
+    def healing_services(self) -> list[str]:
+        return list(self.get("healing.services"))
+
+    @property
+    def healing_cache_sets(self) -> list[str]:
+        return list(self.get("healing.cache_sets"))
+
+    @property
+    def healing_policy_file(self) -> Path | None:
+        value = str(self.get("healing.policy_file"))
+        return Path(value) if value else None
+
     def interval(self, name: str) -> int:
         return int(self.get(f"intervals.{name}"))
 
@@ -128,6 +156,7 @@ _KIND_WORDS = {
     "int": "a whole number",
     "str": "a string",
     "paths": "a list of file paths",
+    "names": "a list of names",
 }
 
 
@@ -156,13 +185,17 @@ def _coerce(kind: str, raw: Any, from_text: bool) -> Any:
             return int(text)
         if kind == "paths":
             return [p for p in text.split(os.pathsep) if p]
+        if kind == "names":
+            return [name.strip() for name in text.split(",") if name.strip()]
         return text
 
-    expected = {"bool": bool, "int": int, "str": str, "paths": list}[kind]
+    expected = {"bool": bool, "int": int, "str": str, "paths": list, "names": list}[
+        kind
+    ]
     wrong_type = not isinstance(raw, expected) or (
         kind == "int" and isinstance(raw, bool)
     )
-    if kind == "paths" and not wrong_type:
+    if kind in ("paths", "names") and not wrong_type:
         wrong_type = not all(isinstance(p, str) for p in raw)
     if wrong_type:
         raise ValueError(f"expected {_KIND_WORDS[kind]}, got {raw!r}")
@@ -225,6 +258,23 @@ def _check_state_dir(value: str) -> str:
     return str(Path(value).expanduser())
 
 
+# A service or cache set name: what service managers and the cache catalog use.
+_NAME = re.compile(r"[A-Za-z0-9@._:\\-]{1,256}")
+
+
+def _check_names(values: list[str]) -> list[str]:
+    for value in values:
+        if not _NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a name (1 to 256 letters, digits and @._:-)"
+            )
+    return values
+
+
+def _check_optional_file(value: str) -> str:
+    return str(Path(value).expanduser()) if value.strip() else ""
+
+
 def _unchanged(value: Any) -> Any:
     return value
 
@@ -247,6 +297,10 @@ def _specs() -> list[_Spec]:
         _Spec("usage.enabled", "bool", _unchanged, lambda: True),
         _Spec("usage.resolve_hosts", "bool", _unchanged, lambda: True),
         _Spec("usage.catalogs", "paths", _unchanged, list),
+        _Spec("healing.enabled", "bool", _unchanged, lambda: True),
+        _Spec("healing.services", "names", _check_names, list),
+        _Spec("healing.cache_sets", "names", _check_names, list),
+        _Spec("healing.policy_file", "str", _check_optional_file, str),
         _Spec(
             "spool.max_bytes",
             "int",

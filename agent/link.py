@@ -17,7 +17,13 @@ sequence of a stream, older reports sent after the full report are never
 acked, so after one such stall the link drains in sequence order until the
 spool is empty. The welcome's committed sequence deletes nothing from the
 spool: reports that the collector already has are sent again, and the
-collector drops the repeats.
+collector drops the repeats. Reports that carry remediation records are
+spooled and sent the same way.
+
+The collector may send a self-healing policy or an operator command on the
+stream at any time. The link passes each to a callback (on_policy,
+on_command) and takes the Hello's policy_version from policy_version() at
+every connect, so that the collector can compare it with its current policy.
 
 Every Connect call carries the node key as ``authorization: Bearer <key>``
 over TLS (plaintext only to a loopback collector). A rejected key
@@ -39,6 +45,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -50,7 +57,7 @@ from agent.transport import (
     is_loopback_target,
     open_channel,
 )
-from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
+from fleetmend.v1 import agent_pb2, agent_pb2_grpc, remediation_pb2, report_pb2
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,26 @@ def _no_fresh_report(committed: int) -> report_pb2.Report | None:
     return None
 
 
+def _ignore_policy(policy: remediation_pb2.Policy) -> None:
+    log.warning(
+        "ignoring policy version %d from the collector: self-healing is not "
+        "running in this agent",
+        policy.version,
+    )
+
+
+def _ignore_command(command: remediation_pb2.Command) -> None:
+    log.warning(
+        "ignoring command %s from the collector: self-healing is not running in "
+        "this agent",
+        command.command_id,
+    )
+
+
+def _default_policy_version() -> int:
+    return 0
+
+
 class Link:
     """Keep one Connect stream to the collector open and deliver spooled reports."""
 
@@ -122,6 +149,9 @@ class Link:
         root_certificates: bytes | None,
         insecure: bool = False,
         on_connected: Callable[[int], report_pb2.Report | None] = _no_fresh_report,
+        on_policy: Callable[[remediation_pb2.Policy], object] = _ignore_policy,
+        on_command: Callable[[remediation_pb2.Command], object] = _ignore_command,
+        policy_version: Callable[[], int] = _default_policy_version,
         max_in_flight: int = MAX_IN_FLIGHT,
         ack_timeout: float = ACK_TIMEOUT_SECONDS,
     ) -> None:
@@ -132,7 +162,10 @@ class Link:
         target allows (ValueError otherwise). node_key goes in the
         authorization metadata of every Connect call. on_connected gets the
         welcome's committed sequence and returns the fresh full report to send
-        first, already spooled, or None.
+        first, already spooled, or None. on_policy and on_command get each
+        policy and command the collector sends; they run on the stream's
+        reader thread, so they must return quickly. policy_version returns the
+        applied collector policy's version for the Hello.
         """
         if insecure and not is_loopback_target(target):
             raise ValueError(
@@ -153,6 +186,9 @@ class Link:
         self._logged_problem = ""
         self._hello = hello
         self._on_connected = on_connected
+        self._on_policy = on_policy
+        self._on_command = on_command
+        self._policy_version = policy_version
         self._max_in_flight = max_in_flight
         self._window = max_in_flight
         self._ack_timeout = ack_timeout
@@ -163,7 +199,11 @@ class Link:
         # backlog goes first, in sequence order, until the spool is empty.
         self._full_first = True
         self.committed_sequence = 0
+        # Acked routine reports, and acked reports that carry remediation
+        # records, counted apart so that --exit-after counts routine reports.
         self.acked_reports = 0
+        self.acked_remediations = 0
+        self._remediation_sequences: set[int] = set()
         self.connects = 0
         self.watchdog_cancels = 0
 
@@ -180,8 +220,12 @@ class Link:
 
     @property
     def pending(self) -> int:
-        """Reports in the spool (on disk or in memory) that no ack covers yet."""
-        return self.spool.stats().pending_reports
+        """Reports in the spool (on disk or in memory) that no ack covers yet.
+
+        Reports that carry remediation records count as well.
+        """
+        stats = self.spool.stats()
+        return stats.pending_reports + stats.pending_remediations
 
     @property
     def connected(self) -> bool:
@@ -362,6 +406,7 @@ class Link:
             hello = agent_pb2.Hello()
             hello.CopyFrom(self._hello)
             hello.send_time.FromDatetime(clock_module.clock.now())
+            hello.policy_version = self._policy_version()
             stream.outbox.put(agent_pb2.ConnectRequest(hello=hello))
             call = stub.Connect(_drain(stream.outbox), metadata=self._metadata)
             stream.call = call
@@ -431,9 +476,31 @@ class Link:
                 self._welcome(response.welcome.committed_sequence, stream)
             elif kind == "ack":
                 self._acknowledge(response.ack, stream)
+            elif kind == "policy":
+                self._deliver(
+                    "policy", response.policy.version, self._on_policy, response.policy
+                )
+            elif kind == "command":
+                self._deliver(
+                    "command",
+                    response.command.command_id,
+                    self._on_command,
+                    response.command,
+                )
             else:
                 log.warning("ignoring a collector message of unknown kind %r", kind)
         log.info("collector %s closed the stream", self.target)
+
+    @staticmethod
+    def _deliver(
+        kind: str, name: object, callback: Callable[[Any], object], message: Any
+    ) -> None:
+        """Pass a policy or command to its callback; its failure keeps the stream."""
+        log.info("received %s %s from the collector", kind, name)
+        try:
+            callback(message)
+        except Exception:
+            log.exception("handling %s %s from the collector failed", kind, name)
 
     def _welcome(self, committed: int, stream: _Stream) -> None:
         self.committed_sequence = max(self.committed_sequence, committed)
@@ -477,7 +544,10 @@ class Link:
         self.spool.remove(acked)
         if not self._full_first and not self.pending:
             self._full_first = True
-        self.acked_reports += len(acked)
+        remediations = self._remediation_sequences.intersection(acked)
+        self._remediation_sequences.difference_update(remediations)
+        self.acked_remediations += len(remediations)
+        self.acked_reports += len(acked) - len(remediations)
         self.committed_sequence = max(self.committed_sequence, committed)
         self._progress.set()
         self._fill()
@@ -492,11 +562,14 @@ class Link:
                 batch = self.spool.pending(
                     after_sequence=stream.cursor,
                     limit=self._window - len(stream.in_flight),
+                    kind=None,
                 )
                 if not batch:
                     return
                 for record in batch:
                     stream.cursor = record.sequence
+                    if record.kind == "remediation":
+                        self._remediation_sequences.add(record.sequence)
                     if record.sequence not in stream.in_flight:
                         self._send(stream, record.report())
 

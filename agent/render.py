@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from google.protobuf import json_format
 
 from agent.config import AgentConfig
 from agent.spool import SPOOL_FILE, SpoolStats
-from fleetmend.v1 import report_pb2
+from fleetmend.v1 import remediation_pb2, report_pb2
+
+if TYPE_CHECKING:
+    from agent.healing.engine import RulePreview
 
 
 def _bytes(count: int) -> str:
@@ -200,6 +207,23 @@ def render_spool(stats: SpoolStats | None, path: Path, max_bytes: int) -> list[s
     return lines
 
 
+def _healing_disclosure(config: AgentConfig) -> str:
+    if not config.healing_enabled:
+        return (
+            "OFF: no rule runs; operator commands are refused, and each refusal "
+            "is reported."
+        )
+    return (
+        "ON: a record of each time a rule or an operator command acted, failed "
+        "or was skipped: the rule's name, the action and its parameters (such "
+        "as cache set names or a service name), the outcome and its reason, "
+        "the value the rule tested before and after (such as free bytes of a "
+        "volume), the start time, the duration and the bytes freed; and which "
+        "policy version runs, or why one was rejected. Never the names or "
+        "contents of deleted files."
+    )
+
+
 def render_disclosure(
     config: AgentConfig,
     catalog_apps: list[str] | None,
@@ -232,6 +256,7 @@ def render_disclosure(
         "- Passwords: for each local account with a login shell, when its password",
         "  expires. Never the password itself.",
         f"- Application usage: {usage}",
+        f"- Self-healing: {_healing_disclosure(config)}",
         "",
         "What it never sends: file names or contents, window titles, web addresses,",
         "keystrokes, the names of processes outside the catalog, or where you are.",
@@ -251,4 +276,67 @@ def render_disclosure(
     if config.usage_enabled and catalog_apps is not None:
         lines += ["", "Applications in the catalog:"]
         lines += [f"- {name}" for name in catalog_apps]
+    return "\n".join(lines) + "\n"
+
+
+def _action_text(action: remediation_pb2.Action) -> str:
+    kind = action.WhichOneof("kind") or "no action"
+    if kind == "no action":
+        return kind
+    params = json_format.MessageToDict(
+        getattr(action, kind), preserving_proto_field_name=True
+    )
+    if not params:
+        return kind
+    words = ", ".join(
+        f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"
+        for key, value in params.items()
+    )
+    return f"{kind} ({words})"
+
+
+def render_rules(
+    previews: Sequence[RulePreview],
+    status: remediation_pb2.PolicyStatus,
+    local_policy: str = "Built-in policy",
+) -> str:
+    """Describe each rule: its condition now, its limits and its action's dry run."""
+    if status.applied_version:
+        title = f"Policy version {status.applied_version} from the collector"
+    else:
+        title = f"{local_policy} (version 0)"
+    lines = [f"{title}, {_plural(len(previews), 'rule')}; nothing below was changed."]
+    if status.rejected_version:
+        lines.append(
+            f"  ! policy version {status.rejected_version} was rejected: "
+            f"{status.rejected_reason}"
+        )
+    for preview in previews:
+        rule = preview.rule
+        suffix = " (dry run)" if rule.dry_run else ""
+        lines.append("")
+        lines.append(f"Rule {rule.name}{suffix}")
+        holds = "holds" if preview.condition.holds else "does not hold"
+        lines.append(f"  condition {holds}: {preview.condition.detail}")
+        if not preview.condition.holds:
+            lines.append("  now: nothing to do")
+        elif preview.skip_reason:
+            lines.append(f"  now: skipped: {preview.skip_reason}")
+        elif rule.dry_run:
+            lines.append("  now: would run as a dry run and report it")
+        else:
+            lines.append("  now: would act")
+        lines.append(f"  action: {_action_text(rule.action)}")
+        result = preview.result
+        outcome = _enum(
+            remediation_pb2.RemediationOutcome,
+            result.outcome,
+            "REMEDIATION_OUTCOME_",
+        )
+        line = f"  dry run of the action: {outcome}"
+        if result.reason:
+            line += f": {result.reason}"
+        lines.append(line)
+        if result.bytes_freed:
+            lines.append(f"  would free {_bytes(result.bytes_freed)}")
     return "\n".join(lines) + "\n"

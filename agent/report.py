@@ -2,7 +2,10 @@
 
 A delta carries only the sections whose serialized form differs from what the
 previous report carried; a quiet delta (nothing changed) carries only the
-sequence number and the time.
+sequence number and the time. The policy status counts as a section: full
+reports carry it, and a delta carries it when it changed. Remediation records
+go in reports of their own (build_remediations), numbered in the same
+sequence.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from google.protobuf.message import Message
 
 from agent import clock as clock_module
 from agent.state import Identity, StateError, StateStore
-from fleetmend.v1 import report_pb2
+from fleetmend.v1 import remediation_pb2, report_pb2
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class ReportBuilder:
         self._current: dict[str, Message] = {}
         self._last_sent: dict[str, bytes] = {}
         self._unsaved = False
+        self._policy_status: remediation_pb2.PolicyStatus | None = None
+        self._sent_policy_status: bytes | None = None
 
     def _save(self) -> None:
         """Persist the identity; on a full disk keep numbering and retry later.
@@ -98,6 +103,40 @@ class ReportBuilder:
         with self._lock:
             self._current[section] = message
 
+    def latest(self, section: str) -> Message | None:
+        """Return the latest reading of a section, None before the first one."""
+        if section not in SECTIONS:
+            raise ValueError(f"unknown report section {section!r}")
+        with self._lock:
+            return self._current.get(section)
+
+    def set_policy_status(self, status: remediation_pb2.PolicyStatus) -> None:
+        """Store which policy the agent runs, for the next report."""
+        with self._lock:
+            self._policy_status = remediation_pb2.PolicyStatus()
+            self._policy_status.CopyFrom(status)
+
+    def policy_status_changed(self) -> bool:
+        """Return True if the policy status differs from the one last reported."""
+        with self._lock:
+            return (
+                self._policy_status is not None
+                and _serialize(self._policy_status) != self._sent_policy_status
+            )
+
+    def build_remediations(
+        self, records: list[remediation_pb2.RemediationRecord]
+    ) -> report_pb2.Report:
+        """Number and return a report that carries only remediation records."""
+        with self._lock:
+            sequence = self._identity.next_sequence
+            self._identity.next_sequence = sequence + 1
+            self._save()
+            report = report_pb2.Report(sequence=sequence)
+            report.collect_time.FromDatetime(self._now())
+            report.remediations.extend(records)
+            return report
+
     def changed_sections(self) -> list[str]:
         """Return the sections whose latest reading differs from the last report."""
         with self._lock:
@@ -140,4 +179,11 @@ class ReportBuilder:
                 if full or self._last_sent.get(name) != data:
                     getattr(report, name).CopyFrom(message)
                     self._last_sent[name] = data
+            if self._policy_status is not None:
+                data = _serialize(self._policy_status)
+                if full or self._sent_policy_status != data:
+                    report.policy_status.CopyFrom(self._policy_status)
+                    # An all-default status (the built-in policy) is still sent.
+                    report.policy_status.SetInParent()
+                    self._sent_policy_status = data
             return report

@@ -263,10 +263,10 @@ class Spool:
             self._put(record)
 
     def put_remediation(self, sequence: int, body: bytes) -> None:
-        """Commit a serialized remediation record; the size cap never drops it.
+        """Commit a serialized report that carries remediation records.
 
-        NOTE: the link does not send these yet, because the wire contract has no
-        remediation record message; they wait in the spool until it has one.
+        The size cap never drops it. The link sends it like a routine report
+        and deletes it when an ack covers its sequence.
         """
         self._put(SpooledRecord("remediation", sequence, body))
 

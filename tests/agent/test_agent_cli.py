@@ -525,3 +525,108 @@ def test_agent_numbers_past_spool(tmp_path: Path) -> None:
     )
 
     assert agent.builder.next_sequence == 51
+
+
+# -- self-healing commands ----------------------------------------------------------
+
+DRY_RUN_POLICY = """
+[[rules]]
+name = "preview-temp"
+dry_run = true
+condition.free_space_below = { mount_point = "/", ratio = 1.0 }
+action.clear_cache = { cache_sets = ["user_temp"], older_than_days = 7 }
+
+[[rules]]
+name = "low-space"
+condition.free_space_below = { mount_point = "/", bytes = 1 }
+action.clear_cache = { cache_sets = ["thumbnails"] }
+"""
+
+
+def write_healing_config(tmp_path: Path, policy: str) -> None:
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(policy, encoding="utf-8")
+    (tmp_path / "agent.toml").write_text(
+        f'[usage]\nresolve_hosts = false\n[healing]\npolicy_file = "{policy_file}"\n',
+        encoding="utf-8",
+    )
+
+
+def test_rules_dry_run_each_rule(tmp_path: Path) -> None:
+    write_healing_config(tmp_path, DRY_RUN_POLICY)
+
+    result = run_cli(tmp_path, "rules")
+
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    policy_file = tmp_path / "policy.toml"
+    assert out.startswith(f"Local policy {policy_file} (version 0), 2 rules")
+    assert "Rule preview-temp (dry run)\n  condition holds: / has " in out
+    assert "  now: would run as a dry run and report it" in out
+    assert "Rule low-space\n  condition does not hold: / has " in out
+    assert "action: clear_cache (cache_sets user_temp, older_than_days 7)" in out
+    assert out.count("  dry run of the action: ") == 2
+    # Evaluating rules leaves no state behind: no spool, no healing state.
+    assert not (tmp_path / "state" / "spool.db").exists()
+    assert not (tmp_path / "state" / "healing.json").exists()
+
+
+def test_rules_invalid_policy_file(tmp_path: Path) -> None:
+    write_healing_config(
+        tmp_path,
+        '[[rules]]\nname = "r1"\ncondition.disk_failing = {}\n'
+        'action.restart_service = { service = "sshd.service" }\n',
+    )
+
+    result = run_cli(tmp_path, "rules")
+
+    assert result.returncode == 1
+    error = result.stderr.decode().strip()
+    assert len(error.splitlines()) == 1
+    assert "policy.toml is invalid" in error
+    assert "rule 'r1'" in error
+    assert "sshd.service" in error
+
+
+def test_rules_unparsable_policy_file(tmp_path: Path) -> None:
+    write_healing_config(tmp_path, '[[rules]]\nname = "r1"\naction.shell = {}\n')
+
+    result = run_cli(tmp_path, "rules")
+
+    assert result.returncode == 1
+    error = result.stderr.decode().strip()
+    assert "policy.toml" in error
+    assert "'r1'" in error
+    assert "shell" in error
+
+
+def test_show_describes_healing_records(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "show")
+
+    assert result.returncode == 0, result.stderr.decode()
+    out = " ".join(result.stdout.decode().split())
+    assert "Self-healing: ON: a record of each time a rule" in out
+    assert "Never the names or contents of deleted files." in out
+
+
+def test_notices_empty_state(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "notices")
+
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stderr == b""
+
+
+def test_run_invalid_policy_file(tmp_path: Path, enrolled: str) -> None:
+    write_healing_config(
+        tmp_path,
+        '[[rules]]\nname = "r1"\ncondition.disk_failing = {}\n'
+        'action.notify = { title = "" }\n',
+    )
+
+    result = run_cli(tmp_path, "run", "--log-level", "error")
+
+    assert result.returncode == 1
+    error = result.stderr.decode().strip().splitlines()
+    assert error[-1].startswith("fleetmend-agent: policy file ")
+    assert "rule 'r1'" in error[-1]
+    assert "title" in error[-1]

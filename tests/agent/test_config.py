@@ -34,6 +34,7 @@ def test_default_intervals_match_documented_values() -> None:
         "usage_sample": 60,
         "report_min": 300,
         "full_report": 86400,
+        "healing": 60,
     }
 
 
@@ -145,3 +146,51 @@ def test_spool_cap_too_small(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="at least 4096 bytes, got 100"):
         load_config(environ={}, config_file=config_file)
+
+
+def test_healing_defaults(tmp_path: Path) -> None:
+    config = load_config(environ={}, config_file=None, privileged=False)
+
+    assert config.healing_enabled is True
+    assert config.healing_services == []
+    assert config.healing_cache_sets == []
+    assert config.healing_policy_file is None
+
+
+def test_healing_from_file_and_env(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "agent.toml",
+        "[healing]\n"
+        "enabled = false\n"
+        'services = ["cups.service"]\n'
+        'policy_file = "/etc/fleetmend/policy.toml"\n',
+    )
+    environ = {"FLEETMEND_HEALING_CACHE_SETS": "browser, thumbnails"}
+
+    config = load_config(environ=environ, config_file=path, privileged=False)
+
+    assert config.healing_enabled is False
+    assert config.healing_services == ["cups.service"]
+    assert config.healing_cache_sets == ["browser", "thumbnails"]
+    assert config.settings["healing.cache_sets"].source == (
+        "env FLEETMEND_HEALING_CACHE_SETS"
+    )
+    assert config.healing_policy_file == Path("/etc/fleetmend/policy.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('services = "cups.service"', "expected a list of names"),
+        ('services = ["cups service; rm -rf /"]', "is not a name"),
+        ("cache_sets = [1]", "expected a list of names"),
+    ],
+)
+def test_healing_invalid_values(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path / "agent.toml", f"[healing]\n{text}\n")
+
+    with pytest.raises(ConfigError) as error:
+        load_config(environ={}, config_file=path, privileged=False)
+
+    assert expected in str(error.value)
+    assert "healing." in str(error.value)

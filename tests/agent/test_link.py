@@ -28,7 +28,7 @@ from agent.link import Link
 from agent.spool import Spool
 from collector.server import ServerHandle, start_server_thread
 from collector.store import Store
-from fleetmend.v1 import agent_pb2, agent_pb2_grpc, report_pb2
+from fleetmend.v1 import agent_pb2, agent_pb2_grpc, remediation_pb2, report_pb2
 from tests.conftest import BIN_DIR, free_port
 from tests.trust import enroll, enrollment_secret, make_tls_dir, remember_secret
 
@@ -808,3 +808,265 @@ def test_link_other_ca_logs_reason(
     assert server.address in reasons()[0]
     assert not running.link.connected
     assert stored(database_url, device_id) == (0, 0)
+
+
+# -- self-healing on the stream -------------------------------------------------
+
+
+def restart_policy(version: int, service: str) -> remediation_pb2.Policy:
+    """Return a policy whose one rule never holds here (no battery readings)."""
+    policy = remediation_pb2.Policy(version=version)
+    rule = policy.rules.add(name="restart-cups")
+    rule.condition.battery_health_below.ratio = 0.5
+    rule.action.restart_service.service = service
+    return policy
+
+
+def command_for(service: str, command_id: str) -> remediation_pb2.Command:
+    command = remediation_pb2.Command(command_id=command_id)
+    command.action.restart_service.service = service
+    command.expire_time.FromDatetime(datetime.now(UTC).replace(year=2100))
+    return command
+
+
+class HealingServicer(agent_pb2_grpc.AgentServiceServicer):
+    """Send policies and commands after the welcome; record hellos and reports."""
+
+    def __init__(self, messages: list[agent_pb2.ConnectResponse]) -> None:
+        self.messages = messages
+        self.hellos: list[agent_pb2.Hello] = []
+        self.received: list[report_pb2.Report] = []
+
+    def Connect(  # noqa: N802 - generated method name
+        self,
+        request_iterator: Iterator[agent_pb2.ConnectRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[agent_pb2.ConnectResponse]:
+        self.hellos.append(next(request_iterator).hello)
+        yield agent_pb2.ConnectResponse(welcome=agent_pb2.Welcome())
+        yield from self.messages
+        for request in request_iterator:
+            self.received.append(request.report)
+            sequence = request.report.sequence
+            yield agent_pb2.ConnectResponse(
+                ack=agent_pb2.Ack(committed_sequence=sequence, sequences=[sequence])
+            )
+
+
+@contextlib.contextmanager
+def healing_server(
+    messages: list[agent_pb2.ConnectResponse],
+) -> Iterator[tuple[HealingServicer, str]]:
+    servicer = HealingServicer(messages)
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def test_policy_and_command_reach_callbacks(tmp_path: Path, device_id: str) -> None:
+    policy = restart_policy(3, "cups.service")
+    command = command_for("cups.service", "c-1")
+    messages = [
+        agent_pb2.ConnectResponse(policy=policy),
+        agent_pb2.ConnectResponse(command=command),
+    ]
+    policies: list[remediation_pb2.Policy] = []
+    commands: list[remediation_pb2.Command] = []
+    with healing_server(messages) as (servicer, address):
+        link = Link(
+            address,
+            agent_pb2.Hello(device_id=device_id, agent_version="test"),
+            Spool(tmp_path / "spool.db"),
+            node_key=UNCHECKED_KEY,
+            root_certificates=None,
+            insecure=True,
+            on_policy=policies.append,
+            on_command=commands.append,
+            policy_version=lambda: 7,
+        )
+        running = RunningLink(link)
+        try:
+            assert wait_for(lambda: len(commands) == 1)
+        finally:
+            running.close()
+
+    assert policies == [policy]
+    assert commands == [command]
+    assert servicer.hellos[0].policy_version == 7
+
+
+def test_callback_error_keeps_stream(tmp_path: Path, device_id: str) -> None:
+    def broken(policy: remediation_pb2.Policy) -> None:
+        raise RuntimeError("broken callback")
+
+    messages = [agent_pb2.ConnectResponse(policy=restart_policy(3, "cups.service"))]
+    with healing_server(messages) as (servicer, address):
+        link = Link(
+            address,
+            agent_pb2.Hello(device_id=device_id, agent_version="test"),
+            Spool(tmp_path / "spool.db"),
+            node_key=UNCHECKED_KEY,
+            root_certificates=None,
+            insecure=True,
+            on_policy=broken,
+        )
+        running = RunningLink(link)
+        try:
+            assert wait_for(lambda: link.connected)
+            link.submit(report(1))
+            assert wait_for(lambda: link.pending == 0)
+        finally:
+            running.close()
+
+    assert [r.sequence for r in servicer.received] == [1]
+    assert link.connects == 1
+
+
+def run_agent(
+    tmp_path: Path, address: str, stop: threading.Event
+) -> tuple[object, threading.Thread]:
+    from agent.config import load_config
+    from agent.runtime import Agent
+    from agent.sections import usage_source
+
+    config = load_config(
+        flags={
+            "state_dir": str(tmp_path / "agent-state"),
+            "usage.enabled": False,
+            "healing.services": ["cups.service"],
+        },
+        environ={},
+        privileged=False,
+    )
+    agent = Agent(
+        config,
+        [],
+        usage_source(config),
+        target=address,
+        node_key=UNCHECKED_KEY,
+        root_certificates=None,
+        insecure=True,
+    )
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    return agent, thread
+
+
+def test_agent_reports_policy_status(tmp_path: Path) -> None:
+    messages = [
+        agent_pb2.ConnectResponse(policy=restart_policy(3, "cups.service")),
+        agent_pb2.ConnectResponse(policy=restart_policy(4, "sshd.service")),
+    ]
+    stop = threading.Event()
+    with healing_server(messages) as (servicer, address):
+        _, thread = run_agent(tmp_path, address, stop)
+        try:
+
+            def rejected_reported() -> bool:
+                return any(
+                    r.policy_status.rejected_version == 4 for r in servicer.received
+                )
+
+            assert wait_for(rejected_reported)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    status = next(
+        r.policy_status
+        for r in servicer.received
+        if r.policy_status.rejected_version == 4
+    )
+    assert status.applied_version == 3
+    assert "sshd.service" in status.rejected_reason
+    # The first report of the stream carried the built-in policy's status.
+    assert servicer.received[0].full
+    assert servicer.received[0].HasField("policy_status")
+    assert servicer.received[0].policy_status.applied_version == 0
+    assert servicer.hellos[0].policy_version == 0
+    stored_policy = remediation_pb2.Policy.FromString(
+        (tmp_path / "agent-state" / "policy.pb").read_bytes()
+    )
+    assert stored_policy.version == 3
+
+
+def test_agent_refuses_command(tmp_path: Path) -> None:
+    messages = [
+        agent_pb2.ConnectResponse(command=command_for("sshd.service", "c-evil"))
+    ]
+    stop = threading.Event()
+    with healing_server(messages) as (servicer, address):
+        _, thread = run_agent(tmp_path, address, stop)
+        try:
+
+            def refused() -> list[remediation_pb2.RemediationRecord]:
+                return [
+                    record
+                    for r in servicer.received
+                    for record in r.remediations
+                    if record.command_id == "c-evil"
+                ]
+
+            assert wait_for(lambda: bool(refused()))
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    (record,) = refused()
+    assert record.outcome == remediation_pb2.REMEDIATION_OUTCOME_REFUSED
+    assert "sshd.service" in record.reason
+
+
+def test_remediations_stored_by_collector(
+    database_url: str,
+    device_id: str,
+    tls_dir: Path,
+    make_link: Callable[..., RunningLink],
+) -> None:
+    from agent.healing.actions.base import LocalAllowlist
+    from agent.healing.engine import HealingEngine
+    from agent.healing.policy import PolicyStore
+    from agent.report import ReportBuilder
+    from agent.state import Identity, StateStore
+
+    server = serve(database_url, tls_dir)
+    try:
+        running = make_link(
+            server.address, node_key=enroll_tls(server, tls_dir, device_id)
+        )
+        state_dir = Path(running.link.spool.path).parent
+        builder = ReportBuilder(
+            StateStore(state_dir), Identity(device_id=device_id, next_sequence=1)
+        )
+        allowlist = LocalAllowlist()
+        engine = HealingEngine(
+            state_dir,
+            PolicyStore(state_dir, remediation_pb2.Policy(), allowlist),
+            allowlist,
+            builder,
+            running.link.spool,
+            on_records=running.link.wake,
+        )
+
+        record = engine.run_command(command_for("sshd.service", "c-stored"))
+
+        assert record.outcome == remediation_pb2.REMEDIATION_OUTCOME_REFUSED
+        assert running.link.wait_drained(timeout=30)
+        assert running.link.spool.stats().pending_remediations == 0
+        # --exit-after counts routine reports only.
+        assert running.link.acked_remediations == 1
+        assert running.link.acked_reports == 0
+        store = Store.open(database_url)
+        try:
+            stored_records = store.list_remediations(10, device_id=device_id)
+        finally:
+            store.close()
+        assert [r.record.command_id for r in stored_records] == ["c-stored"]
+        assert stored_records[0].record.reason == record.reason
+    finally:
+        server.stop()

@@ -1,0 +1,519 @@
+"""The healing engine: evaluate the rules, act through the actions, write records.
+
+Each evaluation runs every rule that is not paused: its condition on the
+latest readings, its local limits, then the action's precheck, change and
+verification. A RemediationRecord is written when a rule acts or fails, and
+when it is skipped for a reason other than its previous skip. Repeats of the
+same skip only raise repeat_count on a pending record. That record is written
+when the reason changes, when the rule acts, or a day after the first repeat,
+so a rule that stays in cooldown adds at most one record a day to the spool.
+A dry-run rule writes a record each time it runs and none while its cooldown
+or daily cap holds it back.
+
+Records go to the spool as reports that carry only remediations, numbered by
+the report builder like every report, so they wait offline and are acked like
+reports.
+
+Operator commands (run_command) are checked against the local allowlist with
+the action's own validate, refused when expired, when their id has already
+run, or when self-healing is turned off here. A command that passes runs at
+once: it is not a rule, so the rules' cooldowns, daily caps and quiet hours do
+not apply to it, and the operator who sent it answers for the timing. Every
+refusal is a REFUSED record with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from agent import clock as clock_module
+from agent.healing.actions import (
+    ACTION_MODULES,
+    action_name,
+    action_params,
+    load_action,
+    validate_action,
+)
+from agent.healing.actions.base import (
+    ActionContext,
+    ActionResult,
+    LocalAllowlist,
+    Outcome,
+)
+from agent.healing.conditions import ConditionEvaluator, ConditionResult, Readings
+from agent.healing.limits import HealingState, Limits, RuleState
+from agent.healing.policy import PolicyStore
+from agent.report import ReportBuilder
+from agent.spool import Spool
+from fleetmend.v1 import remediation_pb2
+
+log = logging.getLogger(__name__)
+
+# A pending skip record is written at the latest this long after it started.
+PENDING_FLUSH = timedelta(days=1)
+
+# Outcomes after which the action counts as run for cooldowns and daily caps.
+_RAN = frozenset(
+    {
+        Outcome.REMEDIATION_OUTCOME_SUCCEEDED,
+        Outcome.REMEDIATION_OUTCOME_FAILED,
+        Outcome.REMEDIATION_OUTCOME_DRY_RUN,
+        Outcome.REMEDIATION_OUTCOME_ESCALATED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class RulePreview:
+    """A rule's condition now, its limits and a dry run of its action."""
+
+    rule: remediation_pb2.Rule
+    condition: ConditionResult
+    skip_reason: str
+    result: ActionResult
+
+
+def outcome_name(outcome: int) -> str:
+    """Return an outcome as a lower-case word such as "succeeded" or "dry run"."""
+    name = remediation_pb2.RemediationOutcome.Name(outcome)  # type: ignore[arg-type]
+    return name.removeprefix("REMEDIATION_OUTCOME_").lower().replace("_", " ")
+
+
+class HealingEngine:
+    """Run the rules of the policy in force and operator commands on one thread.
+
+    evaluate() and run_queued_commands() are called by the agent's main loop;
+    submit_command() and apply_policy() may be called from any thread.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        policies: PolicyStore,
+        allowlist: LocalAllowlist,
+        builder: ReportBuilder,
+        spool: Spool | None,
+        evaluator: ConditionEvaluator | None = None,
+        limits: Limits | None = None,
+        *,
+        on_records: Callable[[], None] = lambda: None,
+        foreground_apps: Callable[[], frozenset[str]] = frozenset,
+        enabled: bool = True,
+    ) -> None:
+        """Write records to spool (None: keep them in last_records only)."""
+        self.state_dir = state_dir
+        self.policies = policies
+        self.allowlist = allowlist
+        self.builder = builder
+        self.spool = spool
+        self.evaluator = evaluator or ConditionEvaluator()
+        self.limits = limits or Limits()
+        self.enabled = enabled
+        self._on_records = on_records
+        self._foreground_apps = foreground_apps
+        self._state = HealingState.load(state_dir)
+        self._commands: queue.Queue[remediation_pb2.Command] = queue.Queue()
+        self._lock = threading.Lock()
+        self.last_records: list[remediation_pb2.RemediationRecord] = []
+        builder.set_policy_status(policies.status)
+
+    # -- entry points from other threads ----------------------------------------
+
+    def submit_command(self, command: remediation_pb2.Command) -> None:
+        """Queue an operator command for the engine's thread."""
+        self._commands.put(command)
+
+    def apply_policy(self, policy: remediation_pb2.Policy) -> bool:
+        """Validate and apply a collector policy; return False if it was rejected.
+
+        The new status goes into the next report either way.
+        """
+        problems = self.policies.apply(policy)
+        self.builder.set_policy_status(self.policies.status)
+        self._on_records()
+        return not problems
+
+    # -- the engine's thread ------------------------------------------------------
+
+    def _now(self) -> datetime:
+        return clock_module.clock.now()
+
+    def readings(self) -> Readings:
+        """Return the builder's latest readings of the sections that conditions test."""
+        return Readings(
+            host=self.builder.latest("host"),  # type: ignore[arg-type]
+            disks=self.builder.latest("disks"),  # type: ignore[arg-type]
+            batteries=self.builder.latest("batteries"),  # type: ignore[arg-type]
+            credentials=self.builder.latest("credentials"),  # type: ignore[arg-type]
+        )
+
+    def _context(self, dry_run: bool) -> ActionContext:
+        return ActionContext(
+            state_dir=self.state_dir,
+            allowlist=self.allowlist,
+            dry_run=dry_run,
+            foreground_apps=self._foreground_apps(),
+        )
+
+    def evaluate(self) -> list[remediation_pb2.RemediationRecord]:
+        """Evaluate every rule once and undo expired throttles; return the records."""
+        if not self.enabled:
+            return []
+        with self._lock:
+            now = self._now()
+            records = self._undo_throttles(now)
+            policy = self.policies.policy
+            readings = self.readings()
+            for rule in policy.rules:
+                if rule.paused:
+                    continue
+                state = self._state.rule(rule.name)
+                records += self._evaluate_rule(
+                    rule, policy.version, state, readings, now
+                )
+            for rule in policy.rules:
+                state = self._state.rule(rule.name)
+                since = state.pending_since
+                if since is not None and now - since >= PENDING_FLUSH:
+                    records += self._flush_pending(state)
+            records += self._forget_removed_rules(policy)
+            self._state.save(now)
+            self._write(records)
+            return records
+
+    def _evaluate_rule(
+        self,
+        rule: remediation_pb2.Rule,
+        version: int,
+        state: RuleState,
+        readings: Readings,
+        now: datetime,
+    ) -> list[remediation_pb2.RemediationRecord]:
+        if state.stopped_reason and state.stopped_policy_version != version:
+            # A new policy from the operator resolves the escalation.
+            state.stopped_reason = ""
+        monotonic = clock_module.clock.monotonic()
+        condition = self.evaluator.evaluate(
+            rule.name, rule.condition, readings, now, monotonic
+        )
+        if state.stopped_reason:
+            return self._skip(
+                rule, version, state, state.stopped_reason, condition, now
+            )
+        if not condition.holds:
+            return []
+
+        reason = self.limits.skip_reason(rule, state, now)
+        if reason and rule.dry_run:
+            # A dry run is skipped only by its cooldown or daily cap, and a
+            # record of that would only repeat the previous dry run.
+            return []
+        if reason:
+            return self._skip(rule, version, state, reason, condition, now)
+
+        if rule.condition.WhichOneof("kind") == "free_space_below":
+            # Precheck on the file system itself: the reading may be minutes old.
+            condition = self.evaluator.evaluate(
+                rule.name, rule.condition, readings, now, monotonic, live=True
+            )
+            if not condition.holds:
+                return self._skip(
+                    rule,
+                    version,
+                    state,
+                    f"condition no longer holds at the precheck: {condition.detail}",
+                    condition,
+                    now,
+                )
+        return self._act(rule, version, state, condition, now)
+
+    def _act(
+        self,
+        rule: remediation_pb2.Rule,
+        version: int,
+        state: RuleState,
+        condition: ConditionResult,
+        now: datetime,
+    ) -> list[remediation_pb2.RemediationRecord]:
+        """Run the rule's action and record its outcome in the rule's state."""
+        started = self._now()
+        start_monotonic = time.monotonic()
+        result = self._execute(rule.action, rule.dry_run, rule.name)
+        record = self._record(rule.action, result, condition, started, start_monotonic)
+        record.rule = rule.name
+        record.policy_version = version
+        if result.outcome == Outcome.REMEDIATION_OUTCOME_SKIPPED:
+            return self._skip(rule, version, state, result.reason, condition, now)
+
+        records = self._flush_pending(state)
+        state.last_skip_reason = ""
+        if result.outcome in _RAN:
+            state.runs.append(now)
+        if result.outcome == Outcome.REMEDIATION_OUTCOME_ESCALATED:
+            state.stopped_reason = (
+                f"stopped after repeated failures ({result.reason}); escalated to "
+                "the collector, waits for a new policy"
+            )
+            state.stopped_policy_version = version
+        log.info(
+            "rule %s: %s: %s (%s)",
+            rule.name,
+            outcome_name(record.outcome),
+            record.reason or "done",
+            condition.detail,
+        )
+        records.append(record)
+        return records
+
+    def _execute(
+        self, action: remediation_pb2.Action, dry_run: bool, rule_name: str = ""
+    ) -> ActionResult:
+        name = action_name(action)
+        try:
+            module: Any = load_action(name)
+            options: dict[str, Any] = {}
+            if name == "throttle_process":
+                # The throttle remembers its rule for the record of its undo,
+                # and finds the app in the agent's catalog, site files included.
+                options["source_rule"] = rule_name
+                catalog = self.evaluator.catalog()
+                if catalog is not None:
+                    options["catalog"] = catalog
+            return module.execute(
+                action_params(action), self._context(dry_run), **options
+            )
+        except Exception as exc:
+            # An action reports failures as results, so an exception is a bug
+            # in it. It is recorded as a failure, which the collector's
+            # circuit breaker counts.
+            log.exception("action %s raised instead of returning a result", name)
+            return ActionResult(
+                Outcome.REMEDIATION_OUTCOME_FAILED,
+                reason=f"action {name} failed: {type(exc).__name__}: {exc}",
+            )
+
+    @staticmethod
+    def _record(
+        action: remediation_pb2.Action,
+        result: ActionResult,
+        condition: ConditionResult | None,
+        started: datetime,
+        start_monotonic: float,
+    ) -> remediation_pb2.RemediationRecord:
+        record = remediation_pb2.RemediationRecord(
+            outcome=result.outcome,
+            reason=result.reason,
+            bytes_freed=result.bytes_freed,
+        )
+        record.action.CopyFrom(action)
+        if result.unit:
+            record.before, record.after, record.unit = (
+                result.before,
+                result.after,
+                result.unit,
+            )
+        elif condition is not None:
+            record.before = record.after = condition.value
+            record.unit = condition.unit
+        record.start_time.FromDatetime(started)
+        record.duration.FromTimedelta(
+            timedelta(seconds=max(0.0, time.monotonic() - start_monotonic))
+        )
+        return record
+
+    def _skip(
+        self,
+        rule: remediation_pb2.Rule,
+        version: int,
+        state: RuleState,
+        reason: str,
+        condition: ConditionResult,
+        now: datetime,
+    ) -> list[remediation_pb2.RemediationRecord]:
+        """Record a skip for a new reason; count a repeat on the pending record."""
+        record = remediation_pb2.RemediationRecord(
+            rule=rule.name,
+            policy_version=version,
+            outcome=Outcome.REMEDIATION_OUTCOME_SKIPPED,
+            reason=reason,
+            before=condition.value,
+            after=condition.value,
+            unit=condition.unit,
+        )
+        record.action.CopyFrom(rule.action)
+        record.start_time.FromDatetime(now)
+        if reason != state.last_skip_reason:
+            records = self._flush_pending(state)
+            state.last_skip_reason = reason
+            log.info("rule %s: skipped: %s", rule.name, reason)
+            records.append(record)
+            return records
+        if state.pending is None:
+            record.repeat_count = 1
+            state.pending = record
+            state.pending_since = now
+        else:
+            state.pending.repeat_count += 1
+            state.pending.before = condition.value
+            state.pending.after = condition.value
+        return []
+
+    def _forget_removed_rules(
+        self, policy: remediation_pb2.Policy
+    ) -> list[remediation_pb2.RemediationRecord]:
+        """Drop the state of rules that left the policy; return their pending skips."""
+        names = {rule.name for rule in policy.rules}
+        records: list[remediation_pb2.RemediationRecord] = []
+        for name in [n for n in self._state.rules if n not in names]:
+            records += self._flush_pending(self._state.rules.pop(name))
+        return records
+
+    @staticmethod
+    def _flush_pending(state: RuleState) -> list[remediation_pb2.RemediationRecord]:
+        if state.pending is None:
+            return []
+        record = state.pending
+        state.pending = None
+        state.pending_since = None
+        return [record]
+
+    def _undo_throttles(self, now: datetime) -> list[remediation_pb2.RemediationRecord]:
+        """Restore throttles that expired or whose app is in the foreground."""
+        try:
+            throttle_process: Any = importlib.import_module(
+                ACTION_MODULES["throttle_process"]
+            )
+        except ImportError:
+            log.debug("throttle_process is not available; no throttles to undo")
+            return []
+        try:
+            results = throttle_process.tick(self._context(dry_run=False), now)
+        except Exception:
+            log.exception("undoing expired throttles failed")
+            return []
+        records = []
+        for result in results:
+            action = remediation_pb2.Action()
+            action.throttle_process.app_id = result.details.get("app_id", "")
+            record = self._record(action, result, None, now, time.monotonic())
+            record.rule = result.details.get("rule", "")
+            record.policy_version = self.policies.applied_version
+            log.info(
+                "throttle of %s undone: %s",
+                action.throttle_process.app_id,
+                result.reason,
+            )
+            records.append(record)
+        return records
+
+    # -- commands -------------------------------------------------------------------
+
+    def run_queued_commands(self) -> list[remediation_pb2.RemediationRecord]:
+        """Run the commands that arrived since the last call; return their records."""
+        records: list[remediation_pb2.RemediationRecord] = []
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return records
+            records.append(self.run_command(command))
+
+    def _refusal(self, command: remediation_pb2.Command) -> str:
+        now = self._now()
+        if not self.enabled:
+            return "self-healing is turned off on this device (healing.enabled = false)"
+        if not command.command_id:
+            return "the command has no id"
+        if command.command_id in self._state.commands:
+            ran = self._state.commands[command.command_id]
+            return f"command {command.command_id} already ran at {ran.isoformat()}"
+        if not command.HasField("expire_time"):
+            return "the command has no expiry time"
+        expire = command.expire_time.ToDatetime(now.tzinfo)
+        if now > expire:
+            return f"the command expired at {expire.isoformat()}"
+        problems = validate_action(command.action, self.allowlist)
+        if problems:
+            return "not allowed by this device's allowlist: " + "; ".join(problems)
+        return ""
+
+    def run_command(
+        self, command: remediation_pb2.Command
+    ) -> remediation_pb2.RemediationRecord:
+        """Run one operator command now, or refuse it; write and return its record."""
+        with self._lock:
+            now = self._now()
+            start_monotonic = time.monotonic()
+            refusal = self._refusal(command)
+            if refusal:
+                result = ActionResult(
+                    Outcome.REMEDIATION_OUTCOME_REFUSED, reason=refusal
+                )
+                log.warning("refused command %s: %s", command.command_id, refusal)
+            else:
+                self._state.commands[command.command_id] = now
+                # Saved before the action runs, so a crash during it cannot
+                # make the command run twice.
+                self._state.save(now)
+                result = self._execute(command.action, dry_run=False)
+                log.info(
+                    "command %s (%s): %s: %s",
+                    command.command_id,
+                    action_name(command.action),
+                    outcome_name(result.outcome),
+                    result.reason or "done",
+                )
+            record = self._record(command.action, result, None, now, start_monotonic)
+            record.command_id = command.command_id
+            record.policy_version = self.policies.applied_version
+            self._write([record])
+            return record
+
+    # -- records ----------------------------------------------------------------------
+
+    def _write(self, records: list[remediation_pb2.RemediationRecord]) -> None:
+        self.last_records = list(records)
+        if not records or self.spool is None:
+            return
+        report = self.builder.build_remediations(records)
+        self.spool.put_remediation(
+            report.sequence, report.SerializeToString(deterministic=True)
+        )
+        log.info(
+            "report %d spooled with %d remediation records",
+            report.sequence,
+            len(records),
+        )
+        self._on_records()
+
+    # -- preview for the CLI -------------------------------------------------------
+
+    def preview(self, readings: Readings) -> list[RulePreview]:
+        """Evaluate every rule and dry-run its action; change no state or spool."""
+        now = self._now()
+        previews = []
+        policy = self.policies.policy
+        for rule in policy.rules:
+            state = self._state.rules.get(rule.name, RuleState())
+            condition = self.evaluator.evaluate(
+                rule.name, rule.condition, readings, now, clock_module.clock.monotonic()
+            )
+            if rule.paused:
+                why = rule.paused_reason or "no reason given"
+                reason = f"paused by the collector: {why}"
+            else:
+                reason = state.stopped_reason or self.limits.skip_reason(
+                    rule, state, now
+                )
+            result = self._execute(rule.action, True, rule.name)
+            previews.append(RulePreview(rule, condition, reason, result))
+        return previews

@@ -1,0 +1,154 @@
+"""Notices that self-healing actions leave for the user.
+
+A notice is a short title and an actionable body. Until a tray shows them, they
+are stored in ``<state dir>/notices.json`` (owner-only, replaced atomically),
+listed by ``fleetmend-agent notices``, and reported to the collector through the
+remediation records of the rules that wrote them. The store keeps the newest
+MAX_NOTICES.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.state import write_private
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_BODY_LENGTH",
+    "MAX_NOTICES",
+    "MAX_TITLE_LENGTH",
+    "NOTICES_FILE",
+    "Notice",
+    "NoticeStore",
+    "check_notice_text",
+    "render_notices",
+]
+
+NOTICES_FILE = "notices.json"
+MAX_NOTICES = 100
+# A notice must fit a desktop notification: a one-line title and a short body.
+MAX_TITLE_LENGTH = 80
+MAX_BODY_LENGTH = 500
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One notice for the user."""
+
+    notice_id: str
+    title: str
+    body: str
+    # Name of the rule that wrote it; empty for an operator command.
+    source_rule: str
+    create_time: datetime
+
+
+class NoticeStore:
+    """The notices in the state dir, oldest first."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / NOTICES_FILE
+
+    def add(self, title: str, body: str, source_rule: str, now: datetime) -> Notice:
+        """Store a new notice, dropping the oldest beyond MAX_NOTICES, and return it."""
+        notice = Notice(
+            notice_id=uuid.uuid4().hex,
+            title=title,
+            body=body,
+            source_rule=source_rule,
+            create_time=now.astimezone(UTC),
+        )
+        notices = [*self.list(), notice][-MAX_NOTICES:]
+        document = {"notices": [_to_json(item) for item in notices]}
+        write_private(self.path, json.dumps(document, indent=2).encode("utf-8"))
+        return notice
+
+    def list(self) -> list[Notice]:
+        """Return the stored notices, oldest first (none for a damaged file)."""
+        try:
+            document: Any = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable %s: %s", self.path, exc)
+            return []
+        items = document.get("notices") if isinstance(document, dict) else None
+        notices = []
+        for item in items if isinstance(items, list) else []:
+            try:
+                notices.append(_from_json(item))
+            except (KeyError, TypeError, ValueError) as exc:
+                logger.warning("ignoring a damaged notice in %s: %s", self.path, exc)
+        return notices
+
+
+def check_notice_text(title: str, body: str) -> list[str]:
+    """Return what is wrong with a notice's title and body, for an action's validate.
+
+    The title is one line of 1 to MAX_TITLE_LENGTH characters; the body has at
+    most MAX_BODY_LENGTH characters and no control characters except newlines.
+    """
+    problems = []
+    if not title.strip():
+        problems.append("title is empty; give the notice a title")
+    elif len(title) > MAX_TITLE_LENGTH:
+        problems.append(
+            f"title has {len(title)} characters, more than the maximum "
+            f"{MAX_TITLE_LENGTH}; shorten it"
+        )
+    if any(_is_control(char) for char in title):
+        problems.append("title contains a control character or newline")
+    if len(body) > MAX_BODY_LENGTH:
+        problems.append(
+            f"body has {len(body)} characters, more than the maximum "
+            f"{MAX_BODY_LENGTH}; shorten it"
+        )
+    if any(_is_control(char) for char in body if char != "\n"):
+        problems.append("body contains a control character other than newline")
+    return problems
+
+
+def _is_control(char: str) -> bool:
+    return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
+
+
+def render_notices(state_dir: Path) -> str:
+    """Return the stored notices as text for a terminal, newest first."""
+    notices = NoticeStore(state_dir).list()
+    if not notices:
+        return "No notices.\n"
+    lines = [f"{len(notices)} notice{'s' if len(notices) != 1 else ''}, newest first:"]
+    for notice in reversed(notices):
+        stamp = notice.create_time.strftime("%Y-%m-%d %H:%M UTC")
+        source = f" (rule {notice.source_rule})" if notice.source_rule else ""
+        lines.append("")
+        lines.append(f"{stamp}  {notice.title}{source}")
+        lines.extend(f"  {line}" for line in notice.body.splitlines())
+    return "\n".join(lines) + "\n"
+
+
+def _to_json(notice: Notice) -> dict[str, str]:
+    item = asdict(notice)
+    item["create_time"] = notice.create_time.isoformat()
+    return item
+
+
+def _from_json(item: dict[str, Any]) -> Notice:
+    create_time = datetime.fromisoformat(str(item["create_time"]))
+    if create_time.tzinfo is None:
+        raise ValueError(f"create_time {item['create_time']!r} has no time zone")
+    return Notice(
+        notice_id=str(item["notice_id"]),
+        title=str(item["title"]),
+        body=str(item["body"]),
+        source_rule=str(item["source_rule"]),
+        create_time=create_time,
+    )

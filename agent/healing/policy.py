@@ -1,0 +1,365 @@
+"""Self-healing policies: parse TOML, validate every rule, keep the applied one.
+
+A policy's TOML keys are the field names of fleetmend.v1.Policy; durations
+are protobuf JSON strings such as "3600s". The agent runs the collector's
+latest valid policy, stored in ``<state dir>/policy.pb``, or else its default
+policy (agent/healing/default_policy.toml, or the file named by the
+``healing.policy_file`` setting). A collector policy with one invalid rule is
+rejected as a whole and the previous policy stays in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import tomllib
+from importlib import resources
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import DecodeError
+
+from agent.healing.actions import validate_action
+from agent.healing.actions.base import LocalAllowlist
+from agent.state import write_private
+from fleetmend.v1 import remediation_pb2, report_pb2
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE = "policy.pb"
+
+RULE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+SERVICE_NAME = re.compile(r"[A-Za-z0-9@._:\\-]{1,256}")
+
+DAY_SECONDS = 86_400
+# Upper bounds of durations, so that a typing error such as "36000000s" is
+# caught instead of silencing a rule for a year.
+MAX_COOLDOWN_SECONDS = 30 * DAY_SECONDS
+MAX_SUSTAINED_SECONDS = DAY_SECONDS
+MAX_EXPIRY_WINDOW_SECONDS = 366 * DAY_SECONDS
+MAX_RUNS_PER_DAY = 1440
+# process_cpu_above counts percent of one CPU, so a busy process on a
+# many-core machine can pass 100; 1000 is ten cores' worth.
+MAX_CPU_PERCENT = 1000.0
+
+# CredentialExpiringWithin.kind values: CredentialKind names without prefix.
+CREDENTIAL_KINDS = frozenset(
+    name.removeprefix("CREDENTIAL_KIND_").lower()
+    for name in report_pb2.CredentialKind.keys()  # noqa: SIM118 - an enum wrapper
+    if name != "CREDENTIAL_KIND_UNSPECIFIED"
+)
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be parsed; the message names the file, rule and field."""
+
+
+def duration_seconds(duration: duration_pb2.Duration) -> float:
+    """Return a protobuf Duration in seconds."""
+    return duration.seconds + duration.nanos / 1e9
+
+
+def policy_from_toml(text: str, source: str) -> remediation_pb2.Policy:
+    """Parse a policy from TOML text; source names it in errors.
+
+    Each rule is parsed on its own so that an error names the rule (by name,
+    or by position when it has none) and the field.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"policy {source} is not valid TOML: {exc}") from exc
+    rules = data.pop("rules", [])
+    if not isinstance(rules, list):
+        raise PolicyError(
+            f"policy {source}: rules must be an array of tables ([[rules]]), "
+            f"got {type(rules).__name__}"
+        )
+    policy = remediation_pb2.Policy()
+    try:
+        json_format.ParseDict(data, policy)
+    except json_format.ParseError as exc:
+        raise PolicyError(f"policy {source}: {exc}") from exc
+    for index, entry in enumerate(rules):
+        label = f"rule {index + 1}"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            label = f"rule {entry['name']!r}"
+        if not isinstance(entry, dict):
+            raise PolicyError(f"policy {source}: {label} is not a table")
+        try:
+            json_format.ParseDict(entry, policy.rules.add())
+        except json_format.ParseError as exc:
+            raise PolicyError(f"policy {source}: {label}: {exc}") from exc
+    return policy
+
+
+def default_policy_text() -> str:
+    """Return the text of the default policy that ships with the agent."""
+    return (
+        resources.files("agent.healing")
+        .joinpath("default_policy.toml")
+        .read_text(encoding="utf-8")
+    )
+
+
+def load_local_policy(policy_file: Path | None) -> remediation_pb2.Policy:
+    """Parse the local policy: policy_file when set, else the shipped default."""
+    if policy_file is None:
+        return policy_from_toml(default_policy_text(), "default_policy.toml")
+    try:
+        text = policy_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError(
+            f"policy file {policy_file} cannot be read: {exc.strerror}; fix "
+            "healing.policy_file"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy file {policy_file} is not UTF-8 text") from exc
+    return policy_from_toml(text, str(policy_file))
+
+
+# -- validation ------------------------------------------------------------------
+
+
+def _check_duration(
+    problems: list[str], field: str, duration: duration_pb2.Duration, maximum: float
+) -> None:
+    seconds = duration_seconds(duration)
+    if seconds < 0:
+        problems.append(f"{field} is negative ({seconds:.10g} s); use 0s or more")
+    elif seconds > maximum:
+        problems.append(
+            f"{field} is {seconds:.10g} s, more than the maximum {maximum:.10g} s"
+        )
+
+
+def _check_ratio(problems: list[str], field: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        problems.append(f"{field} is {value:g}; expected a ratio from 0 to 1")
+
+
+def _is_absolute_path(text: str) -> bool:
+    return PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
+
+
+def validate_condition(condition: remediation_pb2.Condition) -> list[str]:
+    """Return what is wrong with a condition; empty when it is valid."""
+    kind = condition.WhichOneof("kind")
+    problems: list[str] = []
+    if kind is None:
+        return ["condition: no condition set"]
+    if kind == "free_space_below":
+        free = condition.free_space_below
+        if not _is_absolute_path(free.mount_point):
+            problems.append(
+                f"free_space_below.mount_point {free.mount_point!r} is not an "
+                'absolute path such as "/" or "C:\\\\"'
+            )
+        _check_ratio(problems, "free_space_below.ratio", free.ratio)
+        if free.ratio == 0 and free.bytes == 0:
+            problems.append("free_space_below needs ratio or bytes above 0")
+    elif kind == "service_not_running":
+        service = condition.service_not_running.service
+        if not SERVICE_NAME.fullmatch(service):
+            problems.append(
+                f"service_not_running.service {service!r} is not a service name "
+                "(1 to 256 letters, digits and @._:-)"
+            )
+    elif kind == "process_cpu_above":
+        cpu = condition.process_cpu_above
+        if not cpu.app_id:
+            problems.append("process_cpu_above.app_id is empty; name a catalog app")
+        if not 0.0 < cpu.percent <= MAX_CPU_PERCENT:
+            problems.append(
+                f"process_cpu_above.percent is {cpu.percent:g}; expected above 0 "
+                f"and at most {MAX_CPU_PERCENT:g}"
+            )
+        _check_duration(
+            problems,
+            "process_cpu_above.sustained",
+            cpu.sustained,
+            MAX_SUSTAINED_SECONDS,
+        )
+    elif kind == "credential_expiring_within":
+        expiring = condition.credential_expiring_within
+        _check_duration(
+            problems,
+            "credential_expiring_within.within",
+            expiring.within,
+            MAX_EXPIRY_WINDOW_SECONDS,
+        )
+        if expiring.kind and expiring.kind not in CREDENTIAL_KINDS:
+            problems.append(
+                f"credential_expiring_within.kind {expiring.kind!r} is not one of "
+                f"{', '.join(sorted(CREDENTIAL_KINDS))} (or empty for any)"
+            )
+    elif kind == "battery_health_below":
+        ratio = condition.battery_health_below.ratio
+        _check_ratio(problems, "battery_health_below.ratio", ratio)
+        if ratio == 0:
+            problems.append("battery_health_below.ratio is 0, so it never holds")
+    return [f"condition: {problem}" for problem in problems]
+
+
+def validate_limits(limits: remediation_pb2.RuleLimits) -> list[str]:
+    """Return what is wrong with a rule's limits; empty when they are valid."""
+    problems: list[str] = []
+    _check_duration(problems, "limits.cooldown", limits.cooldown, MAX_COOLDOWN_SECONDS)
+    if limits.max_runs_per_day > MAX_RUNS_PER_DAY:
+        problems.append(
+            f"limits.max_runs_per_day is {limits.max_runs_per_day}, more than "
+            f"the maximum {MAX_RUNS_PER_DAY}"
+        )
+    for index, span in enumerate(limits.quiet_hours):
+        field = f"limits.quiet_hours[{index}]"
+        for name, hour in (
+            ("start_hour", span.start_hour),
+            ("end_hour", span.end_hour),
+        ):
+            if hour > 23:
+                problems.append(
+                    f"{field}.{name} is {hour}; expected an hour from 0 to 23"
+                )
+        if span.start_hour == span.end_hour:
+            problems.append(
+                f"{field} starts and ends at hour {span.start_hour}, an empty span; "
+                "remove it or set different hours"
+            )
+    return problems
+
+
+def validate_rule(rule: remediation_pb2.Rule, allowlist: LocalAllowlist) -> list[str]:
+    """Return what is wrong with one rule, each problem without the rule's name."""
+    problems = validate_condition(rule.condition)
+    if rule.HasField("action"):
+        problems += [f"action: {p}" for p in validate_action(rule.action, allowlist)]
+    else:
+        problems.append("action: no action set")
+    problems += validate_limits(rule.limits)
+    return problems
+
+
+def validate_policy(
+    policy: remediation_pb2.Policy, allowlist: LocalAllowlist
+) -> list[str]:
+    """Return each problem of a policy as "rule NAME: field: problem"."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for index, rule in enumerate(policy.rules):
+        label = f"rule {rule.name!r}" if rule.name else f"rule {index + 1}"
+        if not RULE_NAME.fullmatch(rule.name):
+            problems.append(f'{label}: name must be 1 to 64 of a-z, 0-9, "_" and "-"')
+        elif rule.name in seen:
+            problems.append(f"{label}: name is used by an earlier rule")
+        seen.add(rule.name)
+        problems += [f"{label}: {p}" for p in validate_rule(rule, allowlist)]
+    return problems
+
+
+# -- the applied policy ----------------------------------------------------------
+
+
+class PolicyStore:
+    """The policy in force: the applied collector policy, or the local default.
+
+    The collector's policy is kept in ``<state dir>/policy.pb`` (0600, replaced
+    atomically) so that the rules keep running offline and after a restart.
+    Methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        local_policy: remediation_pb2.Policy,
+        allowlist: LocalAllowlist,
+    ) -> None:
+        """Load the stored collector policy, or use local_policy if none is valid."""
+        self.path = state_dir / POLICY_FILE
+        self._allowlist = allowlist
+        self._local = local_policy
+        self._lock = threading.Lock()
+        self._status = remediation_pb2.PolicyStatus()
+        self._policy = self._load_stored() or local_policy
+        self._status.applied_version = self._policy.version
+
+    def _load_stored(self) -> remediation_pb2.Policy | None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error(
+                "stored policy %s cannot be read: %s; using the default",
+                self.path,
+                exc.strerror,
+            )
+            return None
+        try:
+            policy = remediation_pb2.Policy.FromString(data)
+        except DecodeError as exc:
+            log.error(
+                "stored policy %s is damaged (%s); using the default", self.path, exc
+            )
+            return None
+        # The local allowlist may have shrunk since the policy was applied.
+        problems = validate_policy(policy, self._allowlist)
+        if problems:
+            log.error(
+                "stored policy %s (version %d) is no longer valid here: %s; using "
+                "the default until the collector sends a new one",
+                self.path,
+                policy.version,
+                "; ".join(problems),
+            )
+            return None
+        return policy
+
+    @property
+    def policy(self) -> remediation_pb2.Policy:
+        """The policy in force (a copy)."""
+        with self._lock:
+            copy = remediation_pb2.Policy()
+            copy.CopyFrom(self._policy)
+            return copy
+
+    @property
+    def status(self) -> remediation_pb2.PolicyStatus:
+        """The applied version and the last rejection, for Report.policy_status."""
+        with self._lock:
+            copy = remediation_pb2.PolicyStatus()
+            copy.CopyFrom(self._status)
+            return copy
+
+    @property
+    def applied_version(self) -> int:
+        with self._lock:
+            return self._status.applied_version
+
+    def apply(self, policy: remediation_pb2.Policy) -> list[str]:
+        """Validate and apply a collector policy; return the problems if it is rejected.
+
+        A rejected policy leaves the one in force unchanged and is recorded in
+        the status with the reason.
+        """
+        problems = validate_policy(policy, self._allowlist)
+        with self._lock:
+            if problems:
+                self._status.rejected_version = policy.version
+                self._status.rejected_reason = "; ".join(problems)
+                log.error(
+                    "rejected policy version %d from the collector: %s",
+                    policy.version,
+                    self._status.rejected_reason,
+                )
+                return problems
+            write_private(self.path, policy.SerializeToString(deterministic=True))
+            self._policy = remediation_pb2.Policy()
+            self._policy.CopyFrom(policy)
+            self._status = remediation_pb2.PolicyStatus(applied_version=policy.version)
+        log.info(
+            "applied policy version %d from the collector: %d rules",
+            policy.version,
+            len(policy.rules),
+        )
+        return []
