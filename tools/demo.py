@@ -6,8 +6,10 @@ enrollment secret (``fleetmend-collector init``) and an admin token
 serve`` over TLS with SQLite, enrolls this machine's agent if it is not
 enrolled yet, runs ``fleetmend-agent run`` until one full and one delta report
 are acknowledged, prints ``fleetmend devices`` and ``fleetmend device show
-<this host>``, and stops the collector. Everything it creates stays in
-.fleetmend-run/, the node key included.
+<this host>``, shows the self-healing rules of tools/demo_policy.toml (dry runs
+and notices only) evaluated on this machine and the records they sent, and
+stops the collector. Everything it creates stays in .fleetmend-run/, the node
+key included.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".fleetmend-run"
 TLS_DIR = RUN_DIR / "collector"
 TOKEN_FILE = RUN_DIR / "admin-token"
+DEMO_POLICY = ROOT / "tools" / "demo_policy.toml"
 BIN = Path(sys.executable).parent
 AGENT_TIMEOUT_SECONDS = 180
 
@@ -125,6 +128,9 @@ def agent_environment() -> dict[str, str]:
     # whoever runs the demo.
     env["FLEETMEND_KEY_STORE"] = "file"
     env.pop("FLEETMEND_ENROLL_SECRET", None)
+    # Dry runs and notices only, evaluated every second.
+    env["FLEETMEND_HEALING_POLICY_FILE"] = str(DEMO_POLICY)
+    env["FLEETMEND_INTERVALS_HEALING"] = "1"
     (RUN_DIR / "agent.toml").touch()
     return env
 
@@ -205,6 +211,14 @@ def main() -> int:
 
         run_cli(address, "devices")
         run_cli(address, "device", "show", socket.gethostname())
+        step("the self-healing rules, evaluated now on this machine (dry run)")
+        subprocess.run(
+            [str(BIN / "fleetmend-agent"), "rules", "--state-dir", str(state_dir)],
+            env=env,
+            check=False,
+        )
+        print(flush=True)
+        run_cli(address, "remediations")
         step(f"logs: {collector_log.relative_to(ROOT)}, {agent_log.relative_to(ROOT)}")
         return 0
     finally:

@@ -13,150 +13,16 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from collector.store import Store
-from tests.conftest import BIN_DIR, free_port
-from tests.trust import channel_to, enrollment_secret, remember_secret
-
-
-@dataclass
-class Collector:
-    address: str
-    database_url: str
-    tls_dir: Path
-    admin_token_file: Path
-    process: subprocess.Popen[bytes]
-
-
-def wait_serving(address: str, tls_dir: Path, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    with channel_to(address, tls_dir) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert process.poll() is None, "collector exited during start"
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                time.sleep(0.1)
-    raise AssertionError(f"collector on {address} did not start serving")
-
-
-def run_checked(*command: str) -> str:
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-@pytest.fixture
-def collector(tmp_path: Path) -> Iterator[Collector]:
-    """A TLS collector set up as an IT admin would: init, a token, serve."""
-    address = f"127.0.0.1:{free_port()}"
-    database_url = f"sqlite:///{tmp_path / 'collector.db'}"
-    tls_dir = tmp_path / "tls"
-    token_file = tmp_path / "admin-token"
-    collector_bin = str(BIN_DIR / "fleetmend-collector")
-    run_checked(collector_bin, "init", "--dir", str(tls_dir), "--name", "127.0.0.1")
-    enrollment_secret(tls_dir)
-    run_checked(
-        collector_bin,
-        "token",
-        "create",
-        "--role",
-        "admin",
-        "--name",
-        "e2e-admin",
-        "--database",
-        database_url,
-        "--output",
-        str(token_file),
-    )
-    remember_secret(token_file.read_text(encoding="utf-8").strip())
-    log = (tmp_path / "collector.log").open("wb")
-    process = subprocess.Popen(
-        [
-            collector_bin,
-            "serve",
-            "--listen",
-            address,
-            "--database",
-            database_url,
-            "--tls-dir",
-            str(tls_dir),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_serving(address, tls_dir, process)
-        yield Collector(address, database_url, tls_dir, token_file, process)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=15)
-        log.close()
-
-
-def agent_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    config = tmp_path / "agent.toml"
-    # No DNS look-ups of catalog hosts: tests send nothing beyond loopback.
-    config.write_text(
-        "[usage]\nresolve_hosts = false\n[intervals]\nreport_min = 1\n",
-        encoding="utf-8",
-    )
-    env["FLEETMEND_CONFIG"] = str(config)
-    # The node key goes to a file in the state folder, not to a keyring of the
-    # machine that runs the tests.
-    env["FLEETMEND_KEY_STORE"] = "file"
-    env.pop("FLEETMEND_COLLECTOR", None)
-    return env
-
-
-def enroll_agent(collector: Collector, tmp_path: Path) -> None:
-    """Enroll the agent of tmp_path as an installer would."""
-    result = subprocess.run(
-        [
-            str(BIN_DIR / "fleetmend-agent"),
-            "enroll",
-            "--collector",
-            collector.address,
-            "--ca-file",
-            str(collector.tls_dir / "ca.pem"),
-            "--secret-file",
-            str(collector.tls_dir / "enrollment-secret"),
-            "--state-dir",
-            str(tmp_path / "agent"),
-        ],
-        env=agent_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    key = (tmp_path / "agent" / "node-key").read_text(encoding="utf-8").strip()
-    remember_secret(key)
-
-
-def agent_command(state_dir: Path, *extra: str) -> list[str]:
-    """Return `fleetmend-agent run`, which takes the collector from enrollment."""
-    return [
-        str(BIN_DIR / "fleetmend-agent"),
-        "run",
-        "--state-dir",
-        str(state_dir),
-        *extra,
-    ]
+from tests.e2e.harness import (
+    Collector,
+    agent_command,
+    agent_env,
+    cli,
+    enroll_agent,
+)
 
 
 def run_agent(collector: Collector, tmp_path: Path, reports: int) -> None:
@@ -171,25 +37,6 @@ def run_agent(collector: Collector, tmp_path: Path, reports: int) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-
-
-def cli(collector: Collector, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            str(BIN_DIR / "fleetmend"),
-            "--collector",
-            collector.address,
-            "--ca-file",
-            str(collector.tls_dir / "ca.pem"),
-            "--token-file",
-            str(collector.admin_token_file),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def stored_sequences(collector: Collector) -> tuple[int, int]:

@@ -222,6 +222,9 @@ class AgentProcess:
         # The node key stays in the state folder, out of any keyring of the
         # machine running the tests.
         env["FLEETMEND_KEY_STORE"] = "file"
+        # No self-healing: the scenarios count reports, and the agents run
+        # as root on the test machine.
+        env["FLEETMEND_HEALING_ENABLED"] = "false"
         env.pop("FLEETMEND_COLLECTOR", None)
         return env
 
