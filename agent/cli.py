@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
@@ -23,11 +24,18 @@ from types import FrameType  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
 from agent import __version__, paths  # noqa: E402
-from agent.config import AgentConfig, ConfigError, env_name, load_config  # noqa: E402
+from agent.config import (  # noqa: E402
+    AgentConfig,
+    ConfigError,
+    Setting,
+    env_name,
+    load_config,
+)
 from agent.enrollment import (  # noqa: E402
     SECRET_VARIABLE,
     Enrollment,
     EnrollmentError,
+    enrollment_path,
     read_enrollment,
     read_secret,
     secret_in_argv,
@@ -42,6 +50,11 @@ from agent.transport import is_loopback_target  # noqa: E402
 from fleetmend.v1 import report_pb2  # noqa: E402
 
 log = logging.getLogger("agent")
+
+# Exit status when stdout is a closed pipe: 128 + SIGPIPE (13), which a shell
+# reports for a tool such as cat that SIGPIPE ended. Python ignores SIGPIPE,
+# so the agent gets BrokenPipeError and returns this status itself.
+BROKEN_PIPE_EXIT = 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,6 +181,31 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         "log_level": args.log_level,
     }
     return load_config(flags=flags, config_file=args.config)
+
+
+def with_enrolled_collector(config: AgentConfig) -> AgentConfig:
+    """Return config with the enrolled collector when no setting names a collector.
+
+    Without such a setting, run connects to the enrolled collector, over
+    plaintext if the enrollment was (see _run_connection). So show and
+    diagnose print those values with the enrollment file as their source. A
+    missing or damaged enrollment file leaves config as it is, and diagnose
+    reports the damage.
+    """
+    if config.collector:
+        return config
+    try:
+        enrollment = read_enrollment(config.state_dir)
+    except EnrollmentError:
+        return config
+    if enrollment is None:
+        return config
+    source = f"enrollment {enrollment_path(config.state_dir)}"
+    settings = dict(config.settings)
+    settings["collector"] = Setting(enrollment.collector, source)
+    if enrollment.insecure and not config.insecure:
+        settings["insecure"] = Setting(True, source)
+    return dataclasses.replace(config, settings=settings)
 
 
 def _setup_logging(level: str) -> None:
@@ -306,6 +344,7 @@ def cmd_show(config: AgentConfig) -> int:
     from agent.render import render_disclosure
     from agent.usage.catalog import CatalogError
 
+    config = with_enrolled_collector(config)
     names: list[str] | None = None
     if config.usage_enabled:
         try:
@@ -413,6 +452,7 @@ def _diagnose_problems(
 
 
 def cmd_diagnose(config: AgentConfig) -> int:
+    config = with_enrolled_collector(config)
     state = StateStore(config.state_dir)
     file_note = "found" if config.config_file_found else "not found, defaults apply"
     print(f"agent version: {__version__}")
@@ -595,6 +635,26 @@ def cmd_enroll(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run fleetmend-agent with argv (default: sys.argv); return its exit status.
+
+    A closed stdout, as when a pipe's reader such as head exits early, ends
+    the command quietly with BROKEN_PIPE_EXIT, without a traceback.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # Output that is still buffered is written now, while a closed
+            # pipe can be handled, and not at interpreter exit. This also
+            # covers --help and --version, which argparse ends with SystemExit.
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return BROKEN_PIPE_EXIT
+
+
+def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if secret_in_argv(arguments):
         # argparse would repeat an unknown argument, the secret, in its error.
@@ -632,6 +692,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StateError, SpoolError) as exc:
         print(f"fleetmend-agent: {exc}", file=sys.stderr)
         return 1
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that the flush at exit cannot fail.
+
+    Without it, Python prints "Exception ignored ... BrokenPipeError" when it
+    flushes the unwritten rest of stdout at exit.
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        # stdout is no file (replaced by a test harness, or closed).
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
 
 
 if __name__ == "__main__":

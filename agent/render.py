@@ -224,6 +224,25 @@ def _healing_disclosure(config: AgentConfig) -> str:
     )
 
 
+def _collector_text(config: AgentConfig) -> str:
+    """Return the collector that run connects to and the source of that value."""
+    setting = config.settings["collector"]
+    if not setting.value:
+        return "no collector set; enroll with --collector HOST:PORT"
+    source = setting.source
+    if source == "flag":
+        origin = "set by --collector"
+    elif source.startswith("env "):
+        origin = f"set by {source.removeprefix('env ')}"
+    elif source.startswith("file "):
+        origin = f"set in {source.removeprefix('file ')}"
+    elif source.startswith("enrollment "):
+        origin = f"from the enrollment in {source.removeprefix('enrollment ')}"
+    else:
+        origin = source
+    return f"{setting.value} ({origin})"
+
+
 def render_disclosure(
     config: AgentConfig,
     catalog_apps: list[str] | None,
@@ -234,7 +253,7 @@ def render_disclosure(
 
     key_store names where the node key is kept, empty when not enrolled.
     """
-    collector = config.collector or "no collector set"
+    collector = _collector_text(config)
     if not config.usage_enabled:
         usage = "OFF: no information about applications or processes is collected."
     else:

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2
 DRAIN_SECONDS = 10.0
+# The full report for a stream that opens at start waits at most this long,
+# counted from the start, for the first reading of every section. It must stay
+# below the link's ACK_TIMEOUT_SECONDS (45 s), which also bounds the wait for
+# the welcome to be handled.
+FIRST_READINGS_MAX_SECONDS = 30.0
 
 
 @dataclass
@@ -149,7 +154,15 @@ def build_engine(
 
 
 class Agent:
-    """Own the probes, the report builder and the link of one agent process."""
+    """Own the probes, the report builder and the link of one agent process.
+
+    The main loop reads the probes and spools reports, and the link thread
+    spools the full report that opens each stream. Until every section has its
+    first reading (or ``first_readings_timeout`` seconds from the start have
+    passed), that full report waits, so that the collector gets every section
+    at once. A section first read after a full report went out without it is
+    sent in a delta at once, not at the next ``intervals.report_min``.
+    """
 
     def __init__(
         self,
@@ -161,12 +174,30 @@ class Agent:
         node_key: str,
         root_certificates: bytes | None,
         insecure: bool = False,
+        first_readings_timeout: float = FIRST_READINGS_MAX_SECONDS,
     ) -> None:
         """Load the identity and the spool; the link connects to target when run."""
         self.config = config
         self.target = target
         self._sources = list(sources)
         self._usage = usage
+        self._first_readings_timeout = first_readings_timeout
+        self._started = clock_module.clock.monotonic()
+        self._stop = threading.Event()
+        # Sections whose probe has not run once yet. _full_lock guards it.
+        self._unread = {source.section for source in self._sources} | {"usage"}
+        self._first_readings = threading.Event()
+        self._logged_late_readings = False
+        # Full reports spooled by either thread, the last of them, and how
+        # many of them the link spooled for a new stream (the main loop
+        # compares that count with the one it saw last). Both threads hold
+        # _full_lock to decide on and spool a full report, so that the two
+        # do not spool one each.
+        self._full_lock = threading.Lock()
+        self._full_reports = 0
+        self._last_full: report_pb2.Report | None = None
+        self._link_full_reports = 0
+        self._link_full_reports_seen = 0
         self._state = StateStore(config.state_dir)
         self.identity = self._state.load_or_create()
         self.builder = ReportBuilder(self._state, self.identity)
@@ -174,7 +205,6 @@ class Agent:
         # An identity file that a full disk kept from being saved may lag
         # behind the reports already spooled.
         self.builder.skip_past(self.spool.max_sequence())
-        self._sent_full = threading.Event()
         self.healing = build_engine(
             config, self.builder, self.spool, usage, on_records=self._wake_link
         )
@@ -200,14 +230,65 @@ class Agent:
             link.wake()
 
     def _connected(self, committed: int) -> report_pb2.Report:
-        """Spool and return the full report that goes first on a new stream."""
+        """Spool and return the full report that goes first on a new stream.
+
+        Runs on the link thread. At start it first waits for the first
+        readings (see _wait_for_first_readings).
+        """
         self.builder.skip_past(committed)
-        report = self._spool_report(full=True, carry_dropped=True)
-        self._sent_full.set()
+        with self._full_lock:
+            full_reports_before = self._full_reports
+        self._wait_for_first_readings()
+        with self._full_lock:
+            last_full = self._last_full
+            if self._full_reports > full_reports_before and last_full is not None:
+                # The main loop spooled a full report of the first readings
+                # while this welcome waited, after skip_past, so that report
+                # opens the stream.
+                report = last_full
+            else:
+                report = self._spool_full(carry_dropped=True)
+            self._link_full_reports += 1
         return report
+
+    def _wait_for_first_readings(self) -> None:
+        """Wait for the first readings, until the start bound passes or stop is set."""
+        if self._first_readings.is_set():
+            return
+        with self._full_lock:
+            unread = ", ".join(sorted(self._unread))
+        log.debug(
+            "connected before the first reading of sections %s; the full report "
+            "waits for them, at most until %.0f s after the start",
+            unread,
+            self._first_readings_timeout,
+        )
+        clock = clock_module.clock
+        deadline = self._started + self._first_readings_timeout
+        while not self._first_readings.is_set() and not self._stop.is_set():
+            remaining = deadline - clock.monotonic()
+            if remaining <= 0:
+                with self._full_lock:
+                    unread = ", ".join(sorted(self._unread))
+                # A probe that hangs for good would repeat this at every
+                # reconnect, so only the first time is a warning.
+                level = logging.DEBUG if self._logged_late_readings else logging.WARNING
+                self._logged_late_readings = True
+                log.log(
+                    level,
+                    "sections %s have no first reading %.0f s after the start; "
+                    "the full report goes without them, and a delta carries "
+                    "them as soon as they are read",
+                    unread,
+                    self._first_readings_timeout,
+                )
+                return
+            clock.wait(self._first_readings, min(remaining, TICK_SECONDS))
 
     def run(self, stop: threading.Event, exit_after_acks: int | None = None) -> None:
         """Run until stop is set (or exit_after_acks reports are acknowledged)."""
+        self._started = clock_module.clock.monotonic()
+        self._stop = stop
         log.info(
             "agent %s starting: device %s, collector %s, state in %s",
             __version__,
@@ -238,11 +319,20 @@ class Agent:
             self._shut_down(stop, link_thread)
 
     def _tick(self, schedule: _Schedule, now: float) -> None:
+        self._read_sections(schedule, now)
+        missed_sections = self._note_first_readings()
+        self._heal(schedule, now)
+        self._retry_spool()
+        self._report(schedule, now, send_delta=missed_sections)
+
+    def _read_sections(self, schedule: _Schedule, now: float) -> None:
+        """Run each probe that is due, then sample usage if that is due."""
         for source in self._sources:
             if schedule.is_due(source.section, now):
                 reading = read_safely(source)
                 if reading is not None:
                     self.builder.update(source.section, reading)
+                self._mark_read(source.section)
                 schedule.next_in(
                     source.section, now, self.config.interval(source.interval)
                 )
@@ -256,23 +346,68 @@ class Agent:
                 log.exception(
                     "usage sampling failed; keeping the previous usage reading"
                 )
+            self._mark_read("usage")
             schedule.next_in("usage_sample", now, seconds)
 
-        self._heal(schedule, now)
-        self._retry_spool()
-        if self._sent_full.is_set():
-            # The link just spooled and sent a full report for a new stream.
-            self._sent_full.clear()
-            schedule.next_in("full_report", now, self.config.interval("full_report"))
-            schedule.next_in("report", now, self.config.interval("report_min"))
-        elif schedule.is_due("full_report", now):
-            self._send(full=True)
-            schedule.next_in("full_report", now, self.config.interval("full_report"))
-            schedule.next_in("report", now, self.config.interval("report_min"))
-        elif schedule.is_due("report", now) or self.builder.policy_status_changed():
-            # A new policy status goes out at once, not at the next interval.
-            self._send(full=False)
-            schedule.next_in("report", now, self.config.interval("report_min"))
+    def _mark_read(self, section: str) -> None:
+        # A probe that failed counts as read, because waiting cannot help.
+        if not self._first_readings.is_set():
+            with self._full_lock:
+                self._unread.discard(section)
+
+    def _note_first_readings(self) -> bool:
+        """Mark the first readings done once every section was read.
+
+        Return True if a full report went out before then, so that the
+        sections that it lacked must be sent now.
+        """
+        if self._first_readings.is_set():
+            return False
+        with self._full_lock:
+            if self._unread:
+                return False
+            missed = self._full_reports > 0
+        self._first_readings.set()
+        if missed:
+            log.info(
+                "every section has its first reading; a delta now carries the "
+                "sections that the first full report lacked"
+            )
+        return missed
+
+    def _report(self, schedule: _Schedule, now: float, send_delta: bool) -> None:
+        """Spool the full or delta report that is due, if any, and wake the link."""
+        spooled = False
+        with self._full_lock:
+            if self._link_full_reports != self._link_full_reports_seen:
+                # The link spooled and sent a full report for a new stream,
+                # which counts as the scheduled one.
+                self._link_full_reports_seen = self._link_full_reports
+                schedule.next_in(
+                    "full_report", now, self.config.interval("full_report")
+                )
+                schedule.next_in("report", now, self.config.interval("report_min"))
+            if schedule.is_due("full_report", now):
+                # The dropped count goes with the first report that can reach
+                # the collector; the spool keeps it until that report is
+                # acknowledged.
+                self._spool_full(carry_dropped=self.link.connected)
+                spooled = True
+                schedule.next_in(
+                    "full_report", now, self.config.interval("full_report")
+                )
+                schedule.next_in("report", now, self.config.interval("report_min"))
+            elif (
+                send_delta
+                or schedule.is_due("report", now)
+                or self.builder.policy_status_changed()
+            ):
+                # A new policy status goes out at once, not at the next interval.
+                self._spool_report(full=False, carry_dropped=self.link.connected)
+                spooled = True
+                schedule.next_in("report", now, self.config.interval("report_min"))
+        if spooled:
+            self.link.wake()
 
     def _heal(self, schedule: _Schedule, now: float) -> None:
         """Run commands that arrived and, when due, evaluate the rules."""
@@ -293,6 +428,13 @@ class Agent:
         except sqlite3.Error:
             log.exception("writing held reports to spool %s failed", self.spool.path)
 
+    def _spool_full(self, carry_dropped: bool) -> report_pb2.Report:
+        """Spool a full report and remember it. The caller holds _full_lock."""
+        report = self._spool_report(full=True, carry_dropped=carry_dropped)
+        self._full_reports += 1
+        self._last_full = report
+        return report
+
     def _spool_report(self, full: bool, carry_dropped: bool) -> report_pb2.Report:
         report = self.builder.build(full=full)
         self.spool.put(report, carry_dropped=carry_dropped)
@@ -306,12 +448,6 @@ class Agent:
             else "",
         )
         return report
-
-    def _send(self, full: bool) -> None:
-        # The dropped count goes with the first report that can reach the
-        # collector; the spool keeps it until that report is acknowledged.
-        self._spool_report(full, carry_dropped=self.link.connected)
-        self.link.wake()
 
     def _shut_down(self, stop: threading.Event, link_thread: threading.Thread) -> None:
         if self.link.pending and self.link.connected:

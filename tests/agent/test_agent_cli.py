@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from agent.sections import SectionSource, UsageSource
 from agent.spool import Spool
 from agent.state import StateError, StateStore
 from collector.server import start_server_thread
+from collector.store import Store
 from fleetmend.v1 import report_pb2
 from tests.conftest import BIN_DIR, free_port
 from tests.trust import enrollment_secret, remember_secret
@@ -630,3 +632,249 @@ def test_run_invalid_policy_file(tmp_path: Path, enrolled: str) -> None:
     assert error[-1].startswith("fleetmend-agent: policy file ")
     assert "rule 'r1'" in error[-1]
     assert "title" in error[-1]
+
+
+# -- the first report of a run -----------------------------------------------------
+
+
+def test_run_first_report_has_every_section(tmp_path: Path, tls_dir: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'collector.db'}"
+    server = start_server_thread(database_url, tls_dir=tls_dir)
+    try:
+        enrolled = run_cli(
+            tmp_path,
+            "enroll",
+            "--collector",
+            server.address,
+            "--ca-file",
+            str(tls_dir / "ca.pem"),
+            FLEETMEND_ENROLL_SECRET=enrollment_secret(tls_dir),
+            FLEETMEND_KEY_STORE="file",
+        )
+        assert enrolled.returncode == 0, enrolled.stderr
+        remember_secret(
+            (tmp_path / "state" / "node-key").read_text(encoding="utf-8").strip()
+        )
+
+        # The run ends after the first routine report is acknowledged, long
+        # before intervals.report_min (300 s) would send a second one, so the
+        # sections below all came in that report.
+        result = run_cli(tmp_path, "run", "--exit-after", "1")
+    finally:
+        server.stop()
+    identity = json.loads((tmp_path / "state" / "identity.json").read_text())
+    store = Store.open(database_url)
+    try:
+        device = store.get_device(identity["device_id"])
+    finally:
+        store.close()
+
+    assert result.returncode == 0, result.stderr
+    assert device is not None
+    for section in ("host", "disks", "batteries", "credentials", "usage"):
+        assert device.HasField(section), section
+
+
+# -- the collector that show and diagnose name -------------------------------------
+
+
+def collector_row(diagnose_output: bytes) -> str:
+    """Return the settings row of collector in diagnose's output."""
+    lines = diagnose_output.decode().splitlines()
+    return next(line for line in lines if line.startswith("  collector "))
+
+
+def test_show_names_enrolled_collector(tmp_path: Path, enrolled: str) -> None:
+    enrollment_file = tmp_path / "state" / "enrollment.json"
+
+    result = run_cli(tmp_path, "show", "--no-usage")
+
+    assert result.returncode == 0, result.stderr
+    first_line = result.stdout.decode().splitlines()[0]
+    assert first_line == (
+        f"This Fleetmend agent sends reports to: {enrolled} (from the enrollment "
+        f"in {enrollment_file})"
+    )
+
+
+def test_diagnose_names_enrolled_collector(tmp_path: Path, enrolled: str) -> None:
+    enrollment_file = tmp_path / "state" / "enrollment.json"
+
+    result = run_cli(tmp_path, "diagnose")
+
+    row = collector_row(result.stdout)
+    assert json.dumps(enrolled) in row
+    assert f"enrollment {enrollment_file}" in row
+    assert "default" not in row
+    assert b"note: run uses collector" not in result.stdout
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.usefixtures("enrolled")
+def test_collector_setting_beats_enrollment(tmp_path: Path) -> None:
+    other = "127.0.0.1:1"
+
+    by_flag = run_cli(tmp_path, "show", "--no-usage", "--collector", other)
+    by_env = run_cli(tmp_path, "show", "--no-usage", FLEETMEND_COLLECTOR=other)
+    diagnose = run_cli(tmp_path, "diagnose", "--collector", other)
+
+    assert f"sends reports to: {other} (set by --collector)".encode() in by_flag.stdout
+    assert (
+        f"sends reports to: {other} (set by FLEETMEND_COLLECTOR)".encode()
+        in by_env.stdout
+    )
+    row = collector_row(diagnose.stdout)
+    assert json.dumps(other) in row
+    assert " flag " in row
+    assert f"note: run uses collector {other}".encode() in diagnose.stdout
+
+
+def test_plaintext_enrollment_shown(tmp_path: Path, tls_dir: Path) -> None:
+    server = start_server_thread(
+        f"sqlite:///{tmp_path / 'collector.db'}", tls_dir=tls_dir, insecure=True
+    )
+    try:
+        enrolled = run_cli(
+            tmp_path,
+            "enroll",
+            "--collector",
+            server.address,
+            "--insecure",
+            FLEETMEND_ENROLL_SECRET=enrollment_secret(tls_dir),
+            FLEETMEND_KEY_STORE="file",
+        )
+    finally:
+        server.stop()
+    assert enrolled.returncode == 0, enrolled.stderr
+    remember_secret(
+        (tmp_path / "state" / "node-key").read_text(encoding="utf-8").strip()
+    )
+    enrollment_file = tmp_path / "state" / "enrollment.json"
+
+    result = run_cli(tmp_path, "diagnose")
+
+    lines = result.stdout.decode().splitlines()
+    insecure_row = next(line for line in lines if line.startswith("  insecure "))
+    assert "true" in insecure_row
+    assert f"enrollment {enrollment_file}" in insecure_row
+    assert json.dumps(server.address) in collector_row(result.stdout)
+
+
+def test_show_without_collector(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "show", "--no-usage")
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        b"sends reports to: no collector set; enroll with --collector HOST:PORT"
+        in result.stdout
+    )
+
+
+def test_show_damaged_enrollment(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "enrollment.json").write_text("{", encoding="utf-8")
+
+    show = run_cli(tmp_path, "show", "--no-usage")
+    diagnose = run_cli(tmp_path, "diagnose")
+
+    assert show.returncode == 0, show.stderr
+    assert b"no collector set" in show.stdout
+    assert b"unusable: enrollment file" in show.stdout
+    assert diagnose.returncode == 1
+    assert b"is damaged (not JSON" in diagnose.stdout
+    assert '""' in collector_row(diagnose.stdout)
+
+
+# -- a closed stdout ------------------------------------------------------------------
+
+
+def run_into_closed_pipe(
+    tmp_path: Path, *args: str, reader: tuple[str, ...] = ("head", "-c", "100")
+) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """Run fleetmend-agent with stdout on a pipe whose reader already exited.
+
+    The test writes 100 bytes into the pipe first, so that ``head -c 100`` reads
+    them and exits before the agent writes anything; every write of the agent
+    then fails with EPIPE. Return the agent's result and what the reader read.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        head = subprocess.Popen(reader, stdin=read_end, stdout=subprocess.PIPE)
+        os.close(read_end)
+        read_end = -1
+        os.write(write_end, b"x" * 100)
+        head_output, _ = head.communicate(timeout=30)
+        result = subprocess.run(
+            [
+                str(BIN_DIR / "fleetmend-agent"),
+                *args,
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            env=agent_env(tmp_path),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        if read_end != -1:
+            os.close(read_end)
+        os.close(write_end)
+    return result, head_output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("collect",),
+        ("collect", "--format", "json"),
+        ("collect", "--format", "protobuf"),
+        ("show",),
+        ("diagnose",),
+        ("rules",),
+        ("notices",),
+    ],
+    ids=" ".join,
+)
+def test_closed_stdout_exits_quietly(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result, head_output = run_into_closed_pipe(tmp_path, *args)
+
+    assert head_output == b"x" * 100
+    assert result.stderr == b""
+    assert result.returncode == 141
+
+
+def test_head_of_json_collect(tmp_path: Path) -> None:
+    # The pipeline `collect --format json | head -c 100`: head may exit before
+    # or after the agent writes, so the agent exits 0 or 141, never with a
+    # traceback.
+    agent = subprocess.Popen(
+        [
+            str(BIN_DIR / "fleetmend-agent"),
+            "collect",
+            "--format",
+            "json",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        env=agent_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert agent.stdout is not None
+    assert agent.stderr is not None
+    head = subprocess.Popen(
+        ["head", "-c", "100"], stdin=agent.stdout, stdout=subprocess.PIPE
+    )
+    agent.stdout.close()
+    head_output, _ = head.communicate(timeout=120)
+    agent_errors = agent.stderr.read()
+    agent.stderr.close()
+    code = agent.wait(timeout=120)
+
+    assert len(head_output) == 100
+    assert head_output.startswith(b"{")
+    assert code in (0, 141)
+    assert b"Traceback" not in agent_errors
+    assert b"BrokenPipeError" not in agent_errors

@@ -25,6 +25,7 @@ import pytest
 
 from agent import link as link_module
 from agent.link import Link
+from agent.runtime import Agent
 from agent.spool import Spool
 from collector.server import ServerHandle, start_server_thread
 from collector.store import Store
@@ -1070,3 +1071,174 @@ def test_remediations_stored_by_collector(
         assert stored_records[0].record.reason == record.reason
     finally:
         server.stop()
+
+
+# -- the first full report of a run ------------------------------------------------
+
+
+class LogMatch(logging.Handler):
+    """Set an event when a record whose message contains text is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if self.text in message:
+            self.messages.append(message)
+            self.seen.set()
+
+
+@contextlib.contextmanager
+def watch_log(logger_name: str, text: str) -> Iterator[LogMatch]:
+    """Attach a LogMatch for text to a logger, at DEBUG, while the block runs."""
+    logger = logging.getLogger(logger_name)
+    handler = LogMatch(text)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def blocked_disks(release: threading.Event) -> Callable[[], report_pb2.DiskSection]:
+    """Return a disk probe that returns one disk once release is set (or after 30 s)."""
+
+    def read() -> report_pb2.DiskSection:
+        release.wait(timeout=30)
+        section = report_pb2.DiskSection()
+        section.disks.add(name="sda", model="slow disk")
+        return section
+
+    return read
+
+
+def start_probing_agent(
+    tmp_path: Path,
+    address: str,
+    disks: Callable[[], report_pb2.DiskSection],
+    **options: float,
+) -> tuple[Agent, threading.Event, threading.Thread]:
+    """Run an agent with a host probe, the given disk probe and healing off."""
+    from agent.config import load_config
+    from agent.sections import SectionSource, usage_source
+
+    config = load_config(
+        flags={
+            "state_dir": str(tmp_path / "agent-state"),
+            "usage.enabled": False,
+            "healing.enabled": False,
+        },
+        environ={},
+        privileged=False,
+    )
+    sources = [
+        SectionSource(
+            "host", "host", lambda: report_pb2.HostFacts(hostname="probing-laptop")
+        ),
+        SectionSource("disks", "disks", disks),
+    ]
+    agent = Agent(
+        config,
+        sources,
+        usage_source(config),
+        target=address,
+        node_key=UNCHECKED_KEY,
+        root_certificates=None,
+        insecure=True,
+        **options,  # type: ignore[arg-type]
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), daemon=True)
+    thread.start()
+    return agent, stop, thread
+
+
+def every_report(
+    agent: Agent, received: list[report_pb2.Report]
+) -> list[report_pb2.Report]:
+    """Return the reports that the collector received or that wait in the spool.
+
+    The agent must have stopped, which closes its spool.
+    """
+    reports = {r.sequence: r for r in received}
+    spool = Spool(Path(agent.spool.path), 1 << 20)
+    try:
+        for record in spool.pending(limit=1000, kind=None):
+            reports.setdefault(record.sequence, record.report())
+    finally:
+        spool.close()
+    return [reports[sequence] for sequence in sorted(reports)]
+
+
+def test_first_full_report_waits_for_probes(
+    tmp_path: Path, recording: tuple[RecordingServicer, str]
+) -> None:
+    servicer, address = recording
+    with watch_log("agent.runtime", "connected before the first reading") as waiting:
+        # The disk probe returns only once the link has its welcome and waits
+        # for the probe, as a slow smartctl makes it wait.
+        agent, stop, thread = start_probing_agent(
+            tmp_path, address, blocked_disks(waiting.seen)
+        )
+        try:
+            assert wait_for(lambda: bool(servicer.received))
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    first = servicer.received[0]
+    assert first.full
+    assert first.host.hostname == "probing-laptop"
+    assert first.HasField("disks")
+    assert [disk.name for disk in first.disks.disks] == ["sda"]
+    assert first.HasField("usage")
+    assert "sections disks, usage" in waiting.messages[0]
+    # The main loop and the link spooled one full report between them.
+    reports = every_report(agent, servicer.received)
+    assert [r.full for r in reports].count(True) == 1
+    assert not thread.is_alive()
+
+
+def test_hung_probe_bounds_full_report_wait(
+    tmp_path: Path, recording: tuple[RecordingServicer, str]
+) -> None:
+    servicer, address = recording
+    release = threading.Event()
+    with watch_log("agent.runtime", "have no first reading") as warned:
+        agent, stop, thread = start_probing_agent(
+            tmp_path, address, blocked_disks(release), first_readings_timeout=0.5
+        )
+        try:
+            assert wait_for(lambda: bool(servicer.received))
+            first = servicer.received[0]
+            release.set()
+
+            def disks_sent() -> bool:
+                return any(r.HasField("disks") for r in servicer.received)
+
+            assert wait_for(disks_sent)
+        finally:
+            release.set()
+            stop.set()
+            thread.join(timeout=30)
+
+    assert first.full
+    assert first.host.hostname == "probing-laptop"
+    assert not first.HasField("disks")
+    assert "sections disks, usage have no first reading" in warned.messages[0]
+    # The disks go in a delta right after the probe returns, not after
+    # intervals.report_min (300 s).
+    late = next(r for r in servicer.received if r.HasField("disks"))
+    assert not late.full
+    assert late.sequence == first.sequence + 1
+    assert [disk.name for disk in late.disks.disks] == ["sda"]
+    assert late.HasField("usage")
+    assert not late.HasField("host")
+    assert not thread.is_alive()
