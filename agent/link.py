@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 
 from agent import clock as clock_module
-from agent.spool import Spool
+from agent.spool import Spool, SpooledRecord
 from agent.transport import (
     explain_tls_failure,
     is_handshake_failure,
@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# The start of grpc's status details when a message over
+# grpc.max_send_message_length is sent (grpcio 1.85).
+_CLIENT_SEND_LIMIT = "CLIENT: Sent message larger than max"
 # Unacknowledged reports on the wire at once, so that a fleet reconnecting
 # with week-long backlogs does not flood the collector.
 MAX_IN_FLIGHT = 64
@@ -317,7 +320,19 @@ class Link:
         stop: threading.Event,
     ) -> None:
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(
+            _CLIENT_SEND_LIMIT
+        ):
+            # gRPC's own refusal to send a message over the agent's limit; the
+            # link drops such reports from the spool before sending them.
+            log.error(
+                "gRPC on this agent did not send a message over the agent's own "
+                "limit of %d bytes (%s); reconnecting in %.1f s",
+                MAX_MESSAGE_BYTES,
+                details,
+                delay,
+            )
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             # A rate limit: the reports stay spooled and a smaller window
             # spreads them out on the next stream.
             self._window = max(1, self._window // 2)
@@ -509,7 +524,17 @@ class Link:
             stream.welcomed = True
             stream.last_progress = clock_module.clock.monotonic()
             if fresh is not None and self._full_first:
-                self._send(stream, fresh)
+                size = request_size(fresh.SerializeToString())
+                if size <= MAX_MESSAGE_BYTES:
+                    self._send(stream, fresh)
+                else:
+                    log.error(
+                        "full report %d is %d bytes, more than the %d bytes a "
+                        "message may have; it is not sent",
+                        fresh.sequence,
+                        size,
+                        MAX_MESSAGE_BYTES,
+                    )
             self.connects += 1
             self._logged_problem = ""
         log.info(
@@ -568,10 +593,33 @@ class Link:
                     return
                 for record in batch:
                     stream.cursor = record.sequence
+                    if self._drop_if_oversized(record):
+                        continue
                     if record.kind == "remediation":
                         self._remediation_sequences.add(record.sequence)
                     if record.sequence not in stream.in_flight:
                         self._send(stream, record.report())
+
+    def _drop_if_oversized(self, record: SpooledRecord) -> bool:
+        """Delete a spooled report that can never be sent; return True if it was.
+
+        gRPC refuses to send a message over MAX_MESSAGE_BYTES and ends the
+        stream, so such a report would block every later one.
+        """
+        size = request_size(record.body)
+        if size <= MAX_MESSAGE_BYTES:
+            return False
+        log.error(
+            "spooled %s report %d is %d bytes, more than the %d bytes a message "
+            "may have; dropped it from the spool because it can never be sent, "
+            "and counted it in dropped_reports",
+            record.kind,
+            record.sequence,
+            size,
+            MAX_MESSAGE_BYTES,
+        )
+        self.spool.discard(record.sequence)
+        return True
 
     @staticmethod
     def _send(stream: _Stream, report: report_pb2.Report) -> None:
@@ -581,6 +629,17 @@ class Link:
             stream.last_progress = clock_module.clock.monotonic()
         stream.in_flight.append(report.sequence)
         stream.outbox.put(agent_pb2.ConnectRequest(report=report))
+
+
+def request_size(report_body: bytes) -> int:
+    """Return the bytes of a ConnectRequest that carries a serialized report.
+
+    The report is a length-delimited field: a one-byte tag (field number 2),
+    the length as a varint, then the body.
+    """
+    length = len(report_body)
+    varint_bytes = max(1, (length.bit_length() + 6) // 7)
+    return 1 + varint_bytes + length
 
 
 def _drain(outbox: queue.Queue[object]) -> Iterator[agent_pb2.ConnectRequest]:

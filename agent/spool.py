@@ -5,10 +5,13 @@ link sends it, and is deleted only when an ack covers it, so an agent that is
 killed or loses power sends it again after a restart. The collector stores each
 (device, sequence) pair once, which makes the repeats harmless.
 
-Two kinds of records are kept: routine ``report`` records, which the size cap
-may drop (oldest first), and ``remediation`` records, which it never drops.
-Dropped reports are counted in the file, so the count survives a restart and
-goes to the collector in the ``dropped_reports`` field of a later report.
+Two kinds of records are kept: routine ``report`` records and ``remediation``
+records. Over the size cap the oldest routine reports are dropped first. Only
+when the remediation records alone exceed the cap are the oldest of them dropped
+too, so a flood of records from a faulty or hostile collector cannot fill the
+disk. Dropped reports of both kinds are
+counted in the file, so the count survives a restart and goes to the collector
+in the ``dropped_reports`` field of a later report.
 """
 
 from __future__ import annotations
@@ -265,8 +268,9 @@ class Spool:
     def put_remediation(self, sequence: int, body: bytes) -> None:
         """Commit a serialized report that carries remediation records.
 
-        The size cap never drops it. The link sends it like a routine report
-        and deletes it when an ack covers its sequence.
+        The size cap drops it only after every routine report, oldest first.
+        The link sends it like a routine report and deletes it when an ack
+        covers its sequence.
         """
         self._put(SpooledRecord("remediation", sequence, body))
 
@@ -369,40 +373,44 @@ class Spool:
         ).fetchone()
         if total <= self.max_bytes:
             return
-        dropped = 0
+        dropped: dict[Kind, list[int]] = {"report": [], "remediation": []}
         carried = 0
-        rows = conn.execute(
-            "SELECT sequence, size_bytes, carried_dropped FROM outbox "
-            "WHERE kind = 'report' ORDER BY sequence"
-        )
-        doomed: list[int] = []
-        for sequence, size_bytes, carried_dropped in rows:
+        for kind in KINDS:
             if total <= self.max_bytes:
                 break
-            doomed.append(sequence)
-            total -= size_bytes
-            dropped += 1
-            carried += carried_dropped
+            rows = conn.execute(
+                "SELECT sequence, size_bytes, carried_dropped FROM outbox "
+                "WHERE kind = ? ORDER BY sequence",
+                (kind,),
+            )
+            for sequence, size_bytes, carried_dropped in rows:
+                if total <= self.max_bytes:
+                    break
+                dropped[kind].append(sequence)
+                total -= size_bytes
+                carried += carried_dropped
+        doomed = dropped["report"] + dropped["remediation"]
         conn.executemany(
             "DELETE FROM outbox WHERE sequence = ?", [(s,) for s in doomed]
         )
-        self._add_dropped(conn, dropped + carried)
-        if dropped:
+        self._add_dropped(conn, len(doomed) + carried)
+        if dropped["report"]:
             log.warning(
                 "spool %s is over its cap of %d bytes; dropped the %d oldest "
                 "routine reports (up to report %d)",
                 self.path,
                 self.max_bytes,
-                dropped,
-                doomed[-1],
+                len(dropped["report"]),
+                dropped["report"][-1],
             )
-        if total > self.max_bytes:
+        if dropped["remediation"]:
             self._cap_log.error(
-                "spool %s contains %d bytes of remediation records, more than its cap "
-                "of %d bytes; they are kept because the cap never drops them",
+                "spool %s contains more remediation records than its cap of %d "
+                "bytes; dropped the %d oldest reports of them (up to report %d)",
                 self.path,
-                total,
                 self.max_bytes,
+                len(dropped["remediation"]),
+                dropped["remediation"][-1],
             )
 
     @staticmethod
@@ -489,6 +497,43 @@ class Spool:
                     exc,
                 )
             return removed
+
+    def discard(self, sequence: int) -> bool:
+        """Delete a record that can never be sent, counted as dropped; True if found.
+
+        Unlike remove(), which is for acked records, the record and any
+        dropped_reports count it carried go into the pending dropped count.
+        """
+        with self._lock:
+            kept = [s for s in self._unspooled if s.sequence != sequence]
+            found = len(kept) != len(self._unspooled)
+            self._unspooled = kept
+            try:
+                with self._transaction() as conn:
+                    row = conn.execute(
+                        "SELECT carried_dropped FROM outbox WHERE sequence = ?",
+                        (sequence,),
+                    ).fetchone()
+                    if row is not None:
+                        conn.execute(
+                            "DELETE FROM outbox WHERE sequence = ?", (sequence,)
+                        )
+                        self._add_dropped(conn, 1 + int(row[0]))
+                        found = True
+                    elif found:
+                        self._add_dropped(conn, 1)
+            except sqlite3.Error as exc:
+                if not is_disk_full(exc):
+                    raise
+                # The record stays, and the next attempt deletes it.
+                self._disk_full_log.error(
+                    "spool %s cannot delete report %d because the disk is full: %s",
+                    self.path,
+                    sequence,
+                    exc,
+                )
+                return False
+            return found
 
     def max_sequence(self) -> int:
         """Return the highest sequence in the spool (file or memory), 0 if empty."""

@@ -19,7 +19,13 @@ the action's own validate, refused when expired, when their id has already
 run, or when self-healing is turned off here. A command that passes runs at
 once: it is not a rule, so the rules' cooldowns, daily caps and quiet hours do
 not apply to it, and the operator who sent it answers for the timing. Every
-refusal is a REFUSED record with the reason.
+refusal is a REFUSED record with the reason. The ids of refused commands are
+stored like those of run ones, and a command whose id is stored gets a REFUSED
+record that is returned but not spooled, because its first record already was.
+
+An error while evaluating one rule becomes a FAILED record of that rule, and
+the other rules still run. Record reasons are cut to MAX_REASON_CHARS, and an
+action over MAX_RECORD_ACTION_BYTES is copied into its record as its kind only.
 """
 
 from __future__ import annotations
@@ -48,6 +54,17 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
+)
+from agent.healing.bounds import (
+    MAX_COMMAND_ID,
+    MAX_LOG_CHARS,
+    MAX_NANOS,
+    MAX_REASON_CHARS,
+    MAX_RECORD_ACTION_BYTES,
+    MAX_TIMESTAMP_SECONDS,
+    MIN_TIMESTAMP_SECONDS,
+    check_text,
+    truncate,
 )
 from agent.healing.conditions import ConditionEvaluator, ConditionResult, Readings
 from agent.healing.limits import HealingState, Limits, RuleState
@@ -80,6 +97,27 @@ class RulePreview:
     condition: ConditionResult
     skip_reason: str
     result: ActionResult
+
+
+def refusal_is_remembered(command_id: str) -> bool:
+    """Return True when a refused command's id is valid to store in healing.json."""
+    return bool(command_id) and not check_text("command_id", command_id, MAX_COMMAND_ID)
+
+
+def _copy_action(
+    record: remediation_pb2.RemediationRecord, action: remediation_pb2.Action
+) -> None:
+    """Copy action into record, only its kind when over MAX_RECORD_ACTION_BYTES.
+
+    The collector has the full action in its policy or command, so a record
+    needs only enough of it to name what ran.
+    """
+    if action.ByteSize() <= MAX_RECORD_ACTION_BYTES:
+        record.action.CopyFrom(action)
+        return
+    name = action_name(action)
+    if name:
+        getattr(record.action, name).SetInParent()
 
 
 def outcome_name(outcome: int) -> str:
@@ -177,7 +215,7 @@ class HealingEngine:
                 if rule.paused:
                     continue
                 state = self._state.rule(rule.name)
-                records += self._evaluate_rule(
+                records += self._evaluate_rule_safely(
                     rule, policy.version, state, readings, now
                 )
             for rule in policy.rules:
@@ -189,6 +227,32 @@ class HealingEngine:
             self._state.save(now)
             self._write(records)
             return records
+
+    def _evaluate_rule_safely(
+        self,
+        rule: remediation_pb2.Rule,
+        version: int,
+        state: RuleState,
+        readings: Readings,
+        now: datetime,
+    ) -> list[remediation_pb2.RemediationRecord]:
+        """Evaluate one rule; an error becomes a FAILED record for that rule only.
+
+        The other rules still run and the state is still saved, so the
+        cooldowns of rules that acted survive a restart.
+        """
+        try:
+            return self._evaluate_rule(rule, version, state, readings, now)
+        except Exception as exc:
+            log.exception("evaluating rule %s failed", rule.name)
+            result = ActionResult(
+                Outcome.REMEDIATION_OUTCOME_FAILED,
+                reason=f"evaluating the rule failed: {type(exc).__name__}: {exc}",
+            )
+            record = self._record(rule.action, result, None, now, time.monotonic())
+            record.rule = rule.name
+            record.policy_version = version
+            return [record]
 
     def _evaluate_rule(
         self,
@@ -268,7 +332,7 @@ class HealingEngine:
             "rule %s: %s: %s (%s)",
             rule.name,
             outcome_name(record.outcome),
-            record.reason or "done",
+            truncate(record.reason, MAX_LOG_CHARS) or "done",
             condition.detail,
         )
         records.append(record)
@@ -311,10 +375,10 @@ class HealingEngine:
     ) -> remediation_pb2.RemediationRecord:
         record = remediation_pb2.RemediationRecord(
             outcome=result.outcome,
-            reason=result.reason,
+            reason=truncate(result.reason, MAX_REASON_CHARS),
             bytes_freed=result.bytes_freed,
         )
-        record.action.CopyFrom(action)
+        _copy_action(record, action)
         if result.unit:
             record.before, record.after, record.unit = (
                 result.before,
@@ -344,17 +408,17 @@ class HealingEngine:
             rule=rule.name,
             policy_version=version,
             outcome=Outcome.REMEDIATION_OUTCOME_SKIPPED,
-            reason=reason,
+            reason=truncate(reason, MAX_REASON_CHARS),
             before=condition.value,
             after=condition.value,
             unit=condition.unit,
         )
-        record.action.CopyFrom(rule.action)
+        _copy_action(record, rule.action)
         record.start_time.FromDatetime(now)
         if reason != state.last_skip_reason:
             records = self._flush_pending(state)
             state.last_skip_reason = reason
-            log.info("rule %s: skipped: %s", rule.name, reason)
+            log.info("rule %s: skipped: %s", rule.name, truncate(reason, MAX_LOG_CHARS))
             records.append(record)
             return records
         if state.pending is None:
@@ -433,11 +497,31 @@ class HealingEngine:
             return "self-healing is turned off on this device (healing.enabled = false)"
         if not command.command_id:
             return "the command has no id"
+        bad_id = check_text("command_id", command.command_id, MAX_COMMAND_ID)
+        if bad_id:
+            return bad_id[0]
         if command.command_id in self._state.commands:
             ran = self._state.commands[command.command_id]
             return f"command {command.command_id} already ran at {ran.isoformat()}"
+        if command.command_id in self._state.refused_commands:
+            refused = self._state.refused_commands[command.command_id]
+            return (
+                f"command {command.command_id} was already refused at "
+                f"{refused.isoformat()}"
+            )
         if not command.HasField("expire_time"):
             return "the command has no expiry time"
+        seconds, nanos = command.expire_time.seconds, command.expire_time.nanos
+        if not MIN_TIMESTAMP_SECONDS <= seconds <= MAX_TIMESTAMP_SECONDS:
+            return (
+                f"the command's expire_time has {seconds} seconds, outside the "
+                "Timestamp range of years 1 to 9999"
+            )
+        if not 0 <= nanos <= MAX_NANOS:
+            return (
+                f"the command's expire_time has {nanos} nanos; expected 0 to "
+                f"{MAX_NANOS}"
+            )
         expire = command.expire_time.ToDatetime(now.tzinfo)
         if now > expire:
             return f"the command expired at {expire.isoformat()}"
@@ -453,12 +537,22 @@ class HealingEngine:
         with self._lock:
             now = self._now()
             start_monotonic = time.monotonic()
+            known = self._state.known_command_time(command.command_id)
             refusal = self._refusal(command)
             if refusal:
                 result = ActionResult(
                     Outcome.REMEDIATION_OUTCOME_REFUSED, reason=refusal
                 )
-                log.warning("refused command %s: %s", command.command_id, refusal)
+                if known is None and refusal_is_remembered(command.command_id):
+                    # A collector that sends the command again on every
+                    # reconnect gets no second record.
+                    self._state.refused_commands[command.command_id] = now
+                    self._state.save(now)
+                log.warning(
+                    "refused command %s: %s",
+                    truncate(command.command_id, MAX_COMMAND_ID),
+                    truncate(refusal, MAX_LOG_CHARS),
+                )
             else:
                 self._state.commands[command.command_id] = now
                 # Saved before the action runs, so a crash during it cannot
@@ -470,12 +564,20 @@ class HealingEngine:
                     command.command_id,
                     action_name(command.action),
                     outcome_name(result.outcome),
-                    result.reason or "done",
+                    truncate(result.reason, MAX_LOG_CHARS) or "done",
                 )
             record = self._record(command.action, result, None, now, start_monotonic)
-            record.command_id = command.command_id
+            record.command_id = truncate(command.command_id, MAX_COMMAND_ID)
             record.policy_version = self.policies.applied_version
-            self._write([record])
+            if known is None:
+                self._write([record])
+            else:
+                # The first arrival of this id was recorded and spooled.
+                log.info(
+                    "command %s arrived again; its first record was already spooled",
+                    command.command_id,
+                )
+                self.last_records = [record]
             return record
 
     # -- records ----------------------------------------------------------------------

@@ -4,8 +4,8 @@ The state lives in ``<state dir>/healing.json`` (0600, replaced atomically).
 For each rule it contains the times its action ran, the reason of its latest
 skip, a skip record that waits while the same reason repeats, and whether
 repeated failures stopped it. It also contains the ids of operator commands
-already run. Days and
-hours are local time of the computer; times are stored in UTC.
+already run or refused, the newest MAX_COMMAND_IDS of each. Days and hours are
+local time of the computer; times are stored in UTC.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ DEFAULT_COOLDOWN_SECONDS = 3600.0
 DEFAULT_MAX_RUNS_PER_DAY = 3
 # Command ids are kept this long, longer than any command's time to live.
 COMMAND_ID_RETENTION = timedelta(days=30)
+# Command ids kept of each kind (run, refused), newest first, so that a
+# collector sending many commands cannot grow healing.json without bound.
+MAX_COMMAND_IDS = 1000
 # Run times older than this are never needed for a cooldown or a daily cap.
 RUN_RETENTION = timedelta(days=31)
 
@@ -62,6 +65,11 @@ class HealingState:
         self.path = path
         self.rules: dict[str, RuleState] = {}
         self.commands: dict[str, datetime] = {}
+        self.refused_commands: dict[str, datetime] = {}
+
+    def known_command_time(self, command_id: str) -> datetime | None:
+        """Return when a command id was run or refused, None for a new id."""
+        return self.commands.get(command_id) or self.refused_commands.get(command_id)
 
     @classmethod
     def load(cls, state_dir: Path) -> HealingState:
@@ -80,6 +88,7 @@ class HealingState:
             )
             state.rules.clear()
             state.commands.clear()
+            state.refused_commands.clear()
         return state
 
     def _parse(self, data: dict[str, Any]) -> None:
@@ -99,6 +108,8 @@ class HealingState:
             self.rules[name] = rule
         for command_id, text in data.get("commands", {}).items():
             self.commands[command_id] = _time(text)
+        for command_id, text in data.get("refused_commands", {}).items():
+            self.refused_commands[command_id] = _time(text)
 
     def rule(self, name: str) -> RuleState:
         """Return the state of a rule, created empty on first use."""
@@ -108,11 +119,8 @@ class HealingState:
         """Drop what no limit needs any more and write the file."""
         for rule in self.rules.values():
             rule.runs = [t for t in rule.runs if now - t < RUN_RETENTION]
-        self.commands = {
-            command_id: when
-            for command_id, when in self.commands.items()
-            if now - when < COMMAND_ID_RETENTION
-        }
+        self.commands = _recent_ids(self.commands, now)
+        self.refused_commands = _recent_ids(self.refused_commands, now)
         data: dict[str, Any] = {"rules": {}, "commands": {}}
         for name, rule in self.rules.items():
             entry: dict[str, Any] = {
@@ -131,7 +139,23 @@ class HealingState:
                 }
             data["rules"][name] = entry
         data["commands"] = {k: v.isoformat() for k, v in self.commands.items()}
+        data["refused_commands"] = {
+            k: v.isoformat() for k, v in self.refused_commands.items()
+        }
         write_private(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _recent_ids(ids: dict[str, datetime], now: datetime) -> dict[str, datetime]:
+    """Keep the newest MAX_COMMAND_IDS ids younger than COMMAND_ID_RETENTION."""
+    recent = sorted(
+        (
+            (when, command_id)
+            for command_id, when in ids.items()
+            if now - when < COMMAND_ID_RETENTION
+        ),
+        reverse=True,
+    )[:MAX_COMMAND_IDS]
+    return {command_id: when for when, command_id in reversed(recent)}
 
 
 def quiet_span(

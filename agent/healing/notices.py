@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.healing.bounds import is_layout_character
 from agent.state import write_private
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,13 @@ def check_notice_text(title: str, body: str) -> list[str]:
         )
     if any(_is_control(char) for char in body if char != "\n"):
         problems.append("body contains a control character other than newline")
+    for field, text in (("title", title), ("body", body)):
+        if any(is_layout_character(char) for char in text):
+            problems.append(
+                f"{field} contains a line or paragraph separator (U+2028, U+2029) "
+                "or a bidirectional formatting character (U+202A to U+202E, "
+                "U+2066 to U+2069); remove it"
+            )
     return problems
 
 

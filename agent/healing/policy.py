@@ -22,6 +22,17 @@ from google.protobuf.message import DecodeError
 
 from agent.healing.actions import validate_action
 from agent.healing.actions.base import LocalAllowlist
+from agent.healing.bounds import (
+    MAX_LOG_CHARS,
+    MAX_NAME,
+    MAX_PATH,
+    MAX_REASON_CHARS,
+    MAX_RULES,
+    check_duration_range,
+    check_text,
+    quote,
+    truncate,
+)
 from agent.state import write_private
 from fleetmend.v1 import remediation_pb2, report_pb2
 
@@ -125,6 +136,10 @@ def load_local_policy(policy_file: Path | None) -> remediation_pb2.Policy:
 def _check_duration(
     problems: list[str], field: str, duration: duration_pb2.Duration, maximum: float
 ) -> None:
+    out_of_range = check_duration_range(field, duration)
+    if out_of_range:
+        problems += out_of_range
+        return
     seconds = duration_seconds(duration)
     if seconds < 0:
         problems.append(f"{field} is negative ({seconds:.10g} s); use 0s or more")
@@ -151,9 +166,14 @@ def validate_condition(condition: remediation_pb2.Condition) -> list[str]:
         return ["condition: no condition set"]
     if kind == "free_space_below":
         free = condition.free_space_below
-        if not _is_absolute_path(free.mount_point):
+        bad_text = check_text(
+            "free_space_below.mount_point", free.mount_point, MAX_PATH
+        )
+        if bad_text:
+            problems += bad_text
+        elif not _is_absolute_path(free.mount_point):
             problems.append(
-                f"free_space_below.mount_point {free.mount_point!r} is not an "
+                f"free_space_below.mount_point {quote(free.mount_point)} is not an "
                 'absolute path such as "/" or "C:\\\\"'
             )
         _check_ratio(problems, "free_space_below.ratio", free.ratio)
@@ -163,13 +183,14 @@ def validate_condition(condition: remediation_pb2.Condition) -> list[str]:
         service = condition.service_not_running.service
         if not SERVICE_NAME.fullmatch(service):
             problems.append(
-                f"service_not_running.service {service!r} is not a service name "
+                f"service_not_running.service {quote(service)} is not a service name "
                 "(1 to 256 letters, digits and @._:-)"
             )
     elif kind == "process_cpu_above":
         cpu = condition.process_cpu_above
         if not cpu.app_id:
             problems.append("process_cpu_above.app_id is empty; name a catalog app")
+        problems += check_text("process_cpu_above.app_id", cpu.app_id, MAX_NAME)
         if not 0.0 < cpu.percent <= MAX_CPU_PERCENT:
             problems.append(
                 f"process_cpu_above.percent is {cpu.percent:g}; expected above 0 "
@@ -191,7 +212,7 @@ def validate_condition(condition: remediation_pb2.Condition) -> list[str]:
         )
         if expiring.kind and expiring.kind not in CREDENTIAL_KINDS:
             problems.append(
-                f"credential_expiring_within.kind {expiring.kind!r} is not one of "
+                f"credential_expiring_within.kind {quote(expiring.kind)} is not one of "
                 f"{', '.join(sorted(CREDENTIAL_KINDS))} (or empty for any)"
             )
     elif kind == "battery_health_below":
@@ -245,9 +266,16 @@ def validate_policy(
 ) -> list[str]:
     """Return each problem of a policy as "rule NAME: field: problem"."""
     problems: list[str] = []
+    if len(policy.rules) > MAX_RULES:
+        # Each rule is evaluated on every tick, and the problems of thousands
+        # of rules would only be truncated.
+        return [
+            f"policy has {len(policy.rules)} rules, more than the maximum "
+            f"{MAX_RULES}; split the work over fewer, broader rules"
+        ]
     seen: set[str] = set()
     for index, rule in enumerate(policy.rules):
-        label = f"rule {rule.name!r}" if rule.name else f"rule {index + 1}"
+        label = f"rule {quote(rule.name)}" if rule.name else f"rule {index + 1}"
         if not RULE_NAME.fullmatch(rule.name):
             problems.append(f'{label}: name must be 1 to 64 of a-z, 0-9, "_" and "-"')
         elif rule.name in seen:
@@ -310,7 +338,7 @@ class PolicyStore:
                 "the default until the collector sends a new one",
                 self.path,
                 policy.version,
-                "; ".join(problems),
+                truncate("; ".join(problems), MAX_LOG_CHARS),
             )
             return None
         return policy
@@ -346,11 +374,13 @@ class PolicyStore:
         with self._lock:
             if problems:
                 self._status.rejected_version = policy.version
-                self._status.rejected_reason = "; ".join(problems)
+                self._status.rejected_reason = truncate(
+                    "; ".join(problems), MAX_REASON_CHARS
+                )
                 log.error(
                     "rejected policy version %d from the collector: %s",
                     policy.version,
-                    self._status.rejected_reason,
+                    truncate(self._status.rejected_reason, MAX_LOG_CHARS),
                 )
                 return problems
             write_private(self.path, policy.SerializeToString(deterministic=True))

@@ -690,6 +690,7 @@ MOUNT_SCRIPT = textwrap.dedent(
         "other_device": report.other_device,
         "files_deleted": report.files_deleted,
         "on_mount": (crossing / "mnt" / "on_mount.bin").exists(),
+        "bound": (crossing / "bound" / "outside.bin").exists(),
         "sub": (crossing / "mnt" / "sub").is_dir(),
         "outcome": int(result.outcome),
         "before": result.before,
@@ -716,6 +717,11 @@ def test_mount_point_not_crossed(tmp_path: Path) -> None:
     crossing = tmp_path / "cache"
     write(crossing / "on_disk.bin")
     (crossing / "mnt").mkdir()
+    # A folder outside the cache, bind-mounted into it: the same file system,
+    # so the same st_dev, and only the mount table shows the mount point.
+    outside = tmp_path / "outside"
+    write(outside / "outside.bin")
+    (crossing / "bound").mkdir()
     own = tmp_path / "small"
     own.mkdir()
     script = tmp_path / "mounts.py"
@@ -729,12 +735,14 @@ def test_mount_point_not_crossed(tmp_path: Path) -> None:
             "-c",
             'mount -t tmpfs -o size=1m tmpfs "$1/mnt"'
             ' && mount -t tmpfs -o size=2m tmpfs "$2"'
+            ' && mount --bind "$5" "$1/bound"'
             ' && exec "$3" "$4" "$1" "$2"',
             "sh",
             str(crossing),
             str(own),
             sys.executable,
             str(script),
+            str(outside),
         ],
         capture_output=True,
         text=True,
@@ -745,9 +753,11 @@ def test_mount_point_not_crossed(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["other_device"] == 1
+    assert report["other_device"] == 2
     assert report["files_deleted"] == 1
     assert report["on_mount"] is True
+    assert report["bound"] is True
+    assert (outside / "outside.bin").exists()
     assert report["sub"] is True
     assert not (crossing / "on_disk.bin").exists()
     assert report["outcome"] == Outcome.REMEDIATION_OUTCOME_SUCCEEDED, report

@@ -76,17 +76,43 @@ def test_cap_drops_oldest_routine(tmp_path: Path) -> None:
     assert spool.stats().dropped_reports == 2
 
 
-def test_cap_keeps_remediation_records(tmp_path: Path) -> None:
+def test_cap_drops_remediation_records_last(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.db", max_bytes=100)
-    for sequence in range(1, 4):
-        spool.put_remediation(sequence, b"r" * 60)
-    spool.put(report(4))
+    spool.put_remediation(1, b"r" * 40)
+    spool.put(report(2))
+    spool.put_remediation(3, b"r" * 40)
+    spool.put_remediation(4, b"r" * 40)
+
+    kinds = {r.sequence: r.kind for r in spool.pending(kind=None)}
+
+    # The routine report goes first, then the oldest remediation record.
+    assert kinds == {3: "remediation", 4: "remediation"}
+    assert spool.stats().dropped_reports == 2
+
+
+def test_discard_counts_dropped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", max_bytes=1 << 20)
+    spool.put_remediation(1, b"r" * 40)
+    spool.put_remediation(2, b"r" * 40)
+
+    assert spool.discard(1) is True
+    assert spool.discard(1) is False
+    assert [r.sequence for r in spool.pending(kind=None)] == [2]
+    assert spool.dropped_pending() == 1
+
+
+def test_remediation_flood_bounded(tmp_path: Path) -> None:
+    cap = 1 << 20
+    spool = Spool(tmp_path / "spool.db", max_bytes=cap)
+    for sequence in range(1, 41):
+        spool.put_remediation(sequence, b"r" * (100 * 1024))
 
     stats = spool.stats()
 
-    assert stats.pending_remediations == 3
-    assert stats.pending_reports == 0
-    assert stats.dropped_reports == 1
+    assert stats.stored_bytes <= cap
+    assert stats.pending_remediations == 10
+    assert stats.dropped_reports == 30
+    assert [r.sequence for r in spool.pending(kind=None)][0] == 31
 
 
 def test_dropped_count_lifecycle(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import errno
 import fnmatch
 import logging
 import os
+import re
 import shutil
 import stat
 import sys
@@ -46,6 +47,7 @@ from agent.healing.actions.base import (
     LocalAllowlist,
     Outcome,
 )
+from agent.healing.bounds import quote
 from fleetmend.v1 import remediation_pb2
 
 NAME = "clear_cache"
@@ -88,7 +90,8 @@ class RootReport:
     in_use: int = 0
     permission_errors: int = 0
     other_errors: int = 0
-    # Files on another device than the root (under a mount point).
+    # Files on another device than the root or below a mount point, such as
+    # a bind mount of the same file system.
     other_device: int = 0
     too_new: int = 0
     # Files that changed between the check and the deletion.
@@ -105,15 +108,23 @@ def validate(
         problems.append(
             "needs at least one cache set: use one of " + ", ".join(caches.CACHE_SETS)
         )
+    if len(params.cache_sets) > len(caches.CACHE_SETS):
+        return [
+            f"names {len(params.cache_sets)} cache sets, more than the "
+            f"{len(caches.CACHE_SETS)} that exist: use each of "
+            + ", ".join(caches.CACHE_SETS)
+            + " at most once"
+        ]
     for name in params.cache_sets:
         if name not in caches.CACHE_SETS:
             problems.append(
-                f"unknown cache set {name!r}: use one of {', '.join(caches.CACHE_SETS)}"
+                f"unknown cache set {quote(name)}: use one of "
+                + ", ".join(caches.CACHE_SETS)
             )
         elif allowlist.cache_sets and name not in allowlist.cache_sets:
             allowed = ", ".join(sorted(allowlist.cache_sets))
             problems.append(
-                f"cache set {name!r} is not in the local allowlist "
+                f"cache set {quote(name)} is not in the local allowlist "
                 f"(healing.cache_sets = {allowed}): "
                 "add it there or remove it from the rule"
             )
@@ -194,6 +205,44 @@ def _open_root(root: caches.CacheRoot) -> int:
     return fd
 
 
+def _unescape_mountinfo(field: str) -> str:
+    """Decode the octal escapes (\\040 for a space) of a /proc/self/mountinfo field."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), field)
+
+
+def mount_points_below(
+    root: str, mountinfo: Path = Path("/proc/self/mountinfo")
+) -> frozenset[str]:
+    """Return the mount points strictly below root, relative to it as "./a/b".
+
+    Bind mounts of root's own file system have root's st_dev, so only the
+    mount table shows them. The set is empty where there is no mountinfo
+    (macOS, Windows) or it cannot be read.
+    """
+    try:
+        lines = mountinfo.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError:
+        return frozenset()
+    prefix = root.rstrip("/") + "/"
+    found: set[str] = set()
+    for line in lines.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        mount_point = _unescape_mountinfo(fields[4])
+        if mount_point.startswith(prefix):
+            found.add("./" + mount_point[len(prefix) :].rstrip("/"))
+    return frozenset(found)
+
+
+def _root_path(root_fd: int) -> str | None:
+    """Return the absolute path of an open folder, None where /proc cannot tell."""
+    try:
+        return os.readlink(f"/proc/self/fd/{root_fd}")
+    except OSError:
+        return None
+
+
 def _old_enough(mtime: float, older_than_days: int, now: float) -> bool:
     return older_than_days == 0 or now - mtime >= older_than_days * SECONDS_PER_DAY
 
@@ -245,12 +294,22 @@ class _RootWalker:
         self.before_unlink = before_unlink
         self.device = os.fstat(root_fd).st_dev
         report.device = self.device
+        path = _root_path(root_fd)
+        self.mount_points = frozenset() if path is None else mount_points_below(path)
+
+    def _below_mount_point(self, dirpath: str) -> bool:
+        """Return True if dirpath (relative, "./a/b") is at or below a mount point."""
+        return any(
+            dirpath == mount or dirpath.startswith(mount + "/")
+            for mount in self.mount_points
+        )
 
     def walk(self) -> None:
-        # fwalk descends below mount points too, but the st_dev check keeps
-        # anything there from being deleted.
-        # NOTE: a bind mount of the same file system has the same st_dev, so
-        # it is not detected. Python 3.11's fwalk opens subfolders without
+        # fwalk descends below mount points too, but the st_dev check and the
+        # mount points of /proc/self/mountinfo keep anything there from being
+        # deleted. NOTE: a mount made during the walk is not in the set, and
+        # where there is no mountinfo a bind mount of the same file system is
+        # not detected. Python 3.11's fwalk opens subfolders without
         # O_NONBLOCK, so a folder swapped for a FIFO mid-walk can block it.
         for dirpath, dirnames, filenames, dir_fd in os.fwalk(
             ".",
@@ -259,10 +318,13 @@ class _RootWalker:
             follow_symlinks=False,
             onerror=lambda error: _count_os_error(self.report, error),
         ):
+            mounted = self._below_mount_point(dirpath)
             for name in filenames:
-                if self._clear_entry(dir_fd, name):
+                if self._clear_entry(dir_fd, name, mounted):
                     self.report.changed_dirs.add(dirpath)
             for name in dirnames:
+                if mounted or self._below_mount_point(os.path.join(dirpath, name)):
+                    continue
                 if self._clear_subfolder(dir_fd, dirpath, name):
                     self.report.changed_dirs.add(dirpath)
 
@@ -295,18 +357,23 @@ class _RootWalker:
         self.report.symlinks_removed += 1
         return True
 
-    def _clear_entry(self, dir_fd: int, name: str) -> bool:
-        """Delete one non-folder entry if it passes the checks; True if removed."""
+    def _clear_entry(self, dir_fd: int, name: str, mounted: bool = False) -> bool:
+        """Delete one non-folder entry if it passes the checks; True if removed.
+
+        mounted marks an entry below a mount point, which is never touched.
+        """
         if not _matches(self.root, name):
             return False
         status = self._lstat(dir_fd, name)
         if status is None:
             return False
         if stat.S_ISLNK(status.st_mode):
+            if mounted:
+                return False
             return self._remove_symlink(dir_fd, name, status)
         if not stat.S_ISREG(status.st_mode) or not self._owned(status):
             return False
-        if status.st_dev != self.device:
+        if mounted or status.st_dev != self.device:
             self.report.other_device += 1
             return False
         if not _old_enough(status.st_mtime, self.older_than_days, self.now):

@@ -48,6 +48,13 @@ def validate(
         host = parts.hostname
     except ValueError as exc:
         return [f"self_service_url {url!r} is invalid ({exc})"]
+    if parts.username is not None or parts.password is not None:
+        # A user name or password in the link would be shown to the user and
+        # could make a phishing page look like IT's.
+        return [
+            "self_service_url contains a user name or password before the host "
+            "(user:password@); remove it"
+        ]
     if parts.scheme != "https" or not host:
         return [
             f"self_service_url {url!r} is not an https:// URL with a host; "

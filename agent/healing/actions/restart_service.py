@@ -25,6 +25,12 @@ from agent.healing.actions.base import (
     LocalAllowlist,
     Outcome,
 )
+from agent.healing.bounds import (
+    MAX_SERVICE_NAME,
+    check_duration_range,
+    check_text,
+    quote,
+)
 from agent.healing.services import (
     LaunchdBackend,
     ServiceBackend,
@@ -61,16 +67,22 @@ def validate(
 ) -> list[str]:
     """Return what is wrong with the parameters, without touching the system."""
     problems: list[str] = []
+    bad_name = check_text("service", params.service, MAX_SERVICE_NAME)
     if not params.service:
         problems.append("service is empty; name the service")
+    elif bad_name:
+        problems += bad_name
     elif params.service not in allowlist.services:
         allowed = ", ".join(sorted(allowlist.services)) or "none"
         problems.append(
-            f"service {params.service!r} is not in the local "
+            f"service {quote(params.service)} is not in the local "
             f"allowlist healing.services (allowed: {allowed}); add it to the "
             "agent's settings to permit restarts"
         )
     if params.HasField("settle"):
+        out_of_range = check_duration_range("settle", params.settle)
+        if out_of_range:
+            return problems + out_of_range
         settle = params.settle.ToTimedelta()
         if not MIN_SETTLE <= settle <= MAX_SETTLE:
             problems.append(
@@ -84,6 +96,9 @@ def validate(
             f"or 0 for the default {DEFAULT_MAX_FAILURES}"
         )
     if params.HasField("failure_window"):
+        out_of_range = check_duration_range("failure_window", params.failure_window)
+        if out_of_range:
+            return problems + out_of_range
         window = params.failure_window.ToTimedelta()
         if not MIN_FAILURE_WINDOW <= window <= MAX_FAILURE_WINDOW:
             problems.append(

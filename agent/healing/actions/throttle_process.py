@@ -41,6 +41,7 @@ from agent.healing.actions.base import (
     LocalAllowlist,
     Outcome,
 )
+from agent.healing.bounds import check_duration_range, quote
 from agent.healing.processes import CpuSampler, SystemCpu, app_processes
 from agent.state import write_private
 from agent.usage.catalog import CURRENT_OS, Catalog, OsName, load_catalog
@@ -97,10 +98,13 @@ def validate(
     problems: list[str] = []
     if not _APP_ID_PATTERN.fullmatch(params.app_id):
         problems.append(
-            f"app_id {params.app_id!r} is invalid; use the "
+            f"app_id {quote(params.app_id)} is invalid; use the "
             "catalog id of the app (1 to 64 of a-z, 0-9, '_' and '-')"
         )
     if params.HasField("restore_after"):
+        out_of_range = check_duration_range("restore_after", params.restore_after)
+        if out_of_range:
+            return problems + out_of_range
         span = params.restore_after.ToTimedelta()
         if not MIN_RESTORE_AFTER <= span <= MAX_RESTORE_AFTER:
             problems.append(
