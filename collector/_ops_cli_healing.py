@@ -18,6 +18,7 @@ from typing import Any
 
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from collector._ops_render import (
@@ -43,8 +44,11 @@ from collector._ops_transport import (
 from fleetmend.v1 import ops_pb2, remediation_pb2
 
 DEFAULT_REMEDIATIONS_LIMIT = 50
-# The collector's default time to live of a command, as ops.proto states it.
+# The collector's default time to live of a command and its range, as ops.proto
+# states them.
 DEFAULT_COMMAND_TTL = timedelta(hours=24)
+MIN_COMMAND_TTL = timedelta(minutes=1)
+MAX_COMMAND_TTL = timedelta(days=7)
 
 
 def _add_policy_parser(commands: Any) -> None:
@@ -58,12 +62,23 @@ def _add_policy_parser(commands: Any) -> None:
         description=(
             "Replace the fleet's self-healing policy with the rules in a TOML "
             "file whose keys are the field names of fleetmend.v1.Policy, as in "
-            "the agent's default_policy.toml. The collector assigns the next "
-            "version and sends the policy to every connected agent."
+            "the agent's default_policy.toml. Durations take a span such as "
+            '"90s", "10m", "1h" or "2d". The collector assigns the next version '
+            "and sends the policy to every connected agent. A file without "
+            "rules is rejected unless --allow-empty is given, because agents "
+            "given an empty policy run no rules, not even their built-in ones."
         ),
     )
     _add_global_options(setter, defaults=False)
     setter.add_argument("file", type=Path, metavar="FILE.toml", help="policy file")
+    setter.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help=(
+            "set a policy without rules; agents then run no rules at all, not "
+            "even their built-in default rules"
+        ),
+    )
     show = policy_commands.add_parser(
         "show", help="print the fleet's current policy as TOML"
     )
@@ -145,7 +160,7 @@ def _add_act_parser(commands: Any) -> None:
     )
     act.add_argument(
         "--ttl",
-        type=_span,
+        type=_ttl,
         default=DEFAULT_COMMAND_TTL,
         metavar="SPAN",
         help=(
@@ -208,6 +223,17 @@ def _span(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _ttl(text: str) -> timedelta:
+    # argparse prefixes these messages with "argument --ttl:".
+    span = _span(text)
+    if not MIN_COMMAND_TTL <= span <= MAX_COMMAND_TTL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is outside 1 minute to 7 days; give a span such as 30m, "
+            "24h or 7d"
+        )
+    return span
+
+
 def _outcome(text: str) -> int:
     try:
         return parse_outcome(text)
@@ -232,10 +258,12 @@ def _since(text: str) -> datetime:
 # Self-healing input: policy files, action parameters, spans
 
 
-def load_policy_file(path: Path) -> remediation_pb2.Policy:
+def load_policy_file(path: Path, allow_empty: bool = False) -> remediation_pb2.Policy:
     """Read a policy TOML file into a Policy; raise CliError (exit 2).
 
-    The message names the file and the field that is wrong.
+    Duration fields take a span such as 90s, 10m, 1h or 2d. The message of an
+    error names the file, the rule and the field that is wrong. A policy
+    without rules is rejected unless allow_empty is true.
     """
     try:
         with path.open("rb") as file:
@@ -249,16 +277,46 @@ def load_policy_file(path: Path) -> remediation_pb2.Policy:
             f"the policy file {path} is not valid TOML: {error}", 2
         ) from None
     try:
-        _check_fields(data, remediation_pb2.Policy.DESCRIPTOR, "")
-        return json_format.ParseDict(data, remediation_pb2.Policy())
+        checked = _check_fields(data, remediation_pb2.Policy.DESCRIPTOR, "")
+        policy = json_format.ParseDict(checked, remediation_pb2.Policy())
     except ValueError as error:
-        raise CliError(f"invalid policy file {path}: {error}", 2) from None
+        message = _name_rule(str(error), data)
+        raise CliError(f"invalid policy file {path}: {message}", 2) from None
+    except json_format.ParseError as error:
+        message = _name_rule(_parse_error_text(error), data)
+        raise CliError(f"invalid policy file {path}: {message}", 2) from None
+    if not policy.rules and not allow_empty:
+        raise CliError(
+            f"the policy file {path} has no rules, so agents given it would run "
+            "no rules at all, not even their built-in ones. Add [[rules]] tables, "
+            "or pass --allow-empty to set it anyway",
+            2,
+        )
+    return policy
 
 
-def _check_fields(value: object, descriptor: Descriptor, where: str) -> None:
+def _name_rule(message: str, data: object) -> str:
+    """Add the rule's name to a message that starts with a path such as rules[2]."""
+    match = re.match(r"rules\[(\d+)\]", message)
+    if match is None or not isinstance(data, dict):
+        return message
+    rules = data.get("rules")
+    index = int(match.group(1))
+    if not isinstance(rules, list) or index >= len(rules):
+        return message
+    rule = rules[index]
+    name = rule.get("name") if isinstance(rule, dict) else None
+    if not isinstance(name, str) or not name:
+        return message
+    return f"rule {name!r}: {message}"
+
+
+def _check_fields(value: object, descriptor: Descriptor, where: str) -> dict[str, Any]:
     """Check value's keys and values against a message type, field by field.
 
-    Raises ValueError naming the field's path, such as rules[0].fleet.canary_percent,
+    Returns a copy of value with the spans of Duration fields converted to the
+    seconds form that json_format parses, such as "3600s" for "1h". Raises
+    ValueError naming the field's path, such as rules[0].fleet.canary_percent,
     so that a mistake deep in a policy file is found without reading
     json_format's nested messages.
     """
@@ -266,6 +324,8 @@ def _check_fields(value: object, descriptor: Descriptor, where: str) -> None:
         raise ValueError(f"{where or 'the file'} must be a table, not {value!r}")
     fields = {field.name: field for field in descriptor.fields}
     fields.update({field.json_name: field for field in descriptor.fields})
+    checked: dict[str, Any] = {}
+    oneof_fields: dict[str, str] = {}
     for key, item in value.items():
         field = fields.get(key)
         if field is None:
@@ -275,24 +335,39 @@ def _check_fields(value: object, descriptor: Descriptor, where: str) -> None:
                 f"{choices}"
             )
         path = f"{where}.{key}" if where else key
+        oneof = field.containing_oneof
+        if oneof is not None:
+            other = oneof_fields.get(oneof.name)
+            if other is not None:
+                raise ValueError(
+                    f"{where or 'the policy'} sets both {other} and {field.name}, "
+                    f"but {descriptor.name} takes only one of "
+                    f"{', '.join(choice.name for choice in oneof.fields)}; "
+                    f"give one per {descriptor.name.lower()}, or write another rule"
+                )
+            oneof_fields[oneof.name] = field.name
         if field.is_repeated:
             if not isinstance(item, list):
                 raise ValueError(f"{path} must be an array, not {item!r}")
-            for index, element in enumerate(item):
+            checked[key] = [
                 _check_field_value(descriptor, field, element, f"{path}[{index}]")
+                for index, element in enumerate(item)
+            ]
         else:
-            _check_field_value(descriptor, field, item, path)
+            checked[key] = _check_field_value(descriptor, field, item, path)
+    return checked
 
 
 def _check_field_value(
     container: Descriptor, field: FieldDescriptor, value: object, path: str
-) -> None:
+) -> object:
     message_type = field.message_type
+    if message_type is not None and message_type.full_name == DURATION_TYPE:
+        return _duration_json(value, path)
     if message_type is not None and not _is_well_known(message_type):
-        _check_fields(value, message_type, path)
-        return
-    # A scalar or a well-known type such as Duration: let json_format parse
-    # the value alone, so its error names this field.
+        return _check_fields(value, message_type, path)
+    # A scalar or another well-known type: let json_format parse the value
+    # alone, so its error names this field.
     item = [value] if field.is_repeated else value
     try:
         json_format.ParseDict(
@@ -300,6 +375,28 @@ def _check_field_value(
         )
     except json_format.ParseError as error:
         raise ValueError(f"{path}: {_parse_error_text(error)}") from None
+    return value
+
+
+def _duration_json(value: object, path: str) -> str:
+    """Return a span such as "1h" or "1h30m" as a Duration's JSON, "5400s".
+
+    A value that is no span but valid Duration JSON, such as "-60s", is
+    returned unchanged for the collector to check.
+    """
+    text = value.strip() if isinstance(value, str) else ""
+    if SPAN_PATTERN.fullmatch(text):
+        duration = Duration()
+        duration.FromTimedelta(parse_span(text))
+        return duration.ToJsonString()
+    try:
+        Duration().FromJsonString(text)
+    except ValueError:
+        raise ValueError(
+            f"{path}: invalid span {value!r}; give a quoted number with a unit of "
+            's, m, h or d, such as "90s", "10m", "1h", "2d" or "1h30m"'
+        ) from None
+    return text
 
 
 def _is_well_known(message_type: Descriptor) -> bool:
@@ -473,7 +570,7 @@ def _run_policy_command(args: argparse.Namespace, client: OpsClient) -> None:
         else:
             print("No policy set; agents run their built-in default policy.")
         return
-    policy = load_policy_file(args.file)
+    policy = load_policy_file(args.file, allow_empty=args.allow_empty)
     request = ops_pb2.SetPolicyRequest(policy=policy)
     version = client.call("SetPolicy", request).version
     if args.json:
@@ -488,13 +585,20 @@ def _run_policy_command(args: argparse.Namespace, client: OpsClient) -> None:
 
 def _run_rules_command(args: argparse.Namespace, client: OpsClient) -> None:
     if args.rules_command is None:
-        rules = client.call("ListRules", ops_pb2.ListRulesRequest()).rules
+        response = client.call("ListRules", ops_pb2.ListRulesRequest())
         if args.json:
-            print_json({"rules": to_dicts(rules)})
+            print_json(
+                {
+                    "rules": to_dicts(response.rules),
+                    "rejecting_devices": response.rejecting_devices,
+                    "rejected_reason_example": response.rejected_reason_example,
+                }
+            )
             return
         policy = client.call("GetPolicy", ops_pb2.GetPolicyRequest()).policy
         budgets = {rule.name: rule.fleet.daily_budget for rule in policy.rules}
-        print(render_rules_table(rules, budgets), end="")
+        table = render_rules_table(response.rules, budgets, response, policy.version)
+        print(table, end="")
         return
     change = _RULE_CHANGES[args.rules_command]
     request = ops_pb2.ChangeRuleStateRequest(

@@ -109,24 +109,42 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
         self, request: ops_pb2.GetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> ops_pb2.GetPolicyResponse:
         try:
-            record = await asyncio.to_thread(self._store.current_policy)
+            response = await asyncio.to_thread(self._get_policy)
         except Exception as error:
             await _abort_failed(context, "GetPolicy", error)
+        return response
+
+    def _get_policy(self) -> ops_pb2.GetPolicyResponse:
+        record = self._store.current_policy()
         if record is None:
             return ops_pb2.GetPolicyResponse()
         policy = remediation_pb2.Policy()
         policy.CopyFrom(record.policy)
         policy.version = record.version
-        return ops_pb2.GetPolicyResponse(policy=policy)
+        generation = fleet.policy_generation(record, self._store.rule_states())
+        return ops_pb2.GetPolicyResponse(policy=policy, generation=generation)
 
     async def ListRules(
         self, request: ops_pb2.ListRulesRequest, context: grpc.aio.ServicerContext
     ) -> ops_pb2.ListRulesResponse:
         try:
-            rules = await asyncio.to_thread(self._list_rule_states)
+            response = await asyncio.to_thread(self._list_rules)
         except Exception as error:
             await _abort_failed(context, "ListRules", error)
-        return ops_pb2.ListRulesResponse(rules=rules)
+        return response
+
+    def _list_rules(self) -> ops_pb2.ListRulesResponse:
+        response = ops_pb2.ListRulesResponse(rules=self._list_rule_states())
+        record = self._store.current_policy()
+        if record is None:
+            return response
+        # Agents report the generation of the effective policy, not the
+        # version that SetPolicy assigned.
+        generation = fleet.policy_generation(record, self._store.rule_states())
+        count, reason = self._store.policy_rejections(generation)
+        response.rejecting_devices = count
+        response.rejected_reason_example = reason
+        return response
 
     def _list_rule_states(self, only: str = "") -> list[ops_pb2.RuleState]:
         """Return the fleet state of each rule of the current policy, in its order.

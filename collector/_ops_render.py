@@ -194,11 +194,18 @@ def _os_text(host: report_pb2.HostFacts) -> str:
 
 
 def render_device(
-    device: ops_pb2.Device, findings: Sequence[ops_pb2.Finding], now: datetime
+    device: ops_pb2.Device,
+    findings: Sequence[ops_pb2.Finding],
+    now: datetime,
+    policy: ops_pb2.GetPolicyResponse | None = None,
 ) -> str:
-    """Return the report of the device show command."""
+    """Return the report of the device show command.
+
+    policy, the fleet's current policy, maps the generations in the device's
+    policy status to the versions that SetPolicy assigned.
+    """
     parts = [
-        _render_summary(device, now),
+        _render_summary(device, now, policy or ops_pb2.GetPolicyResponse()),
         _section("Host", device.HasField("host"), lambda: _render_host(device, now)),
         _section("Volumes", device.HasField("host"), lambda: _render_volumes(device)),
         _section("Disks", device.HasField("disks"), lambda: _render_disks(device)),
@@ -233,7 +240,9 @@ def _render_pairs(pairs: Sequence[tuple[str, str]]) -> str:
     )
 
 
-def _render_summary(device: ops_pb2.Device, now: datetime) -> str:
+def _render_summary(
+    device: ops_pb2.Device, now: datetime, policy: ops_pb2.GetPolicyResponse
+) -> str:
     name = device.hostname or device.host.hostname or "unknown hostname"
     pairs = [
         ("agent version", device.agent_version or "-"),
@@ -243,6 +252,7 @@ def _render_summary(device: ops_pb2.Device, now: datetime) -> str:
         ("committed sequence", str(device.committed_sequence)),
         ("dropped reports", str(device.dropped_reports)),
         ("clock", clock_text(device)),
+        ("policy", policy_status_text(device, policy)),
     ]
     title = escape_controls(f"Device {device.device_id} ({name})")
     return f"{title}\n" + _indent(_render_pairs(pairs))
@@ -258,6 +268,32 @@ def clock_text(device: ops_pb2.Device) -> str:
     if device.clock_skewed:
         text += " (skewed: reports are dated by their receive time)"
     return text
+
+
+def policy_status_text(
+    device: ops_pb2.Device, policy: ops_pb2.GetPolicyResponse
+) -> str:
+    """Return the device's policy status in words, such as "applied version 3".
+
+    Agents report effective policy generations. A generation equal to the
+    current policy's is shown as that policy's version, an older one as
+    "generation N".
+    """
+    if not device.HasField("policy_status"):
+        return "not reported yet"
+    status = device.policy_status
+    if status.rejected_version:
+        version = _policy_version_text(status.rejected_version, policy)
+        return f"{version} rejected: {status.rejected_reason or 'no reason given'}"
+    if status.applied_version == 0:
+        return "built-in default (no fleet policy applied)"
+    return "applied " + _policy_version_text(status.applied_version, policy)
+
+
+def _policy_version_text(generation: int, policy: ops_pb2.GetPolicyResponse) -> str:
+    if policy.HasField("policy") and generation == policy.generation:
+        return f"version {policy.policy.version}"
+    return f"generation {generation} (not the current policy)"
 
 
 def format_offset(seconds: float) -> str:
@@ -671,14 +707,20 @@ def _toml_string(text: str) -> str:
 
 
 def render_rules_table(
-    rules: Sequence[ops_pb2.RuleState], budgets: Mapping[str, int]
+    rules: Sequence[ops_pb2.RuleState],
+    budgets: Mapping[str, int],
+    response: ops_pb2.ListRulesResponse | None = None,
+    policy_version: int = 0,
 ) -> str:
     """Return the table of the rules command.
 
     budgets maps a rule name to its fleet.daily_budget, 0 meaning no budget.
+    response, the ListRules response, adds a line with the devices that
+    rejected the current policy, whose store version is policy_version.
     """
+    rejections = _render_rejections(response, policy_version)
     if not rules:
-        return "No rules: no policy is set, or it has no rules.\n"
+        return "No rules: no policy is set, or it has no rules.\n" + rejections
     rows = []
     for rule in rules:
         budget = budgets.get(rule.name, 0)
@@ -702,7 +744,21 @@ def render_rules_table(
             ]
         )
     headers = ["NAME", "STAGE", "REASON", "RUNS", "FAILURES", "SUCCESS", "TODAY"]
-    return render_table(headers, rows)
+    return render_table(headers, rows) + rejections
+
+
+def _render_rejections(
+    response: ops_pb2.ListRulesResponse | None, policy_version: int
+) -> str:
+    if response is None or response.rejecting_devices == 0:
+        return ""
+    count = response.rejecting_devices
+    devices = "1 device" if count == 1 else f"{count} devices"
+    reason = escape_controls(response.rejected_reason_example or "no reason given")
+    return (
+        f"{devices} rejected policy version {policy_version} and run their "
+        f"previous policy instead; for example: {reason}\n"
+    )
 
 
 def success_rate_text(succeeded: int, runs: int) -> str:

@@ -306,8 +306,31 @@ def _time_zone(text: str) -> str:
 # Entry point
 
 
+# Exit status of a command whose standard output was closed early, as a shell
+# reports a process ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run fleetmend on argv (default: sys.argv[1:]) and return the exit code."""
+    """Run fleetmend on argv (default: sys.argv[1:]) and return the exit code.
+
+    Returns EXIT_BROKEN_PIPE without a traceback when the reader of standard
+    output, such as head, closes it early.
+    """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the interpreter's flush at exit
+        # does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         connection = resolve_connection(args, os.environ)
@@ -347,7 +370,8 @@ def _run_command(args: argparse.Namespace, client: OpsClient) -> None:
         if args.json:
             print_json({"device": to_dict(device), "findings": to_dicts(findings)})
         else:
-            print(render_device(device, findings, now), end="")
+            policy = client.call("GetPolicy", ops_pb2.GetPolicyRequest())
+            print(render_device(device, findings, now, policy), end="")
     elif args.command == "findings":
         device_id = client.resolve_device(args.device).device_id if args.device else ""
         findings = list(client.iter_findings(device_id))

@@ -527,6 +527,16 @@ class Store:
         with self._read(f"reading the policy status of {device_id}") as connection:
             return _healing.device_policy_status(connection, device_id)
 
+    def policy_rejections(self, version: int) -> tuple[int, str]:
+        """Return how many devices rejected policy version, and one reason.
+
+        version is an effective policy generation, as agents report it. Revoked
+        devices are not counted, and the reason is empty when no device
+        rejected the version.
+        """
+        with self._read(f"counting rejections of policy {version}") as connection:
+            return _devices.policy_rejections(connection, version)
+
     def list_remediations(
         self,
         limit: int,

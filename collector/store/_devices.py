@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Connection, RowMapping, func, select
 
 from collector.store._schema import SECTIONS, SectionName, devices, reports
-from fleetmend.v1 import ops_pb2
+from fleetmend.v1 import ops_pb2, remediation_pb2
 
 # Largest number of device ids bound in one IN list; SQLite before 3.32
 # accepts at most 999 parameters per statement.
@@ -27,6 +27,10 @@ _SUMMARY_COLUMNS = (
     "dropped_reports",
     "clock_offset_microseconds",
     "clock_skewed",
+    "policy_applied_version",
+    "policy_rejected_version",
+    "policy_rejected_reason",
+    "policy_status_sequence",
 )
 
 
@@ -84,6 +88,29 @@ def revoked_device_ids(connection: Connection, device_ids: Sequence[str]) -> set
     return revoked
 
 
+def policy_rejections(connection: Connection, version: int) -> tuple[int, str]:
+    """Return how many devices rejected policy version, and one of their reasons.
+
+    Counts devices that are not revoked whose latest policy status has
+    rejected_version equal to version. The reason is empty when none did.
+    """
+    rejected = (
+        (devices.c.policy_rejected_version == version)
+        & (devices.c.policy_status_sequence != 0)
+        & devices.c.revoked_time.is_(None)
+    )
+    count = connection.execute(
+        select(func.count()).select_from(devices).where(rejected)
+    ).scalar_one()
+    reason = connection.execute(
+        select(devices.c.policy_rejected_reason)
+        .where(rejected)
+        .order_by(devices.c.device_id)
+        .limit(1)
+    ).scalar_one_or_none()
+    return int(count), reason or ""
+
+
 def count_reports(connection: Connection, device_id: str | None) -> int:
     """Return the number of stored reports, of one device or of all."""
     query = select(func.count()).select_from(reports)
@@ -115,6 +142,15 @@ def _device_message(
     _set_time(device.first_seen_time, record["first_seen"])
     _set_time(device.last_seen_time, record["last_seen"])
     _set_time(device.last_report_time, record["last_report_time"])
+    # A sequence of 0 means that no report carried a policy status yet.
+    if record["policy_status_sequence"] != 0:
+        device.policy_status.CopyFrom(
+            remediation_pb2.PolicyStatus(
+                applied_version=record["policy_applied_version"],
+                rejected_version=record["policy_rejected_version"],
+                rejected_reason=record["policy_rejected_reason"],
+            )
+        )
 
     for name in sections:
         payload = record[f"{name}_pb"]

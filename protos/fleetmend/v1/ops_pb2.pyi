@@ -185,6 +185,13 @@ class GetPolicyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     POLICY_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    generation: _builtins.int
+    """Version of the effective policy that agents receive and report in
+    PolicyStatus: the time of the policy's last change, including rule state
+    changes, in microseconds since the Unix epoch. 0 before the first
+    SetPolicy.
+    """
     @_builtins.property
     def policy(self) -> _remediation_pb2.Policy:
         """Unset before the first SetPolicy."""
@@ -193,10 +200,11 @@ class GetPolicyResponse(_message.Message):
         self,
         *,
         policy: _remediation_pb2.Policy | None = ...,
+        generation: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "policy", b"policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,16 +230,26 @@ class ListRulesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RULES_FIELD_NUMBER: _builtins.int
+    REJECTING_DEVICES_FIELD_NUMBER: _builtins.int
+    REJECTED_REASON_EXAMPLE_FIELD_NUMBER: _builtins.int
+    rejecting_devices: _builtins.int
+    """Devices whose latest PolicyStatus rejected the current effective policy
+    (GetPolicyResponse.generation); they run their previous policy.
+    """
+    rejected_reason_example: _builtins.str
+    """The rejected_reason of one of those devices, empty when there are none."""
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleState]: ...
     def __init__(
         self,
         *,
         rules: _abc.Iterable[Global___RuleState] | None = ...,
+        rejecting_devices: _builtins.int = ...,
+        rejected_reason_example: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rejected_reason_example", b"rejected_reason_example", "rejecting_devices", b"rejecting_devices", "rules", b"rules"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1130,6 +1148,7 @@ class Device(_message.Message):
     DROPPED_REPORTS_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_FIELD_NUMBER: _builtins.int
     CLOCK_SKEWED_FIELD_NUMBER: _builtins.int
+    POLICY_STATUS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     hostname: _builtins.str
     agent_version: _builtins.str
@@ -1169,6 +1188,13 @@ class Device(_message.Message):
         agent sent no send_time.
         """
 
+    @_builtins.property
+    def policy_status(self) -> _remediation_pb2.PolicyStatus:
+        """The policy status of the device's latest report that carried one; unset
+        before that. Its versions are effective policy generations, as in
+        GetPolicyResponse.generation, not the versions of SetPolicy.
+        """
+
     def __init__(
         self,
         *,
@@ -1187,10 +1213,11 @@ class Device(_message.Message):
         dropped_reports: _builtins.int = ...,
         clock_offset: _duration_pb2.Duration | None = ...,
         clock_skewed: _builtins.bool = ...,
+        policy_status: _remediation_pb2.PolicyStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "clock_offset", b"clock_offset", "credentials", b"credentials", "disks", b"disks", "first_seen_time", b"first_seen_time", "host", b"host", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batteries", b"batteries", "clock_offset", b"clock_offset", "credentials", b"credentials", "disks", b"disks", "first_seen_time", b"first_seen_time", "host", b"host", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "policy_status", b"policy_status", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "batteries", b"batteries", "clock_offset", b"clock_offset", "clock_skewed", b"clock_skewed", "committed_sequence", b"committed_sequence", "credentials", b"credentials", "device_id", b"device_id", "disks", b"disks", "dropped_reports", b"dropped_reports", "first_seen_time", b"first_seen_time", "host", b"host", "hostname", b"hostname", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "batteries", b"batteries", "clock_offset", b"clock_offset", "clock_skewed", b"clock_skewed", "committed_sequence", b"committed_sequence", "credentials", b"credentials", "device_id", b"device_id", "disks", b"disks", "dropped_reports", b"dropped_reports", "first_seen_time", b"first_seen_time", "host", b"host", "hostname", b"hostname", "last_report_time", b"last_report_time", "last_seen_time", b"last_seen_time", "policy_status", b"policy_status", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

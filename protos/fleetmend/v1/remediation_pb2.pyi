@@ -709,7 +709,10 @@ class PolicyStatus(_message.Message):
     REJECTED_VERSION_FIELD_NUMBER: _builtins.int
     REJECTED_REASON_FIELD_NUMBER: _builtins.int
     applied_version: _builtins.int
-    """Version applied, 0 for the built-in default."""
+    """Policy.version of the collector policy applied, which is the effective
+    version the collector sent (it changes with rule states too, not only
+    with SetPolicy); 0 for the built-in or local policy.
+    """
     rejected_version: _builtins.int
     """Set when the collector's latest policy was rejected."""
     rejected_reason: _builtins.str

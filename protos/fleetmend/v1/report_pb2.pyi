@@ -240,9 +240,10 @@ class Report(_message.Message):
     full: _builtins.bool
     """True when every section is present."""
     dropped_reports: _builtins.int
-    """Routine reports that the agent's spool dropped to stay under its size cap
-    since the previous report that carried this count. Such reports were
-    never sent; the collector adds the count to the device's total.
+    """Reports that the agent's spool dropped to stay under its size cap, or
+    because they exceeded the message limit, since the previous report that
+    carried this count. Such reports were never sent; the collector adds the
+    count to the device's total.
     """
     @_builtins.property
     def collect_time(self) -> _timestamp_pb2.Timestamp:
@@ -261,8 +262,9 @@ class Report(_message.Message):
     @_builtins.property
     def remediations(self) -> _containers.RepeatedCompositeFieldContainer[_remediation_pb2.RemediationRecord]:
         """Records of the self-healing rules and operator commands since the
-        previous report that carried records. A report that carries records is
-        never dropped by the spool's cap.
+        previous report that carried records. The spool's cap drops such a
+        report only after every routine report, and counts it in
+        dropped_reports.
         """
 
     @_builtins.property
