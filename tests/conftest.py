@@ -4,7 +4,9 @@ session log that the secret leak check reads."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if last:
         others = [item for item in items if item.path.name not in RUN_LAST_MODULES]
         items[:] = others + last
+
+
+@pytest.fixture(scope="session", autouse=True)
+def traversable_checkout() -> Iterator[None]:
+    """Let other users pass through the folders above the checkout during the session.
+
+    Tests that check file permissions run project code as an unprivileged
+    user (setpriv to uid 65534) with this checkout's virtual environment. A
+    checkout inside a private folder, such as one made by mktemp -d, keeps
+    that user out of the interpreter itself. As root, this adds search
+    permission (o+x, not read) to each such folder for the session and puts
+    the old modes back at the end.
+    """
+    changed: list[tuple[Path, int]] = []
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        for folder in Path(sys.prefix).resolve().parents:
+            mode = folder.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+                changed.append((folder, stat.S_IMODE(mode)))
+    try:
+        yield
+    finally:
+        for folder, mode in changed:
+            folder.chmod(mode)
 
 
 @pytest.fixture(scope="session", autouse=True)
