@@ -24,7 +24,7 @@ Outcome = remediation_pb2.RemediationOutcome
 
 @dataclass(frozen=True)
 class LocalAllowlist:
-    """What the laptop's own settings permit, whatever the policy asks for."""
+    """The actions that the laptop's settings permit, whatever the policy requests."""
 
     # Services that restart_service may restart, by the name their service
     # manager uses (for example "cups.service", "com.apple.cupsd", "Spooler").
@@ -35,7 +35,7 @@ class LocalAllowlist:
 
 @dataclass(frozen=True)
 class ActionContext:
-    """Where and how an action runs."""
+    """The folder, allowlist and mode in which an action runs."""
 
     state_dir: Path
     allowlist: LocalAllowlist
@@ -47,7 +47,7 @@ class ActionContext:
 
 @dataclass
 class ActionResult:
-    """What an action did: its outcome, the reason, and the measured values."""
+    """The result of an action: its outcome, the reason and the measured values."""
 
     outcome: Outcome.ValueType
     reason: str = ""
