@@ -38,7 +38,13 @@ from collector._validation import (
     ClockLimits,
 )
 from collector.paths import default_data_dir, default_database_url
-from collector.store import Store, StoreError, TokenNameTakenError, TokenRecord
+from collector.store import (
+    AuditEvent,
+    Store,
+    StoreError,
+    TokenNameTakenError,
+    TokenRecord,
+)
 from fleetmend.v1 import ops_pb2
 
 logger = logging.getLogger(__name__)
@@ -518,6 +524,9 @@ def _store_token(
     arguments = {"name": name, "role": ops_pb2.Role.Name(ops_pb2.Role.ValueType(role))}
     try:
         with _open_store(database_url) as store:
+            # The event goes into the token's transaction: a failed audit
+            # write leaves no token behind.
+            event = _audit_event(actor, "token create", arguments, "OK")
             try:
                 store.create_token(
                     name,
@@ -525,16 +534,13 @@ def _store_token(
                     issued.credential_id,
                     issued.secret_hash,
                     actor,
-                    datetime.now(UTC),
+                    event.event_time,
+                    audit=event,
                 )
             except TokenNameTakenError as error:
                 _audit(store, actor, "token create", arguments, "ALREADY_EXISTS")
                 _print_error(str(error))
                 return 1
-            # NOTE: the token and its audit event are two transactions. When
-            # only the audit write fails, the token stays stored although the
-            # command reports a failure.
-            _audit(store, actor, "token create", arguments, "OK")
     except (OSError, StoreError) as error:
         shown_url = server.redact_database_url(database_url)
         _print_error(f"creating token {name!r} in {shown_url} failed: {error}")
@@ -583,9 +589,10 @@ def _revoke_token(database_url: str, name: str) -> int:
     arguments = {"name": name}
     try:
         with _open_store(database_url) as store:
-            revoked = store.revoke_token(name, datetime.now(UTC))
-            outcome = "NOT_FOUND" if revoked is None else "OK"
-            _audit(store, actor, "token revoke", arguments, outcome)
+            event = _audit_event(actor, "token revoke", arguments, "OK")
+            revoked = store.revoke_token(name, event.event_time, audit=event)
+            if revoked is None:
+                _audit(store, actor, "token revoke", arguments, "NOT_FOUND")
     except (OSError, StoreError) as error:
         shown_url = server.redact_database_url(database_url)
         _print_error(
@@ -654,6 +661,21 @@ def _open_store(database_url: str) -> Iterator[Store]:
         store.close()
 
 
+def _audit_event(
+    actor: str, action: str, arguments: dict[str, str], outcome: str
+) -> AuditEvent:
+    arguments_json = audit_arguments(json.dumps(arguments, separators=(",", ":")))
+    return AuditEvent(
+        event_time=datetime.now(UTC),
+        actor=actor,
+        role=None,
+        action=action,
+        arguments_json=arguments_json,
+        outcome=outcome,
+        peer="",
+    )
+
+
 def _audit(
     store: Store,
     actor: str,
@@ -661,9 +683,15 @@ def _audit(
     arguments: dict[str, str],
     outcome: str,
 ) -> None:
-    arguments_json = audit_arguments(json.dumps(arguments, separators=(",", ":")))
+    event = _audit_event(actor, action, arguments, outcome)
     store.append_audit(
-        datetime.now(UTC), actor, None, action, arguments_json, outcome, ""
+        event.event_time,
+        event.actor,
+        event.role,
+        event.action,
+        event.arguments_json,
+        event.outcome,
+        event.peer,
     )
 
 

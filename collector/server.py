@@ -1,10 +1,11 @@
 """The collector's asyncio gRPC server: AgentService, OpsService, health, reflection.
 
 The server speaks TLS with the certificate of its TLS folder, or plaintext on
-loopback when started with insecure=True. Agents and operators authenticate
-the same way over both. ``start_server_thread`` runs a server on a background
-event loop for tests, benchmarks and the demo. ``serve`` runs one in the
-foreground until SIGTERM or SIGINT.
+loopback when started with insecure=True. A certificate renewed in the folder
+goes to the connections accepted after the renewal, without a restart. Agents
+and operators authenticate the same way over both. ``start_server_thread``
+runs a server on a background event loop for tests, benchmarks and the demo.
+``serve`` runs one in the foreground until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
@@ -56,7 +58,8 @@ DEFAULT_MIN_PING_INTERVAL_SECONDS = 10.0
 # Pings faster than the minimum that the server accepts on a connection before
 # it closes the connection with GOAWAY too_many_pings. 2 is gRPC's default.
 MAX_PING_STRIKES = 2
-# How often a running server checks its certificate's expiry again.
+# How often a running server rereads its certificate files if they changed and
+# checks the expiry of the certificate in service again.
 EXPIRY_CHECK_INTERVAL_SECONDS = 24 * 3600.0
 
 
@@ -199,8 +202,8 @@ class CollectorServer:
 
     Create it on the event loop that will run it. start() binds the port, and
     stop() shuts everything down in order. tls_dir contains the certificate
-    and key that TLS serves, and the enrollment secret, which Enroll reads in
-    both modes.
+    and key that TLS serves, reread when they change, and the enrollment
+    secret, which Enroll reads in both modes.
     """
 
     def __init__(
@@ -245,7 +248,7 @@ class CollectorServer:
         )
         self._toucher: asyncio.Task[None] | None = None
         self._expiry_checker: asyncio.Task[None] | None = None
-        self._certificate_expiry: datetime | None = None
+        self._certificates: tls.ServerCertificateReloader | None = None
         self.port = 0
 
     @property
@@ -273,8 +276,8 @@ class CollectorServer:
         """
         credentials = None
         if not self._insecure:
-            credentials = tls.load_server_credentials(self._tls_dir)
-            self._certificate_expiry = tls.server_certificate_expiry(self._tls_dir)
+            self._certificates = tls.ServerCertificateReloader(self._tls_dir)
+            credentials = self._certificates.credentials()
         self._server.add_generic_rpc_handlers(
             (self._agents.rpc_handler(enroll=self._enroller.method_handler()),)
         )
@@ -304,40 +307,46 @@ class CollectorServer:
         self._toucher = asyncio.create_task(self._touch_open_streams())
         self._log_listening()
         self._log_settings()
-        if self._certificate_expiry is not None:
-            self._expiry_checker = asyncio.create_task(self._check_expiry_daily())
+        if self._certificates is not None:
+            self._expiry_checker = asyncio.create_task(
+                self._check_expiry(self._certificates)
+            )
 
     def _log_listening(self) -> None:
-        if self._certificate_expiry is None:
+        if self._certificates is None:
             logger.info(
                 "collector listening on %s (plaintext); enrollment secret in %s",
                 self.address,
                 self._tls_dir,
             )
             return
+        certificate = self._certificates.certificate
         logger.info(
             "collector listening on %s (TLS), certificate %s valid until %s",
             self.address,
-            self._tls_dir / "server.pem",
-            self._certificate_expiry.isoformat(),
+            self._tls_dir / tls.SERVER_CERT_FILENAME,
+            certificate.not_valid_after_utc.isoformat(),
         )
-        self._warn_if_expiring()
+        self._warn_if_expiring(certificate)
 
-    def _warn_if_expiring(self) -> None:
-        if self._certificate_expiry is None:
-            return
-        warning = tls.expiry_warning(
-            self._certificate_expiry, self._clock(), directory=self._tls_dir
-        )
-        if warning is not None:
+    def _warn_if_expiring(self, certificate: x509.Certificate) -> None:
+        not_after = certificate.not_valid_after_utc
+        warning = tls.expiry_warning(not_after, self._clock(), directory=self._tls_dir)
+        if warning is None:
+            logger.debug(
+                "the server certificate in service is valid until %s",
+                not_after.isoformat(),
+            )
+        else:
             logger.warning("%s", warning)
 
-    async def _check_expiry_daily(self) -> None:
-        # The expiry is the one of the certificate loaded at start, because a
-        # renewed certificate is served only after a restart.
+    async def _check_expiry(self, certificates: tls.ServerCertificateReloader) -> None:
+        # The check rereads changed files itself, so that it finds a renewal
+        # even when no connection has come in since.
         while True:
             await asyncio.sleep(EXPIRY_CHECK_INTERVAL_SECONDS)
-            self._warn_if_expiring()
+            certificate = await asyncio.to_thread(certificates.refresh)
+            self._warn_if_expiring(certificate)
 
     def _log_settings(self) -> None:
         limits = self._settings.limits

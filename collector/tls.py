@@ -20,24 +20,30 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import re
 import secrets
 import stat
 import sys
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from collector import auth
 from collector.paths import default_data_dir
+
+logger = logging.getLogger(__name__)
 
 CA_CERT_FILENAME = "ca.pem"
 CA_KEY_FILENAME = "ca.key"
@@ -142,8 +148,9 @@ def renew_server_certificate(
     """Issue a new server certificate and key from the folder's existing CA.
 
     names defaults to the names of the current server certificate. Returns
-    the path of the new certificate. The collector loads its certificate at
-    start, so a running collector uses the new one after a restart.
+    the path of the new certificate. A running collector gives the new
+    certificate to the connections that it accepts from then on (see
+    ServerCertificateReloader).
     """
     folder = Path(directory)
     validate_server_days(server_days)
@@ -199,36 +206,119 @@ def load_server_credentials(
 ) -> grpc.ServerCredentials:
     """Return gRPC server credentials from the folder's server key and certificate.
 
-    The certificate chain sent to clients is the server certificate followed
-    by the CA certificate. Raises TLSSetupError when a file is missing or
-    unreadable, the key does not match the certificate, or the certificate was
-    not issued by the folder's CA. An expired certificate is loaded: the
-    server logs expiry_warning's text instead.
+    The credentials keep the contents that the files have at this call. The
+    collector serves through ServerCertificateReloader instead, which rereads
+    renewed files. The certificate chain sent to clients is the server certificate
+    followed by the CA certificate. Raises TLSSetupError when a file is
+    missing or unreadable, the key does not match the certificate, or the
+    certificate was not issued by the folder's CA. An expired certificate is
+    loaded: the server logs expiry_warning's text instead.
     """
-    folder = Path(directory)
-    cert_path = folder / SERVER_CERT_FILENAME
-    key_path = folder / SERVER_KEY_FILENAME
-    ca_path = folder / CA_CERT_FILENAME
-    certificate = _load_certificate(cert_path)
-    key = _load_private_key(key_path)
-    ca_cert = _load_certificate(ca_path)
-    if not _key_matches(key, certificate):
-        raise TLSSetupError(
-            f"{key_path} does not match {cert_path}; issue both again with "
-            f"{PROG} init --renew --dir {folder}"
+    pair = _load_server_pair(Path(directory))
+    return grpc.ssl_server_credentials([(pair.key_pem, pair.chain_pem)])
+
+
+class ServerCertificateReloader:
+    """The server key and certificate of a TLS folder, reread when they change.
+
+    gRPC calls fetch() before each TLS handshake of the credentials() it
+    serves with. fetch() compares the device, inode, size, mtime and ctime of
+    server.pem, server.key and ca.pem with those of the files in service, and
+    reads them again only when one differs. A pair that passes the checks of
+    load_server_credentials goes to the connections accepted from then on.
+    Open connections keep the session that they negotiated. A pair that fails
+    a check (a half-written file, a key that does not match the certificate,
+    a file that cannot be read) leaves the pair in service unchanged and logs
+    one warning per version of the files. Safe to call from any thread.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        """Load the folder's pair, raising TLSSetupError as load_server_credentials."""
+        self._folder = Path(directory)
+        self._paths = _server_pair_paths(self._folder)
+        self._lock = threading.Lock()
+        pair = _load_server_pair(self._folder)
+        # The pair that new connections get, and the pair last handed to gRPC.
+        # They differ after refresh() loads a pair that no handshake fetched.
+        self._current = pair
+        self._configured = pair
+        self._versions = pair.versions
+        # What failed a check and was logged: the file versions, or the
+        # message when a file could not be found or read at all. Those
+        # versions are not read again.
+        self._rejected: tuple[_FileVersion, ...] | str | None = None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The server certificate that new connections get."""
+        with self._lock:
+            return self._current.certificate
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Return gRPC server credentials that call fetch() before each handshake."""
+        with self._lock:
+            initial = _certificate_configuration(self._configured)
+        return grpc.dynamic_ssl_server_credentials(initial, self.fetch)
+
+    def refresh(self) -> x509.Certificate:
+        """Reread the files if they changed and return the certificate in service."""
+        with self._lock:
+            self._refresh()
+            return self._current.certificate
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """Return a renewed pair's configuration for gRPC once, else None.
+
+        gRPC keeps the configuration that it has when this returns None.
+        """
+        with self._lock:
+            self._refresh()
+            if self._current is self._configured:
+                return None
+            self._configured = self._current
+            return _certificate_configuration(self._current)
+
+    def _refresh(self) -> None:
+        try:
+            versions = _file_versions(self._paths)
+        except TLSSetupError as error:
+            self._reject(str(error), str(error))
+            return
+        if versions in (self._versions, self._rejected):
+            return
+        try:
+            pair = _load_server_pair(self._folder)
+        except TLSSetupError as error:
+            self._reject(versions, str(error))
+            return
+        self._rejected = None
+        self._versions = pair.versions
+        if (pair.key_pem, pair.chain_pem) == (
+            self._current.key_pem,
+            self._current.chain_pem,
+        ):
+            # The files were rewritten with the same contents, or only touched.
+            return
+        self._current = pair
+        logger.info(
+            "new connections get the server certificate %s with serial %x, "
+            "valid until %s; open connections keep theirs",
+            self._paths[0],
+            pair.certificate.serial_number,
+            pair.certificate.not_valid_after_utc.isoformat(),
         )
-    if not _issued_by(certificate, ca_cert):
-        raise TLSSetupError(
-            f"{cert_path} was not issued by the CA in {ca_path}; issue it again with "
-            f"{PROG} init --renew --dir {folder}"
+
+    def _reject(self, rejected: tuple[_FileVersion, ...] | str, problem: str) -> None:
+        if rejected == self._rejected:
+            return
+        self._rejected = rejected
+        logger.warning(
+            "%s; new connections still get the server certificate with serial "
+            "%x, valid until %s",
+            problem,
+            self._current.certificate.serial_number,
+            self._current.certificate.not_valid_after_utc.isoformat(),
         )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    chain = _certificate_pem(certificate) + _certificate_pem(ca_cert)
-    return grpc.ssl_server_credentials([(key_pem, chain)])
 
 
 def server_certificate_expiry(directory: str | os.PathLike[str]) -> datetime:
@@ -449,7 +539,9 @@ def _renew_or_rotate(
         _print_certificate(folder)
         print(
             f"kept the CA in {folder / CA_CERT_FILENAME}: agents need no new CA file. "
-            f"Restart {PROG} serve to use the new certificate."
+            f"A running {PROG} serve gives the new certificate to new connections "
+            "without a restart; open connections keep the old one until they "
+            "reconnect."
         )
     if rotate:
         rotate_enrollment_secret(folder)
@@ -673,12 +765,105 @@ def _issue_server_files(
     certificate = _issue_server_certificate(key, ca_cert, ca_key, names, now, days)
     key_path = folder / SERVER_KEY_FILENAME
     cert_path = folder / SERVER_CERT_FILENAME
-    # The key goes first: a collector that starts between the two renames
-    # finds a key that does not match the certificate and stops with an
-    # error rather than serving with a stale pair.
-    _write_private_key(key_path, key)
-    _write_file(cert_path, _certificate_pem(certificate), PUBLIC_FILE_MODE)
+    # Both files are written in full before either is renamed into place, so
+    # the folder contains a mismatched pair only between two renames. The key
+    # goes first: a collector that starts in that moment stops with an error
+    # rather than serving with a stale pair, and a running one keeps the pair
+    # it serves until the certificate follows.
+    _write_files(
+        [
+            (key_path, _private_key_pem(key), PRIVATE_FILE_MODE),
+            (cert_path, _certificate_pem(certificate), PUBLIC_FILE_MODE),
+        ]
+    )
     return [key_path, cert_path]
+
+
+class _FileVersion(NamedTuple):
+    """The identity of one version of a file, which a rename or a write changes."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> _FileVersion:
+        return cls(
+            status.st_dev,
+            status.st_ino,
+            status.st_size,
+            status.st_mtime_ns,
+            status.st_ctime_ns,
+        )
+
+
+@dataclass(frozen=True)
+class _ServerPair:
+    """A checked server key and certificate, as gRPC serves them."""
+
+    certificate: x509.Certificate
+    key_pem: bytes
+    # The server certificate followed by the CA certificate.
+    chain_pem: bytes
+    # Versions of server.pem, server.key and ca.pem, in that order, that the
+    # contents were read from.
+    versions: tuple[_FileVersion, ...]
+
+
+def _server_pair_paths(folder: Path) -> tuple[Path, Path, Path]:
+    return (
+        folder / SERVER_CERT_FILENAME,
+        folder / SERVER_KEY_FILENAME,
+        folder / CA_CERT_FILENAME,
+    )
+
+
+def _load_server_pair(folder: Path) -> _ServerPair:
+    cert_path, key_path, ca_path = _server_pair_paths(folder)
+    cert_data, cert_version = _read_file_version(cert_path)
+    key_data, key_version = _read_file_version(key_path)
+    ca_data, ca_version = _read_file_version(ca_path)
+    certificate = _parse_certificate(cert_path, cert_data)
+    key = _parse_private_key(key_path, key_data)
+    ca_cert = _parse_certificate(ca_path, ca_data)
+    if not _key_matches(key, certificate):
+        raise TLSSetupError(
+            f"{key_path} does not match {cert_path}; issue both again with "
+            f"{PROG} init --renew --dir {folder}"
+        )
+    if not _issued_by(certificate, ca_cert):
+        raise TLSSetupError(
+            f"{cert_path} was not issued by the CA in {ca_path}; issue it again with "
+            f"{PROG} init --renew --dir {folder}"
+        )
+    return _ServerPair(
+        certificate=certificate,
+        key_pem=_private_key_pem(key),
+        chain_pem=_certificate_pem(certificate) + _certificate_pem(ca_cert),
+        versions=(cert_version, key_version, ca_version),
+    )
+
+
+def _certificate_configuration(
+    pair: _ServerPair,
+) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.chain_pem)])
+
+
+def _file_versions(paths: Sequence[Path]) -> tuple[_FileVersion, ...]:
+    versions: list[_FileVersion] = []
+    for path in paths:
+        try:
+            versions.append(_FileVersion.of(os.stat(path)))
+        except FileNotFoundError:
+            raise TLSSetupError(
+                f"{path} is missing; {_init_hint(path.parent)}"
+            ) from None
+        except OSError as error:
+            raise TLSSetupError(_unreadable_message(path, error)) from None
+    return tuple(versions)
 
 
 def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -707,7 +892,10 @@ def _load_ca(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
 
 
 def _load_certificate(path: Path) -> x509.Certificate:
-    data = _read_file(path)
+    return _parse_certificate(path, _read_file(path))
+
+
+def _parse_certificate(path: Path, data: bytes) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -717,10 +905,13 @@ def _load_certificate(path: Path) -> x509.Certificate:
 
 
 def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    data = _read_file(path)
+    return _parse_private_key(path, _read_file(path))
+
+
+def _parse_private_key(path: Path, data: bytes) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         # The parser's message is left out: it could quote the file's bytes.
         raise TLSSetupError(
             f"{path} is not an unencrypted PEM private key; {_init_hint(path.parent)}"
@@ -733,8 +924,19 @@ def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 
 def _read_file(path: Path) -> bytes:
+    return _read_file_version(path)[0]
+
+
+def _read_file_version(path: Path) -> tuple[bytes, _FileVersion]:
+    """Read path and return its bytes with the version of the file they came from.
+
+    fstat on the open file ties the version to the inode that was read, even
+    when a rename replaces path meanwhile.
+    """
     try:
-        return path.read_bytes()
+        with path.open("rb") as stream:
+            version = _FileVersion.of(os.fstat(stream.fileno()))
+            return stream.read(), version
     except FileNotFoundError:
         raise TLSSetupError(f"{path} is missing; {_init_hint(path.parent)}") from None
     except OSError as error:
@@ -808,12 +1010,15 @@ def _make_directory(folder: Path) -> None:
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
+    _write_file(path, _private_key_pem(key), PRIVATE_FILE_MODE)
+
+
+def _private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_file(path, data, PRIVATE_FILE_MODE)
 
 
 def _write_enrollment_secret(path: Path) -> None:
@@ -822,34 +1027,53 @@ def _write_enrollment_secret(path: Path) -> None:
 
 
 def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write data to path atomically: a new file with mode, then a rename.
+    """Write data to path atomically: a new file with mode, then a rename."""
+    _write_files([(path, data, mode)])
 
-    The temporary file is created with O_EXCL and the final mode (private
-    files are never wider than 0600), so no other user can open it while it
-    is written.
+
+def _write_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Write each (path, data, mode) to a temporary file, then rename all in order.
+
+    A failed write renames nothing and removes the temporary files. The
+    temporary files are created with O_EXCL and the final mode (private
+    files are never wider than 0600), so no other user can open them while
+    they are written.
     """
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            staged.append((_write_temporary(path, data, mode), path))
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+    for folder in dict.fromkeys(path.parent for _, path in staged):
+        _sync_directory(folder)
+
+
+def _write_temporary(path: Path, data: bytes, mode: int) -> Path:
     temporary = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     descriptor = os.open(temporary, flags, mode)
     try:
-        try:
-            if mode & 0o077:
-                # A public file gets its full mode whatever the umask; fchmod
-                # runs on the still empty file. Private files keep the mode of
-                # os.open, which a umask can only narrow.
-                os.fchmod(descriptor, mode)
-            view = memoryview(data)
-            while view:
-                written = os.write(descriptor, view)
-                view = view[written:]
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
+        if mode & 0o077:
+            # A public file gets its full mode whatever the umask; fchmod
+            # runs on the still empty file. Private files keep the mode of
+            # os.open, which a umask can only narrow.
+            os.fchmod(descriptor, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(descriptor, view)
+            view = view[written:]
+        os.fsync(descriptor)
     except BaseException:
+        os.close(descriptor)
         temporary.unlink(missing_ok=True)
         raise
-    _sync_directory(path.parent)
+    os.close(descriptor)
+    return temporary
 
 
 def _sync_directory(folder: Path) -> None:

@@ -35,6 +35,7 @@ from collector.store import (
     _remediations,
     _trust,
 )
+from collector.store._audit import AuditEvent
 from collector.store._engine import (
     WRITE_OPTION,
     create_store_engine,
@@ -70,6 +71,7 @@ __all__ = [
     "RECURRENCE_WINDOW",
     "RULE_STAGES",
     "RULE_STATS_OUTCOMES",
+    "AuditEvent",
     "AuditRecord",
     "CommandRecord",
     "EnrollResult",
@@ -318,17 +320,23 @@ class Store:
         token_hash: str,
         created_by: str,
         now: datetime,
+        *,
+        audit: AuditEvent | None = None,
     ) -> None:
         """Store an operator token by its id and the hash of its secret part.
 
-        Raises TokenNameTakenError when a token of that name exists, revoked
-        or not, and ValueError for an invalid name (see auth.check_token_name)
-        or role.
+        audit, if given, is appended to the audit log in the same transaction,
+        so a failed audit write stores no token. Raises TokenNameTakenError,
+        with nothing written, when a token of that name exists, revoked or
+        not, and ValueError for an invalid name (see auth.check_token_name) or
+        role.
         """
         with self._write(f"creating operator token {name!r}") as connection:
             _trust.create_token(
                 connection, name, role, token_id, token_hash, created_by, now
             )
+            if audit is not None:
+                _audit.append_audit_event(connection, audit)
 
     def find_token(self, token_id: str) -> TokenRecord | None:
         """Return the operator token with token_id, revoked or not, or None."""
@@ -340,14 +348,21 @@ class Store:
         with self._read("listing operator tokens") as connection:
             return _trust.list_tokens(connection)
 
-    def revoke_token(self, name: str, now: datetime) -> bool | None:
+    def revoke_token(
+        self, name: str, now: datetime, *, audit: AuditEvent | None = None
+    ) -> bool | None:
         """Revoke the operator token called name.
 
         Returns None for an unknown name, False when the token was revoked
         already (its revoke time is kept) and True when this call revoked it.
+        audit, if given, is appended to the audit log in the same transaction
+        unless the name is unknown, so a failed audit write revokes nothing.
         """
         with self._write(f"revoking operator token {name!r}") as connection:
-            return _trust.revoke_token(connection, name, now)
+            revoked = _trust.revoke_token(connection, name, now)
+            if revoked is not None and audit is not None:
+                _audit.append_audit_event(connection, audit)
+            return revoked
 
     def mark_token_used(self, token_id: str, now: datetime) -> None:
         """Set the token's last-use time to now, unless it is later already."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, RowMapping, insert, select
@@ -9,6 +10,37 @@ from sqlalchemy import Connection, RowMapping, insert, select
 from collector.auth import Role
 from collector.store._model import AuditRecord
 from collector.store._schema import audit_events
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """An audit log event to append, with the fields of an AuditRecord except its id."""
+
+    event_time: datetime
+    # Token name, or "local:<login name>" for a command run on the collector host.
+    actor: str
+    # Role of the token, or None when the call carried no valid token.
+    role: Role | None
+    action: str
+    arguments_json: str
+    # "OK", or the status code name of a refused or failed call.
+    outcome: str
+    # Network address of the caller, empty for a local command.
+    peer: str
+
+
+def append_audit_event(connection: Connection, event: AuditEvent) -> int:
+    """Insert event and return its event id."""
+    return append_audit(
+        connection,
+        event.event_time,
+        event.actor,
+        event.role,
+        event.action,
+        event.arguments_json,
+        event.outcome,
+        event.peer,
+    )
 
 
 def append_audit(

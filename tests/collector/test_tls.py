@@ -457,7 +457,7 @@ def test_renew_command_keeps_names(
     assert new.serial_number != old.serial_number
     assert f"{tls_dir / 'server.pem'} (mode 0644)" in output
     assert "127.0.0.1, localhost" in output
-    assert "Restart fleetmend-collector serve" in output
+    assert "gives the new certificate to new connections" in output
     assert_no_leak(output)
 
 
