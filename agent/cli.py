@@ -20,16 +20,20 @@ import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import FrameType  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from google.protobuf import json_format  # noqa: E402
 
 from agent import __version__, paths  # noqa: E402
+from agent import clock as clock_module  # noqa: E402
 from agent.config import (  # noqa: E402
+    LOG_LEVELS,
     AgentConfig,
     ConfigError,
     Setting,
     env_name,
     load_config,
+    unknown_variable_message,
 )
 from agent.enrollment import (  # noqa: E402
     SECRET_VARIABLE,
@@ -47,7 +51,10 @@ from agent.spool import SPOOL_FILE, SpoolError, SpoolStats, read_stats  # noqa: 
 from agent.spool import describe as describe_spool  # noqa: E402
 from agent.state import Identity, StateError, StateStore  # noqa: E402
 from agent.transport import is_loopback_target  # noqa: E402
-from fleetmend.v1 import report_pb2  # noqa: E402
+from fleetmend.v1 import remediation_pb2, report_pb2  # noqa: E402
+
+if TYPE_CHECKING:
+    from agent.healing.conditions import ConditionEvaluator
 
 log = logging.getLogger("agent")
 
@@ -56,32 +63,38 @@ log = logging.getLogger("agent")
 # so the agent gets BrokenPipeError and returns this status itself.
 BROKEN_PIPE_EXIT = 141
 
+# rules measures an application's CPU use over this many seconds, between two
+# readings of its processes' CPU times.
+CPU_SAMPLE_SECONDS = 1.0
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fleetmend-agent",
-        description="Fleetmend endpoint agent: reads this computer's health and "
-        "reports it to a Fleetmend collector.",
-    )
-    parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
-    )
+
+def _common_options() -> argparse.ArgumentParser:
+    """Return the parent parser of the options that every command takes."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
-        help="TOML settings file (default: /etc/fleetmend/agent.toml as root, "
-        "else agent.toml in the user config directory)",
+        metavar="FILE",
+        help="TOML settings file (default: /etc/fleetmend/agent.toml as root on "
+        "Linux, else agent.toml in the user config directory)",
     )
     common.add_argument(
-        "--state-dir", help="folder for the device id and local history"
+        "--state-dir",
+        metavar="DIR",
+        help="folder of the device id, spool and local history (default: "
+        "/var/lib/fleetmend as root on Linux, else the user state directory)",
     )
-    common.add_argument("--collector", help="collector address as HOST:PORT")
+    common.add_argument(
+        "--collector",
+        metavar="HOST:PORT",
+        help="collector address; enroll needs it, and run uses the enrolled "
+        "collector without it",
+    )
     common.add_argument(
         "--insecure",
         action="store_const",
         const=True,
-        help="talk plaintext gRPC to the collector (loopback demos only)",
+        help="connect to the collector without TLS (loopback collectors only)",
     )
     common.add_argument(
         "--usage",
@@ -100,47 +113,92 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
-        help="minimum level of log messages on stderr (default: info)",
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help="minimum level of log messages on stderr: debug, info, warning or "
+        "error (default: info)",
     )
+    return common
 
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    collect = commands.add_parser(
-        "collect",
-        parents=[common],
-        help="read everything once and print one full report",
+
+# Each command's one-line help in the command list and the description at the
+# top of its own --help.
+COMMANDS = {
+    "collect": (
+        "read everything once and print one full report",
+        "Read every probe once and print the full report that the agent would "
+        "send. Nothing is sent and no state is written.",
+    ),
+    "show": (
+        "say in plain words what the agent sends",
+        "Describe in plain words what this agent sends to the collector and "
+        "what it never sends.",
+    ),
+    "diagnose": (
+        "print every setting and where it came from, and any problems",
+        "Print every setting with its value and source, the state files and "
+        "the enrollment, then list the problems found. Exits 1 if there are any.",
+    ),
+    "rules": (
+        "show what each self-healing rule would do now, changing nothing",
+        "Evaluate every self-healing rule of the policy in force once and "
+        "dry-run its action. Nothing is changed or sent. Rules that watch an "
+        f"application's CPU use take {CPU_SAMPLE_SECONDS:g} s to measure it.",
+    ),
+    "notices": (
+        "list the notices that self-healing rules left for the user",
+        "List the notices that self-healing rules stored for the user of this "
+        "computer, newest first.",
+    ),
+    "run": (
+        "run the agent and stream reports to the collector",
+        "Run the agent: read the probes on their intervals, apply the "
+        "self-healing rules and stream reports to the enrolled collector until "
+        "stopped (SIGTERM or Ctrl-C).",
+    ),
+    "enroll": (
+        "exchange the fleet's enrollment secret for this device's node key",
+        "Enroll this device with a collector. The enrollment secret "
+        f"comes from --secret-file or the {SECRET_VARIABLE} variable, never "
+        "from the command line.",
+    ),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetmend-agent",
+        description="Fleetmend endpoint agent: reads this computer's health and "
+        "reports it to a Fleetmend collector.",
     )
-    collect.add_argument(
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
+    common = _common_options()
+    commands = parser.add_subparsers(
+        title="commands",
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="run fleetmend-agent COMMAND --help for its options",
+    )
+    subparsers = {
+        name: commands.add_parser(
+            name, parents=[common], help=summary, description=description
+        )
+        for name, (summary, description) in COMMANDS.items()
+    }
+    subparsers["collect"].add_argument(
         "--format",
         choices=("text", "json", "protobuf"),
         default="text",
         help="text for people (default), json, or protobuf (raw bytes on stdout)",
     )
-    commands.add_parser(
-        "show", parents=[common], help="say in plain words what the agent sends"
-    )
-    commands.add_parser(
-        "diagnose", parents=[common], help="print every setting and where it came from"
-    )
-    commands.add_parser(
-        "rules",
-        parents=[common],
-        help="evaluate every self-healing rule once as a dry run and print what "
-        "each would do",
-    )
-    commands.add_parser(
-        "notices",
-        parents=[common],
-        help="list the notices that self-healing rules left for the user",
-    )
-    run = commands.add_parser(
-        "run",
-        parents=[common],
-        help="run the agent and stream reports to the collector",
-    )
+    run = subparsers["run"]
     run.add_argument(
         "--ca-file",
         type=Path,
+        metavar="FILE",
         help="PEM file of the collector's CA (default: the copy made by enroll)",
     )
     run.add_argument(
@@ -150,22 +208,17 @@ def _parser() -> argparse.ArgumentParser:
         help="exit once N routine reports are acknowledged, not counting reports "
         "of remediation records (for demos and smoke tests)",
     )
-    enroll = commands.add_parser(
-        "enroll",
-        parents=[common],
-        help="exchange the fleet's enrollment secret for this device's node key",
-        description="Enroll this device with a collector. The enrollment secret "
-        f"comes from --secret-file or the {SECRET_VARIABLE} variable, never "
-        "from the command line.",
-    )
+    enroll = subparsers["enroll"]
     enroll.add_argument(
         "--ca-file",
         type=Path,
+        metavar="FILE",
         help="PEM file of the collector's CA certificate (its ca.pem)",
     )
     enroll.add_argument(
         "--secret-file",
         type=Path,
+        metavar="FILE",
         help="file that contains the enrollment secret on one line",
     )
     return parser
@@ -294,6 +347,26 @@ def _spool_stats(config: AgentConfig) -> tuple[SpoolStats | None, str | None]:
         return None, str(exc)
 
 
+def _start_cpu_samples(
+    evaluator: ConditionEvaluator, policy: remediation_pb2.Policy
+) -> None:
+    """Take the first CPU reading for process_cpu_above rules, then wait.
+
+    CPU use is the CPU time used between two readings, so without this the
+    one evaluation of rules would show 0 % for every application.
+    """
+    app_ids = evaluator.start_cpu_samples(policy.rules)
+    if not app_ids:
+        return
+    print(
+        f"Measuring the CPU use of {', '.join(app_ids)} for "
+        f"{CPU_SAMPLE_SECONDS:g} s...",
+        file=sys.stderr,
+        flush=True,
+    )
+    clock_module.clock.wait(threading.Event(), CPU_SAMPLE_SECONDS)
+
+
 def cmd_rules(config: AgentConfig) -> int:
     """Print what each rule of the policy in force would do now, changing nothing."""
     from agent.healing.policy import PolicyError
@@ -308,6 +381,7 @@ def cmd_rules(config: AgentConfig) -> int:
     local = "Built-in policy"
     if config.healing_policy_file is not None:
         local = f"Local policy {config.healing_policy_file}"
+    _start_cpu_samples(engine.evaluator, engine.policies.policy)
     previews = engine.preview(engine.readings())
     sys.stdout.write(render_rules(previews, engine.policies.status, local))
     if not config.healing_enabled:
@@ -320,11 +394,17 @@ def cmd_rules(config: AgentConfig) -> int:
 
 
 def cmd_notices(config: AgentConfig) -> int:
-    """Print the notices that rules left for the user."""
-    from agent.healing.notices import render_notices
+    """Print the notices that rules left for the user; exit 1 if any is unreadable."""
+    from agent.healing.notices import NoticeError, NoticeStore, render_notices
 
-    sys.stdout.write(render_notices(config.state_dir))
-    return 0
+    try:
+        notices, problems = NoticeStore(config.state_dir).read()
+    except NoticeError as exc:
+        return _fail(str(exc), 1)
+    sys.stdout.write(render_notices(notices))
+    for problem in problems:
+        print(f"fleetmend-agent: skipped: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _key_store_line(config: AgentConfig) -> str:
@@ -431,10 +511,7 @@ def _diagnose_problems(
     """Check what the settings point at; return each problem in one line."""
     from agent.usage.catalog import CatalogError
 
-    problems = [
-        f"environment variable {name} is not a Fleetmend setting (misspelt?)"
-        for name in config.unknown_variables
-    ]
+    problems = [unknown_variable_message(name) for name in config.unknown_variables]
     if spool_problem is not None:
         problems.append(spool_problem)
     if state.path.exists():
@@ -451,7 +528,24 @@ def _diagnose_problems(
     return problems
 
 
+def _print_settings(config: AgentConfig) -> None:
+    """Print a table of each setting's value, source and environment variable."""
+    rows = [
+        (name, json.dumps(setting.value), setting.source, env_name(name))
+        for name, setting in config.settings.items()
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    print("settings (name, value, source, and the environment variable that sets it):")
+    for name, value, source, variable in rows:
+        print(
+            f"  {name:<{widths[0]}}  {value:<{widths[1]}}  {source:<{widths[2]}}  "
+            f"{variable}"
+        )
+
+
 def cmd_diagnose(config: AgentConfig) -> int:
+    from agent.render import wrap_line
+
     config = with_enrolled_collector(config)
     state = StateStore(config.state_dir)
     file_note = "found" if config.config_file_found else "not found, defaults apply"
@@ -468,11 +562,7 @@ def cmd_diagnose(config: AgentConfig) -> int:
         print(f"spool {config.state_dir / SPOOL_FILE}: not created yet")
     catalogs = ["built-in default catalog", *map(str, config.usage_catalogs)]
     print(f"usage catalogs: {', '.join(catalogs)}")
-    print("settings (value, then source; each can be set by its environment variable):")
-    width = max(len(name) for name in config.settings)
-    for name, setting in config.settings.items():
-        value = json.dumps(setting.value)
-        print(f"  {name:<{width}}  {value:<40} {setting.source:<30} {env_name(name)}")
+    _print_settings(config)
 
     trust_problems = _diagnose_trust(config)
     problems = _diagnose_problems(config, state, spool_problem, trust_problems)
@@ -481,8 +571,67 @@ def cmd_diagnose(config: AgentConfig) -> int:
         return 0
     print("problems:")
     for problem in problems:
-        print(f"  - {problem}")
+        print(wrap_line(f"  - {problem}", "    "))
     return 1
+
+
+# Commands that only read the state folder. Run by a user who cannot read it,
+# they would take its files for missing or damaged, so they check it first.
+READ_ONLY_COMMANDS = frozenset({"show", "diagnose", "rules", "notices"})
+
+
+def unreadable_state(state_dir: Path) -> str | None:
+    """Return which state folder or file this user cannot read, None if all can be.
+
+    A missing folder counts as readable, because it contains nothing yet.
+    Only permission errors count. The command itself reports other problems.
+    """
+    try:
+        with os.scandir(state_dir) as iterator:
+            entries = list(iterator)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except PermissionError:
+        return f"state folder {state_dir}"
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            descriptor = os.open(entry.path, os.O_RDONLY)
+        except PermissionError:
+            return f"state file {entry.path}"
+        except OSError:
+            continue
+        os.close(descriptor)
+    return None
+
+
+def _user_text() -> str:
+    """Return the effective user as "name (uid N)", or the login name on Windows."""
+    try:
+        import pwd
+    except ImportError:
+        import getpass
+
+        return getpass.getuser()
+    user_id = os.geteuid()
+    try:
+        return f"{pwd.getpwuid(user_id).pw_name} (uid {user_id})"
+    except KeyError:
+        return f"uid {user_id}"
+
+
+def _check_state_readable(config: AgentConfig, command: str) -> int | None:
+    """Print why a read-only command cannot read the state and return 1, else None."""
+    unreadable = unreadable_state(config.state_dir)
+    if unreadable is None:
+        return None
+    return _fail(
+        f"{unreadable} cannot be read by {_user_text()}: permission denied; run "
+        "the command as root or as the account that the agent service runs "
+        f"as, for example: sudo fleetmend-agent {command}",
+        1,
+    )
 
 
 NOT_ENROLLED = (
@@ -548,6 +697,8 @@ def cmd_run(
     from agent.runtime import Agent
     from agent.sections import usage_source as make_usage
 
+    for name in config.unknown_variables:
+        log.warning("%s", unknown_variable_message(name))
     connection = _run_connection(config, ca_file)
     if isinstance(connection, int):
         return connection
@@ -559,9 +710,6 @@ def cmd_run(
             file=sys.stderr,
         )
         return 2
-    for name in config.unknown_variables:
-        log.warning("environment variable %s is not a Fleetmend setting", name)
-
     from agent.usage.catalog import CatalogError
 
     usage = make_usage(config)
@@ -674,6 +822,10 @@ def _main(argv: Sequence[str] | None) -> int:
         # enroll prints one line of result; progress logs would only add noise.
         level = "warning"
     _setup_logging(level)
+    if args.command in READ_ONLY_COMMANDS:
+        failed = _check_state_readable(config, args.command)
+        if failed is not None:
+            return failed
 
     try:
         if args.command == "collect":

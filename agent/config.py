@@ -33,6 +33,7 @@ OS path separator.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
@@ -62,11 +63,22 @@ DEFAULT_INTERVALS: dict[str, int] = {
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-# FLEETMEND_* variables read by something other than an agent setting: the
-# config file path, the operators' CLI and the test suite.
-OTHER_VARIABLES = frozenset(
-    {"FLEETMEND_CONFIG", "FLEETMEND_TEST_POSTGRES_URL", "FLEETMEND_ENROLL_SECRET"}
+# FLEETMEND_* variables that the agent reads besides its settings: the config
+# file path (agent.paths) and the enrollment secret (agent.enrollment).
+AGENT_VARIABLES = frozenset({"FLEETMEND_CONFIG", "FLEETMEND_ENROLL_SECRET"})
+# FLEETMEND_* variables of other Fleetmend programs. An operator's shell may
+# set them, so the agent does not warn about them. The operators' CLI fleetmend
+# reads FLEETMEND_CA_FILE and FLEETMEND_TOKEN_FILE (collector/_ops_transport.py).
+# Its FLEETMEND_COLLECTOR is also the agent's collector setting. The test suite
+# reads FLEETMEND_TEST_POSTGRES_URL.
+OTHER_PROGRAM_VARIABLES = frozenset(
+    {"FLEETMEND_CA_FILE", "FLEETMEND_TOKEN_FILE", "FLEETMEND_TEST_POSTGRES_URL"}
 )
+# Minimum similarity (difflib ratio, 0 to 1) of the parts after FLEETMEND_ at
+# which the message about an unknown variable suggests a known one. At 0.75,
+# COLECTOR and INTERVAL_HOST match COLLECTOR and INTERVALS_HOST, and names such
+# as FOO match nothing.
+SUGGESTION_CUTOFF = 0.75
 
 
 class ConfigError(Exception):
@@ -325,6 +337,25 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.replace(".", "_").upper()
 
 
+def unknown_variable_message(name: str) -> str:
+    """Describe an unknown FLEETMEND_* variable, naming the setting it may misspell."""
+    settings = {env_name(spec.name): spec.name for spec in _specs()}
+    candidates = {
+        variable.removeprefix(ENV_PREFIX): variable
+        for variable in [*settings, *AGENT_VARIABLES]
+    }
+    matches = difflib.get_close_matches(
+        name.removeprefix(ENV_PREFIX), candidates, n=1, cutoff=SUGGESTION_CUTOFF
+    )
+    message = f"environment variable {name} is not an agent setting"
+    if not matches:
+        return f"{message}; check its spelling, or unset it"
+    variable = candidates[matches[0]]
+    if variable in settings:
+        return f"{message}; did you mean {variable} (setting {settings[variable]})?"
+    return f"{message}; did you mean {variable}?"
+
+
 def _file_values(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
@@ -389,7 +420,11 @@ def load_config(
         )
 
     config = AgentConfig(config_file=path, config_file_found=found)
-    known_variables = {env_name(spec.name) for spec in _specs()} | OTHER_VARIABLES
+    known_variables = (
+        {env_name(spec.name) for spec in _specs()}
+        | AGENT_VARIABLES
+        | OTHER_PROGRAM_VARIABLES
+    )
     config.unknown_variables = sorted(
         name
         for name in environ

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,7 +16,28 @@ from agent.spool import SPOOL_FILE, SpoolStats
 from fleetmend.v1 import remediation_pb2, report_pb2
 
 if TYPE_CHECKING:
+    from agent.healing.actions.base import ActionResult
     from agent.healing.engine import RulePreview
+
+
+# Width of the lines that the render functions wrap. show's text is narrower,
+# as prose for people to read.
+LINE_WIDTH = 88
+DISCLOSURE_WIDTH = 78
+
+
+def wrap_line(text: str, indent: str, width: int = LINE_WIDTH) -> str:
+    """Wrap one line at width, indenting continuation lines by indent.
+
+    Words longer than a line, such as paths, are kept whole.
+    """
+    return textwrap.fill(
+        text,
+        width,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 def _bytes(count: int) -> str:
@@ -228,7 +251,9 @@ def _collector_text(config: AgentConfig) -> str:
     """Return the collector that run connects to and the source of that value."""
     setting = config.settings["collector"]
     if not setting.value:
-        return "no collector set; enroll with --collector HOST:PORT"
+        return (
+            "no collector set; enroll with fleetmend-agent enroll --collector HOST:PORT"
+        )
     source = setting.source
     if source == "flag":
         origin = "set by --collector"
@@ -263,7 +288,11 @@ def render_disclosure(
             "last 28 days (fewer while the agent is new)."
         )
     lines = [
-        f"This Fleetmend agent sends reports to: {collector}",
+        wrap_line(
+            f"This Fleetmend agent sends reports to: {collector}",
+            "  ",
+            DISCLOSURE_WIDTH,
+        ),
         "",
         "What it sends:",
         "- Computer: host name, operating system and kernel version, manufacturer,",
@@ -274,15 +303,23 @@ def render_disclosure(
         "- Batteries: model, capacity when new and now, cycle count, charge status.",
         "- Passwords: for each local account with a login shell, when its password",
         "  expires. Never the password itself.",
-        f"- Application usage: {usage}",
-        f"- Self-healing: {_healing_disclosure(config)}",
+        wrap_line(f"- Application usage: {usage}", "  ", DISCLOSURE_WIDTH),
+        wrap_line(
+            f"- Self-healing: {_healing_disclosure(config)}", "  ", DISCLOSURE_WIDTH
+        ),
         "",
         "What it never sends: file names or contents, window titles, web addresses,",
         "keystrokes, the names of processes outside the catalog, or where you are.",
         "",
-        "Node key: this device's credential, issued by the collector at enrollment",
-        f"and stored locally ({key_store or 'not enrolled yet'}). It is never sent",
-        "except as the credential of each connection to the collector.",
+        *textwrap.wrap(
+            "Node key: this device's credential, issued by the collector at "
+            f"enrollment and stored locally ({key_store or 'not enrolled yet'}). "
+            "It is never sent except as the credential of each connection to "
+            "the collector.",
+            DISCLOSURE_WIDTH,
+            break_long_words=False,
+            break_on_hyphens=False,
+        ),
     ]
     if config.usage_enabled and config.usage_resolve_hosts:
         lines += [
@@ -298,20 +335,60 @@ def render_disclosure(
     return "\n".join(lines) + "\n"
 
 
+# A parameter string shown without quotes: a cache set, service or app name.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9@._:/-]+")
+
+
+def _param_text(value: object) -> str:
+    if isinstance(value, list):
+        return ", ".join(map(_param_text, value))
+    if isinstance(value, str) and not _PLAIN_WORD.fullmatch(value):
+        return repr(value)
+    return str(value)
+
+
 def _action_text(action: remediation_pb2.Action) -> str:
-    kind = action.WhichOneof("kind") or "no action"
-    if kind == "no action":
-        return kind
+    """Return an action as its kind and its parameters, such as "notify (title 'x')".
+
+    The names are those of the policy file, so that an administrator can find
+    them there. Strings other than plain names are quoted. Commas separate
+    list items, and semicolons separate parameters.
+    """
+    kind = action.WhichOneof("kind")
+    if kind is None:
+        return "none"
     params = json_format.MessageToDict(
         getattr(action, kind), preserving_proto_field_name=True
     )
     if not params:
         return kind
-    words = ", ".join(
-        f"{key} {', '.join(map(str, value)) if isinstance(value, list) else value}"
-        for key, value in params.items()
-    )
+    words = "; ".join(f"{key} {_param_text(value)}" for key, value in params.items())
     return f"{kind} ({words})"
+
+
+def _rule_state(preview: RulePreview) -> str:
+    """Return what the rule would do at the next evaluation, in words."""
+    if not preview.condition.holds:
+        return "nothing to do"
+    if preview.skip_reason:
+        return f"skipped: {preview.skip_reason}"
+    if preview.rule.dry_run:
+        return "would dry-run its action and report the result"
+    return "would act"
+
+
+def _dry_run_text(result: ActionResult) -> str:
+    """Return the outcome and reason of an action's dry run.
+
+    The reason of a DRY_RUN outcome starts with "would" in every action, so
+    only the reason is shown for it.
+    """
+    if result.outcome == remediation_pb2.REMEDIATION_OUTCOME_DRY_RUN:
+        return result.reason or "would act"
+    outcome = _enum(
+        remediation_pb2.RemediationOutcome, result.outcome, "REMEDIATION_OUTCOME_"
+    )
+    return f"{outcome}: {result.reason}" if result.reason else outcome
 
 
 def render_rules(
@@ -323,39 +400,30 @@ def render_rules(
     if status.applied_version:
         title = f"Policy version {status.applied_version} from the collector"
     else:
-        title = f"{local_policy} (version 0)"
-    lines = [f"{title}, {_plural(len(previews), 'rule')}; nothing below was changed."]
+        title = local_policy
+    lines = [
+        f"{title}, {_plural(len(previews), 'rule')}. A dry run: nothing was changed."
+    ]
     if status.rejected_version:
         lines.append(
-            f"  ! policy version {status.rejected_version} was rejected: "
-            f"{status.rejected_reason}"
+            wrap_line(
+                f"  ! policy version {status.rejected_version} from the collector "
+                f"was rejected: {status.rejected_reason}",
+                "    ",
+            )
         )
     for preview in previews:
         rule = preview.rule
-        suffix = " (dry run)" if rule.dry_run else ""
+        suffix = " (dry-run rule)" if rule.dry_run else ""
+        met = "met" if preview.condition.holds else "not met"
         lines.append("")
         lines.append(f"Rule {rule.name}{suffix}")
-        holds = "holds" if preview.condition.holds else "does not hold"
-        lines.append(f"  condition {holds}: {preview.condition.detail}")
-        if not preview.condition.holds:
-            lines.append("  now: nothing to do")
-        elif preview.skip_reason:
-            lines.append(f"  now: skipped: {preview.skip_reason}")
-        elif rule.dry_run:
-            lines.append("  now: would run as a dry run and report it")
-        else:
-            lines.append("  now: would act")
-        lines.append(f"  action: {_action_text(rule.action)}")
-        result = preview.result
-        outcome = _enum(
-            remediation_pb2.RemediationOutcome,
-            result.outcome,
-            "REMEDIATION_OUTCOME_",
+        lines.append(
+            wrap_line(f"  condition {met}: {preview.condition.detail}", "    ")
         )
-        line = f"  dry run of the action: {outcome}"
-        if result.reason:
-            line += f": {result.reason}"
-        lines.append(line)
-        if result.bytes_freed:
-            lines.append(f"  would free {_bytes(result.bytes_freed)}")
+        lines.append(wrap_line(f"  now: {_rule_state(preview)}", "    "))
+        lines.append(wrap_line(f"  action: {_action_text(rule.action)}", "    "))
+        lines.append(wrap_line(f"  dry run: {_dry_run_text(preview.result)}", "    "))
+        if preview.result.bytes_freed:
+            lines.append(f"  would free {_bytes(preview.result.bytes_freed)}")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -95,6 +95,9 @@ def _format_bytes(count: float) -> str:
 
 
 def _format_span(seconds: float) -> str:
+    """Return a span as "3d 4h", "5h 12m", "7m" or, below a minute, "40s"."""
+    if 0 < seconds < 60:
+        return f"{seconds:.0f}s"
     minutes = max(0, int(seconds // 60))
     days, minutes = divmod(minutes, 24 * 60)
     hours, minutes = divmod(minutes, 60)
@@ -149,6 +152,32 @@ class ConditionEvaluator:
         if kind == "disk_failing":
             return _disks(readings)
         return ConditionResult(False, detail="no condition set")
+
+    def start_cpu_samples(self, rules: Iterable[remediation_pb2.Rule]) -> list[str]:
+        """Take a first CPU reading of each process_cpu_above rule's application.
+
+        CPU use is measured between two readings, so the first evaluate() of
+        such a rule returns 0 %. A one-shot evaluation calls this, waits, and
+        then evaluates. Returns the app ids read, empty without a sampler or
+        catalog.
+        """
+        catalog = self.catalog()
+        if self.cpu_sampler is None or catalog is None:
+            return []
+        app_ids = []
+        for rule in rules:
+            if rule.condition.WhichOneof("kind") != "process_cpu_above":
+                continue
+            app_id = rule.condition.process_cpu_above.app_id
+            if app_id in app_ids:
+                continue
+            try:
+                self.cpu_sampler.sample(app_id, catalog)
+            except Exception as exc:  # noqa: BLE001 - evaluate() reports it again
+                log.debug("first CPU reading of %s failed: %s", app_id, exc)
+                continue
+            app_ids.append(app_id)
+        return app_ids
 
     @staticmethod
     def _free_space(
@@ -228,9 +257,12 @@ class ConditionEvaluator:
         sustained = duration_seconds(condition.sustained)
         detail = (
             f"{condition.app_id} uses {percent:.0f} % of one CPU, above "
-            f"{condition.percent:g} % for {_format_span(above_for)} "
-            f"(the rule acts after {_format_span(sustained)})"
+            f"{condition.percent:g} %"
         )
+        if above_for >= 60:
+            detail += f" for {_format_span(above_for)}"
+        if sustained > 0:
+            detail += f"; the rule acts once that lasts {_format_span(sustained)}"
         return ConditionResult(above_for >= sustained, percent, unit, detail)
 
 
@@ -331,7 +363,13 @@ def _disks(readings: Readings) -> ConditionResult:
     ]
     if not failing:
         count = len(readings.disks.disks)
-        return ConditionResult(False, 0.0, unit, f"none of {count} disks is failing")
+        if count == 0:
+            detail = "no disk found"
+        elif count == 1:
+            detail = "the one disk is not failing"
+        else:
+            detail = f"none of the {count} disks is failing"
+        return ConditionResult(False, 0.0, unit, detail)
     return ConditionResult(
         True, float(len(failing)), unit, "failing: " + ", ".join(failing)
     )

@@ -4,16 +4,17 @@ A notice is a short title and an actionable body. Until a tray shows them, they
 are stored in ``<state dir>/notices.json`` (owner-only, replaced atomically),
 listed by ``fleetmend-agent notices``, and reported to the collector through the
 remediation records of the rules that wrote them. The store keeps the newest
-MAX_NOTICES.
+MAX_NOTICES. A file that is not valid JSON is replaced by the next notice added.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import textwrap
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "MAX_TITLE_LENGTH",
     "NOTICES_FILE",
     "Notice",
+    "NoticeError",
     "NoticeStore",
     "check_notice_text",
     "render_notices",
@@ -38,6 +40,12 @@ MAX_NOTICES = 100
 # A notice must fit a desktop notification: a one-line title and a short body.
 MAX_TITLE_LENGTH = 80
 MAX_BODY_LENGTH = 500
+# Width of a body line in render_notices, indent included.
+RENDER_WIDTH = 88
+
+
+class NoticeError(Exception):
+    """The notices file cannot be read or is damaged; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -72,22 +80,59 @@ class NoticeStore:
         write_private(self.path, json.dumps(document, indent=2).encode("utf-8"))
         return notice
 
-    def list(self) -> list[Notice]:
-        """Return the stored notices, oldest first (none for a damaged file)."""
+    def read(self) -> tuple[list[Notice], list[str]]:
+        """Return the stored notices, oldest first, and why any entry was skipped.
+
+        A missing file contains no notices. Raises NoticeError when the file
+        cannot be read or is not a JSON object with a "notices" list.
+        """
         try:
-            document: Any = json.loads(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
-            return []
-        except (OSError, ValueError) as exc:
-            logger.warning("ignoring unreadable %s: %s", self.path, exc)
-            return []
+            return [], []
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise NoticeError(
+                f"notices file {self.path} cannot be read: {reason}"
+            ) from exc
+        try:
+            document: Any = json.loads(text)
+        except ValueError as exc:
+            raise NoticeError(
+                f"notices file {self.path} is damaged (not valid JSON: {exc}); "
+                "the next notice replaces it"
+            ) from exc
         items = document.get("notices") if isinstance(document, dict) else None
+        if not isinstance(items, list):
+            raise NoticeError(
+                f"notices file {self.path} is damaged (no list of notices); "
+                "the next notice replaces it"
+            )
         notices = []
-        for item in items if isinstance(items, list) else []:
+        problems = []
+        for position, item in enumerate(items, start=1):
             try:
                 notices.append(_from_json(item))
-            except (KeyError, TypeError, ValueError) as exc:
-                logger.warning("ignoring a damaged notice in %s: %s", self.path, exc)
+            except KeyError as exc:
+                problems.append(
+                    f"entry {position} of {self.path} lacks the field {exc.args[0]}"
+                )
+            except (TypeError, ValueError) as exc:
+                problems.append(f"entry {position} of {self.path} is damaged: {exc}")
+        return notices, problems
+
+    def list(self) -> list[Notice]:
+        """Return the stored notices, oldest first, logging what read() reports.
+
+        An unreadable or damaged file counts as one without notices.
+        """
+        try:
+            notices, problems = self.read()
+        except NoticeError as exc:
+            logger.warning("ignoring notices: %s", exc)
+            return []
+        for problem in problems:
+            logger.warning("ignoring a notice: %s", problem)
         return notices
 
 
@@ -128,18 +173,28 @@ def _is_control(char: str) -> bool:
     return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
 
 
-def render_notices(state_dir: Path) -> str:
-    """Return the stored notices as text for a terminal, newest first."""
-    notices = NoticeStore(state_dir).list()
+def render_notices(notices: list[Notice], tz: tzinfo | None = None) -> str:
+    """Return notices as text for a terminal, newest first, in tz (default: local)."""
     if not notices:
         return "No notices.\n"
     lines = [f"{len(notices)} notice{'s' if len(notices) != 1 else ''}, newest first:"]
     for notice in reversed(notices):
-        stamp = notice.create_time.strftime("%Y-%m-%d %H:%M UTC")
-        source = f" (rule {notice.source_rule})" if notice.source_rule else ""
+        stamp = notice.create_time.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z")
+        source = f" (from rule {notice.source_rule})" if notice.source_rule else ""
         lines.append("")
         lines.append(f"{stamp}  {notice.title}{source}")
-        lines.extend(f"  {line}" for line in notice.body.splitlines())
+        for line in notice.body.splitlines():
+            lines.extend(
+                textwrap.wrap(
+                    line,
+                    RENDER_WIDTH,
+                    initial_indent="  ",
+                    subsequent_indent="  ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+                or [""]
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +204,9 @@ def _to_json(notice: Notice) -> dict[str, str]:
     return item
 
 
-def _from_json(item: dict[str, Any]) -> Notice:
+def _from_json(item: Any) -> Notice:
+    if not isinstance(item, dict):
+        raise TypeError(f"expected a JSON object, got {json.dumps(item)[:40]}")
     create_time = datetime.fromisoformat(str(item["create_time"]))
     if create_time.tzinfo is None:
         raise ValueError(f"create_time {item['create_time']!r} has no time zone")

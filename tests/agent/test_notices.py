@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,7 @@ from agent.healing.actions import notify, prompt_password_change
 from agent.healing.actions.base import ActionContext, LocalAllowlist, Outcome
 from agent.healing.notices import (
     MAX_NOTICES,
+    NoticeError,
     NoticeStore,
     check_notice_text,
     render_notices,
@@ -122,24 +123,102 @@ def test_store_skips_damaged_entry(tmp_path: Path) -> None:
 # render_notices
 
 
-def test_render_empty(tmp_path: Path) -> None:
-    assert render_notices(tmp_path) == "No notices.\n"
+def test_render_empty() -> None:
+    assert render_notices([]) == "No notices.\n"
 
 
 def test_render_newest_first(tmp_path: Path) -> None:
     store = NoticeStore(tmp_path)
     store.add("Older", "First line.\nSecond line.", "rule-a", NOW)
     store.add("Newer", "Do this.", "", NOW + timedelta(hours=1))
-    assert render_notices(tmp_path) == (
+    assert render_notices(store.list()) == (
         "2 notices, newest first:\n"
         "\n"
         "2026-03-02 10:30 UTC  Newer\n"
         "  Do this.\n"
         "\n"
-        "2026-03-02 09:30 UTC  Older (rule rule-a)\n"
+        "2026-03-02 09:30 UTC  Older (from rule rule-a)\n"
         "  First line.\n"
         "  Second line.\n"
     )
+
+
+def test_render_in_given_zone(tmp_path: Path) -> None:
+    store = NoticeStore(tmp_path)
+    store.add("Title", "Body.", "", NOW)
+    berlin = timezone(timedelta(hours=1), "CET")
+
+    text = render_notices(store.list(), tz=berlin)
+
+    assert "2026-03-02 10:30 CET  Title\n" in text
+
+
+def test_render_wraps_long_body(tmp_path: Path) -> None:
+    store = NoticeStore(tmp_path)
+    body = "Back up your files now. " * 12 + "\n\nThen call IT."
+    store.add("Disk failing", body, "", NOW)
+
+    lines = render_notices(store.list()).splitlines()
+
+    body_lines = lines[3:]
+    assert len(body_lines) > 3
+    assert all(len(line) <= 88 for line in body_lines)
+    assert all(line.startswith("  ") for line in body_lines if line)
+    assert "" in body_lines
+    assert body_lines[-1] == "  Then call IT."
+
+
+# NoticeStore.read, which the notices command uses
+
+
+def test_read_reports_damaged_entry(tmp_path: Path) -> None:
+    good = {
+        "notice_id": "a",
+        "title": "Good",
+        "body": "",
+        "source_rule": "",
+        "create_time": NOW.isoformat(),
+    }
+    document = {"notices": [good, {"title": "no id"}, "text"]}
+    (tmp_path / "notices.json").write_text(json.dumps(document))
+
+    notices, problems = NoticeStore(tmp_path).read()
+
+    assert [notice.notice_id for notice in notices] == ["a"]
+    assert len(problems) == 2
+    assert problems[0].startswith("entry 2 of ")
+    assert "lacks the field" in problems[0]
+    assert problems[1].startswith("entry 3 of ")
+    assert "expected a JSON object" in problems[1]
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("{broken", "is damaged (not valid JSON"),
+        ('{"notices": 5}', "is damaged (no list of notices)"),
+        ("[]", "is damaged (no list of notices)"),
+    ],
+)
+def test_read_damaged_file_raises(tmp_path: Path, content: str, fragment: str) -> None:
+    (tmp_path / "notices.json").write_text(content)
+
+    with pytest.raises(NoticeError) as raised:
+        NoticeStore(tmp_path).read()
+
+    message = str(raised.value)
+    assert str(tmp_path / "notices.json") in message
+    assert fragment in message
+    assert "the next notice replaces it" in message
+
+
+def test_read_folder_as_file_raises(tmp_path: Path) -> None:
+    (tmp_path / "notices.json").mkdir()
+
+    with pytest.raises(NoticeError) as raised:
+        NoticeStore(tmp_path).read()
+
+    assert "cannot be read: Is a directory" in str(raised.value)
 
 
 # check_notice_text and notify
