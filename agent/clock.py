@@ -24,6 +24,13 @@ class Clock:
         """Return the current time as an aware UTC datetime."""
         return datetime.now(UTC)
 
+    def local_now(self) -> datetime:
+        """Return now() as an aware datetime in the device's local time zone.
+
+        A subclass that overrides now() moves this time as well.
+        """
+        return self.now().astimezone()
+
     def wait(self, event: threading.Event, seconds: float) -> bool:
         """Wait up to seconds for event; return True if it was set."""
         return event.wait(max(0.0, seconds))

@@ -31,6 +31,17 @@ over TLS (plaintext only to a loopback collector). A rejected key
 the maximum backoff, because only enrolling again fixes it. A failed TLS
 handshake is logged once with its reason (agent.transport).
 
+A report that the collector rejects as invalid ends the stream with
+INVALID_ARGUMENT, and the collector names its sequence number in the trailing
+metadata key ``fleetmend-rejected-seq``. The link then moves exactly that
+report from the spool into the spool's quarantine, logs one error with the
+collector's reason and reconnects at once, so that the reports behind it are
+sent. It does so only for a report that was in flight on that stream. A
+rejected fresh full report is the exception to reconnecting at once: every
+stream brings a new one, so those streams reconnect with backoff. A
+rejection without the key keeps every report spooled, and the link reconnects
+with backoff as after any other error.
+
 A stream is replaced when gRPC keepalive finds the connection dead or when
 reports are in flight and no ack arrives within ``ack_timeout`` seconds.
 Proxies come from the standard https_proxy, http_proxy, grpc_proxy and
@@ -97,6 +108,12 @@ _REJECTED_CODES = frozenset(
     {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 )
 
+# Trailing metadata key in which the collector names the sequence number of a
+# report that it rejected as invalid (collector._ingest sends it).
+REJECTED_SEQUENCE_KEY = "fleetmend-rejected-seq"
+# The largest sequence an SQLite INTEGER (the spool's key) can contain.
+_MAX_SEQUENCE = 2**63 - 1
+
 
 @dataclass
 class _Stream:
@@ -110,6 +127,8 @@ class _Stream:
     in_flight: list[int] = field(default_factory=list)
     # Highest sequence taken from the spool by the drain so far.
     cursor: int = 0
+    # The fresh full report sent first on this stream, 0 if none was sent.
+    fresh_sequence: int = 0
     highest_acked: int = 0
     last_progress: float = 0.0
     ended: threading.Event = field(default_factory=threading.Event)
@@ -209,6 +228,10 @@ class Link:
         self._remediation_sequences: set[int] = set()
         self.connects = 0
         self.watchdog_cancels = 0
+        self.quarantined_reports = 0
+        # Streams in a row whose own fresh full report was rejected. Each new
+        # stream brings a new one, so these reconnect with backoff.
+        self._fresh_rejections = 0
 
     # -- used by the agent's main loop -----------------------------------------
 
@@ -280,6 +303,12 @@ class Link:
                 if stop.is_set():
                     break
                 code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    quarantined_delay = self._quarantine_rejected(exc)
+                    if quarantined_delay is not None:
+                        failures = 0
+                        clock_module.clock.wait(stop, quarantined_delay)
+                        continue
                 # A stream that got as far as the welcome was healthy, so the
                 # backoff starts again, unless the collector is rate-limiting.
                 if (
@@ -311,6 +340,49 @@ class Link:
                     stream, self._stream = self._stream, None
                 if stream is not None:
                     stream.ended.set()
+
+    def _quarantine_rejected(self, exc: grpc.RpcError) -> float | None:
+        """Quarantine the report that the collector named as rejected, if any.
+
+        Returns the delay before the next stream, or None when the rejection
+        named no report of this stream, or the spool could not move it.
+        """
+        sequence = _rejected_sequence(exc)
+        if sequence is None:
+            return None
+        with self._lock:
+            stream = self._stream
+            in_flight = stream is not None and sequence in stream.in_flight
+            fresh = stream is not None and sequence == stream.fresh_sequence
+        if not in_flight:
+            log.warning(
+                "collector %s named report %d as rejected, but that report was "
+                "not in flight on the stream; keeping it in the spool",
+                self.target,
+                sequence,
+            )
+            return None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        reason = details or "no reason given"
+        if not self.spool.quarantine(sequence, reason):
+            return None
+        self.quarantined_reports += 1
+        self._remediation_sequences.discard(sequence)
+        delay = 0.0
+        if fresh:
+            self._fresh_rejections += 1
+            delay = self._backoff(self._fresh_rejections)
+        log.error(
+            "collector %s rejected report %d as invalid (%s); moved it from the "
+            "spool to its quarantine (%d reports there) and reconnecting in %.1f s "
+            "so that the reports behind it are sent",
+            self.target,
+            sequence,
+            reason,
+            self.spool.stats().quarantined,
+            delay,
+        )
+        return delay
 
     def _log_failure(
         self,
@@ -365,8 +437,10 @@ class Link:
             self._log_once(f"connection to {self.target} failed: {reason}", delay)
         else:
             if code == grpc.StatusCode.INVALID_ARGUMENT:
-                # NOTE: a report that the collector rejects stays spooled and
-                # is sent again on every stream until the cap drops it.
+                # NOTE: a rejection that names no report of the stream (a
+                # collector without fleetmend-rejected-seq, or a malformed
+                # message) leaves every report spooled, so a bad one is sent
+                # again on every stream until the cap drops it.
                 log.error("collector %s rejected the stream: %s", self.target, details)
             log.warning(
                 "stream to collector %s failed (%s: %s); reconnecting in %.1f s",
@@ -527,6 +601,7 @@ class Link:
                 size = request_size(fresh.SerializeToString())
                 if size <= MAX_MESSAGE_BYTES:
                     self._send(stream, fresh)
+                    stream.fresh_sequence = fresh.sequence
                 else:
                     log.error(
                         "full report %d is %d bytes, more than the %d bytes a "
@@ -566,6 +641,8 @@ class Link:
             self._window = min(self._max_in_flight, self._window + 1)
         if not acked:
             log.debug("ack for report %d matches nothing in flight", committed)
+        else:
+            self._fresh_rejections = 0
         self.spool.remove(acked)
         if not self._full_first and not self.pending:
             self._full_first = True
@@ -640,6 +717,26 @@ def request_size(report_body: bytes) -> int:
     length = len(report_body)
     varint_bytes = max(1, (length.bit_length() + 6) // 7)
     return 1 + varint_bytes + length
+
+
+def _rejected_sequence(exc: grpc.RpcError) -> int | None:
+    """Return the sequence named in REJECTED_SEQUENCE_KEY, None if absent or invalid."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    metadata = trailing() if callable(trailing) else None
+    for key, value in metadata or ():
+        if key != REJECTED_SEQUENCE_KEY:
+            continue
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        if text.isascii() and text.isdigit() and 1 <= int(text) <= _MAX_SEQUENCE:
+            return int(text)
+        log.warning(
+            "ignoring %s %r from the collector: not a sequence number from 1 to %d",
+            REJECTED_SEQUENCE_KEY,
+            text[:40],
+            _MAX_SEQUENCE,
+        )
+        return None
+    return None
 
 
 def _drain(outbox: queue.Queue[object]) -> Iterator[agent_pb2.ConnectRequest]:

@@ -227,6 +227,13 @@ def render_spool(stats: SpoolStats | None, path: Path, max_bytes: int) -> list[s
             f"{_plural(stats.dropped_reports, 'report')} dropped and not yet "
             "reported."
         )
+        if stats.quarantined:
+            verb = "is" if stats.quarantined == 1 else "are"
+            lines.append(
+                f"{_plural(stats.quarantined, 'report')} that the collector "
+                f"rejected as invalid {verb} kept aside in the same file and "
+                "not sent again."
+            )
     return lines
 
 

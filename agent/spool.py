@@ -12,6 +12,12 @@ too, so a flood of records from a faulty or hostile collector cannot fill the
 disk. Dropped reports of both kinds are
 counted in the file, so the count survives a restart and goes to the collector
 in the ``dropped_reports`` field of a later report.
+
+A record that the collector rejects as invalid would fail the same way on every
+stream, so the link moves it out of the outbox into a quarantine table of the
+same file, with the collector's reason. Nothing sends it again, but it stays
+for inspection. The quarantine has its own caps on count and size. Over them,
+its oldest records are dropped and counted apart from ``dropped_reports``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +57,16 @@ MAX_UNSPOOLED = 256
 
 ERROR_LOG_INTERVAL_SECONDS = 300.0
 
+# Caps of the quarantine of rejected reports. A rejected report comes from a
+# fault in the agent or from validation that differs between agent and
+# collector versions, so the newest hundred are enough to find the cause. The
+# size fits one report of the maximum message size (4 MiB,
+# agent.link.MAX_MESSAGE_BYTES).
+QUARANTINE_MAX_RECORDS = 100
+QUARANTINE_MAX_BYTES = 4 * 1024 * 1024
+# The collector's reason is stored up to this many characters.
+QUARANTINE_REASON_MAX_CHARS = 1000
+
 _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
@@ -71,6 +88,17 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped_pending', 0);
+-- Records that the collector rejected as invalid. Nothing sends them again.
+CREATE TABLE IF NOT EXISTS quarantine (
+    sequence INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    body BLOB NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    -- UTC, ISO 8601
+    quarantine_time TEXT NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('quarantine_dropped', 0);
 """
 
 
@@ -106,6 +134,25 @@ class SpoolStats:
     dropped_reports: int
     # Records that the full disk kept out of the file, held in memory.
     unspooled: int
+    # Records that the collector rejected as invalid, kept in the quarantine.
+    quarantined: int = 0
+    # Quarantined records dropped by the quarantine's caps, oldest first.
+    quarantine_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class QuarantinedRecord:
+    """A record that the collector rejected, with its reason and when it was moved."""
+
+    kind: Kind
+    sequence: int
+    reason: str
+    quarantine_time: datetime
+    body: bytes
+
+    def report(self) -> report_pb2.Report:
+        """Parse the body as a Report."""
+        return report_pb2.Report.FromString(self.body)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -168,11 +215,29 @@ def _create_private(path: Path) -> None:
 class Spool:
     """An SQLite outbox in WAL mode; every method is thread-safe."""
 
-    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        quarantine_max_records: int = QUARANTINE_MAX_RECORDS,
+        quarantine_max_bytes: int = QUARANTINE_MAX_BYTES,
+    ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be 1 or more, got {max_bytes}")
+        if quarantine_max_records < 1:
+            raise ValueError(
+                f"quarantine_max_records must be 1 or more, got "
+                f"{quarantine_max_records}"
+            )
+        if quarantine_max_bytes < 1:
+            raise ValueError(
+                f"quarantine_max_bytes must be 1 or more, got {quarantine_max_bytes}"
+            )
         self.path = path
         self.max_bytes = max_bytes
+        self.quarantine_max_records = quarantine_max_records
+        self.quarantine_max_bytes = quarantine_max_bytes
         self._lock = threading.RLock()
         self._unspooled: list[SpooledRecord] = []
         self._dropped_unspooled = 0
@@ -535,6 +600,111 @@ class Spool:
                 return False
             return found
 
+    def quarantine(self, sequence: int, reason: str) -> bool:
+        """Move a record that the collector rejected into the quarantine.
+
+        Returns True if the record was in the spool (file or memory) and is now
+        quarantined. The dropped_reports count that it carried goes back into
+        the pending dropped count, so that a later report carries it. Over the
+        quarantine's caps its oldest records are dropped and counted in
+        quarantine_dropped. On a full disk nothing changes and False is
+        returned.
+        """
+        reason = reason[:QUARANTINE_REASON_MAX_CHARS]
+        stamp = clock_module.clock.now().isoformat()
+        with self._lock:
+            record = self._find(sequence)
+            if record is None:
+                return False
+            try:
+                with self._transaction() as conn:
+                    conn.execute("DELETE FROM outbox WHERE sequence = ?", (sequence,))
+                    conn.execute(
+                        "INSERT OR REPLACE INTO quarantine "
+                        "(sequence, kind, body, size_bytes, reason, quarantine_time) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            sequence,
+                            record.kind,
+                            record.body,
+                            len(record.body),
+                            reason,
+                            stamp,
+                        ),
+                    )
+                    self._add_dropped(conn, record.carried_dropped)
+                    self._enforce_quarantine_caps(conn)
+            except sqlite3.Error as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._disk_full_log.error(
+                    "spool %s cannot quarantine report %d because the disk is full: %s",
+                    self.path,
+                    sequence,
+                    exc,
+                )
+                return False
+            self._unspooled = [s for s in self._unspooled if s.sequence != sequence]
+            return True
+
+    def _find(self, sequence: int) -> SpooledRecord | None:
+        """Return the record with this sequence from the file or memory, or None."""
+        row = self._conn.execute(
+            "SELECT kind, body, carried_dropped FROM outbox WHERE sequence = ?",
+            (sequence,),
+        ).fetchone()
+        if row is not None:
+            return SpooledRecord(row[0], sequence, bytes(row[1]), row[2])
+        return next(
+            (item for item in self._unspooled if item.sequence == sequence), None
+        )
+
+    def _enforce_quarantine_caps(self, conn: sqlite3.Connection) -> None:
+        count, total = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM quarantine"
+        ).fetchone()
+        doomed: list[int] = []
+        if count > self.quarantine_max_records or total > self.quarantine_max_bytes:
+            rows = conn.execute(
+                "SELECT sequence, size_bytes FROM quarantine ORDER BY sequence"
+            ).fetchall()
+            for sequence, size_bytes in rows:
+                over_count = count - len(doomed) > self.quarantine_max_records
+                if not over_count and total <= self.quarantine_max_bytes:
+                    break
+                doomed.append(sequence)
+                total -= size_bytes
+        if not doomed:
+            return
+        conn.executemany(
+            "DELETE FROM quarantine WHERE sequence = ?", [(s,) for s in doomed]
+        )
+        conn.execute(
+            "UPDATE counters SET value = value + ? WHERE name = 'quarantine_dropped'",
+            (len(doomed),),
+        )
+        log.warning(
+            "quarantine of spool %s is over its cap of %d records or %d bytes; "
+            "dropped the %d oldest rejected reports (up to report %d)",
+            self.path,
+            self.quarantine_max_records,
+            self.quarantine_max_bytes,
+            len(doomed),
+            doomed[-1],
+        )
+
+    def quarantined(self) -> list[QuarantinedRecord]:
+        """Return the quarantined records, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT kind, sequence, reason, quarantine_time, body "
+                "FROM quarantine ORDER BY sequence"
+            ).fetchall()
+        return [
+            QuarantinedRecord(k, s, r, datetime.fromisoformat(t), bytes(b))
+            for k, s, r, t, b in rows
+        ]
+
     def max_sequence(self) -> int:
         """Return the highest sequence in the spool (file or memory), 0 if empty."""
         with self._lock:
@@ -565,6 +735,7 @@ class Spool:
             reports = counts.get("report", (0, 0, 0))
             remediations = counts.get("remediation", (0, 0, 0))
             memory_reports = sum(1 for s in self._unspooled if s.kind == "report")
+            quarantined, quarantine_dropped = _quarantine_counts(self._conn)
             return SpoolStats(
                 path=self.path,
                 file_bytes=_file_bytes(self.path),
@@ -576,6 +747,8 @@ class Spool:
                 - memory_reports,
                 dropped_reports=self.dropped_pending() + reports[2],
                 unspooled=len(self._unspooled),
+                quarantined=quarantined,
+                quarantine_dropped=quarantine_dropped,
             )
 
 
@@ -585,6 +758,24 @@ class _QuickCheckFailed(Exception):
 
 class _StillFull(Exception):
     """Older records are still waiting in memory, so a new one waits behind them."""
+
+
+def _quarantine_counts(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Return the quarantined records and those dropped by the quarantine's caps.
+
+    A spool file from an agent version without a quarantine has neither, so
+    both are 0.
+    """
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quarantine'"
+    ).fetchone()
+    if has_table is None:
+        return 0, 0
+    (count,) = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()
+    row = conn.execute(
+        "SELECT value FROM counters WHERE name = 'quarantine_dropped'"
+    ).fetchone()
+    return int(count), int(row[0]) if row else 0
 
 
 def _file_bytes(path: Path) -> int:
@@ -606,6 +797,13 @@ def describe(stats: SpoolStats) -> str:
     )
     if stats.unspooled:
         line += f", {stats.unspooled} held in memory because the disk is full"
+    if stats.quarantined or stats.quarantine_dropped:
+        line += (
+            f", {stats.quarantined} reports quarantined because the collector "
+            f"rejected them as invalid"
+        )
+        if stats.quarantine_dropped:
+            line += f" ({stats.quarantine_dropped} more dropped by the quarantine cap)"
     return line
 
 
@@ -629,6 +827,7 @@ def read_stats(path: Path, max_bytes: int) -> SpoolStats | None:
         counter = conn.execute(
             "SELECT value FROM counters WHERE name = 'dropped_pending'"
         ).fetchone()
+        quarantined, quarantine_dropped = _quarantine_counts(conn)
     except sqlite3.Error as exc:
         raise SpoolError(
             f"spool {path} cannot be read ({exc}); the agent moves a corrupt "
@@ -648,4 +847,6 @@ def read_stats(path: Path, max_bytes: int) -> SpoolStats | None:
         pending_remediations=remediations[0],
         dropped_reports=(int(counter[0]) if counter else 0) + reports[2],
         unspooled=0,
+        quarantined=quarantined,
+        quarantine_dropped=quarantine_dropped,
     )

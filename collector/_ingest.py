@@ -3,6 +3,14 @@
 The handler authenticates each stream by its node key, binds it to the key's
 device, applies the per-device rate limit and flags reports whose collect_time
 comes from a skewed clock.
+
+A report that fails validation, or that the store rejects for its content,
+ends the stream with INVALID_ARGUMENT after the reports before it are
+acknowledged. The status then carries the report's sequence number in the
+trailing metadata key ``fleetmend-rejected-seq`` (decimal text), so that the
+agent can set that one report aside instead of sending it again on every
+stream. Other INVALID_ARGUMENT endings, such as a malformed message or a
+missing hello, carry no such key.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from collector.store import (
     Store,
     StoreError,
 )
+from collector.store._schema import MAX_SEQUENCE
 from fleetmend.v1 import agent_pb2, remediation_pb2, report_pb2
 
 logger = logging.getLogger(__name__)
@@ -63,6 +72,11 @@ HELLO_TIMEOUT_SECONDS = 30.0
 
 # Repeats of the same failed commit are logged as one line at most this often.
 REPEATED_FAILURE_LOG_INTERVAL_SECONDS = 10.0
+
+# Trailing metadata key that names the sequence number of a rejected report.
+# The agent reads the same key (agent.link), because the two packages share
+# only fleetmend.v1.
+REJECTED_SEQUENCE_KEY = "fleetmend-rejected-seq"
 
 
 def utc_now() -> datetime:
@@ -348,9 +362,14 @@ class _StreamShutdown:
 
 @dataclass(frozen=True)
 class _StreamInvalid:
-    """Queue marker: the agent sent a message that the collector rejects."""
+    """Queue marker: the agent sent a message that the collector rejects.
+
+    sequence is the rejected report's number when the message parsed as a
+    report with a sequence in range, else None.
+    """
 
     reason: str
+    sequence: int | None = None
 
 
 class _StreamLimited:
@@ -474,9 +493,12 @@ class _Stream:
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    details: str,
+    trailing_metadata: tuple[tuple[str, str], ...] = (),
 ) -> NoReturn:
-    await context.abort(code, details)
+    await context.abort(code, details, trailing_metadata)
     raise AssertionError("context.abort returned")
 
 
@@ -985,14 +1007,33 @@ class AgentServicer:
         peer: str,
         device_id: str,
         reason: str,
+        sequence: int | None = None,
     ) -> NoReturn:
+        """End the call with INVALID_ARGUMENT and reason.
+
+        With a sequence, the trailing metadata names the rejected report.
+        """
+        if sequence is None:
+            logger.warning(
+                "rejected message from %s (device %s): %s",
+                peer,
+                device_id or "not yet known",
+                reason,
+            )
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason)
         logger.warning(
-            "rejected message from %s (device %s): %s",
+            "rejected report %d from %s (device %s): %s",
+            sequence,
             peer,
             device_id or "not yet known",
             reason,
         )
-        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason)
+        await _abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            reason,
+            trailing_metadata=((REJECTED_SEQUENCE_KEY, str(sequence)),),
+        )
 
     async def _read_reports(
         self, context: grpc.aio.ServicerContext, stream: _Stream
@@ -1041,6 +1082,13 @@ class AgentServicer:
             except InvalidMessageError as error:
                 stream.push(_StreamInvalid(str(error)))
                 return
+            try:
+                validate_report(report)
+            except InvalidMessageError as error:
+                stream.push(
+                    _StreamInvalid(str(error), _checked_sequence(report.sequence))
+                )
+                return
             incoming = IncomingReport(
                 device_id=stream.device_id,
                 report=report,
@@ -1072,13 +1120,17 @@ class AgentServicer:
 
     @staticmethod
     def _parse_report(payload: bytes) -> report_pb2.Report:
+        """Parse a report request without checking its content.
+
+        The caller runs validate_report next, so that a rejection can name the
+        report's sequence.
+        """
         request = parse_connect_request(payload)
         kind = request.WhichOneof("message")
         if kind != "report":
             raise InvalidMessageError(
                 f"expected a report after the hello, got {kind or 'an empty message'}"
             )
-        validate_report(request.report)
         return request.report
 
     async def _send_acks(
@@ -1108,7 +1160,14 @@ class AgentServicer:
                 continue
             if isinstance(item, _QueuedReport):
                 stream.credit.release()
-                await self._wait_commit(context, stream, item)
+                try:
+                    await item.future
+                except Exception as error:
+                    # The reports committed before this one are acked first,
+                    # so that the agent does not send them again.
+                    if committed:
+                        await context.write(_ack(highest, committed))
+                    await self._end_failed_commit(context, stream, item, error)
                 # The future's result is the device's highest committed number.
                 highest = max(highest, item.future.result(), item.sequence)
                 committed.append(item.sequence)
@@ -1138,37 +1197,47 @@ class AgentServicer:
                     stream.device_id,
                 )
 
-    async def _wait_commit(
-        self, context: grpc.aio.ServicerContext, stream: _Stream, item: _QueuedReport
-    ) -> None:
-        try:
-            await item.future
-        except Exception as error:
-            if is_data_error(error):
-                reason = (
-                    f"report {item.sequence} cannot be stored: "
-                    f"{_data_error_text(error)}"
-                )
-                await self._reject(context, stream.peer, stream.device_id, reason)
-            logger.warning(
-                "commit of report %d of device %s from %s failed, "
-                "ending the stream: %s",
-                item.sequence,
-                stream.device_id,
-                stream.peer,
-                describe_root_cause(error),
+    async def _end_failed_commit(
+        self,
+        context: grpc.aio.ServicerContext,
+        stream: _Stream,
+        item: _QueuedReport,
+        error: Exception,
+    ) -> NoReturn:
+        """End the stream after the commit of item's report failed with error.
+
+        A data error fails again on every try, so it names the report as
+        rejected. Other errors leave the report for the agent to send again.
+        """
+        if is_data_error(error):
+            reason = (
+                f"report {item.sequence} cannot be stored: {_data_error_text(error)}"
             )
-            if is_database_error(error):
-                await _abort(
-                    context,
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the collector could not commit a report; send it again",
-                )
+            await self._reject(
+                context,
+                stream.peer,
+                stream.device_id,
+                reason,
+                _checked_sequence(item.sequence),
+            )
+        logger.warning(
+            "commit of report %d of device %s from %s failed, ending the stream: %s",
+            item.sequence,
+            stream.device_id,
+            stream.peer,
+            describe_root_cause(error),
+        )
+        if is_database_error(error):
             await _abort(
                 context,
-                grpc.StatusCode.INTERNAL,
-                f"the collector failed to store report {item.sequence}",
+                grpc.StatusCode.UNAVAILABLE,
+                "the collector could not commit a report; send it again",
             )
+        await _abort(
+            context,
+            grpc.StatusCode.INTERNAL,
+            f"the collector failed to store report {item.sequence}",
+        )
 
     async def _end_stream(
         self, context: grpc.aio.ServicerContext, stream: _Stream, item: _StreamStop
@@ -1180,7 +1249,9 @@ class AgentServicer:
                 "the collector failed to read a report",
             )
         if isinstance(item, _StreamInvalid):
-            await self._reject(context, stream.peer, stream.device_id, item.reason)
+            await self._reject(
+                context, stream.peer, stream.device_id, item.reason, item.sequence
+            )
         if isinstance(item, _StreamLimited):
             await _abort(
                 context,
@@ -1195,6 +1266,15 @@ class AgentServicer:
             )
         if isinstance(item, _StreamClosed):
             await _abort(context, item.code, item.details)
+
+
+def _checked_sequence(sequence: int) -> int | None:
+    """Return sequence if it can name a stored report (1 to MAX_SEQUENCE), else None.
+
+    A sequence outside that range is itself the reason for the rejection, so
+    it names no report.
+    """
+    return sequence if 1 <= sequence <= MAX_SEQUENCE else None
 
 
 def _data_error_text(error: Exception) -> str:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from agent import clock as clock_module
 from agent.usage.catalog import CURRENT_OS, Catalog, OsName
 
 if TYPE_CHECKING:
@@ -37,22 +37,30 @@ SystemConnections = Callable[[str], Iterable["sconn"]]
 _logged_once: set[str] = set()
 
 
+def _agent_monotonic() -> float:
+    # Read at each call, so that a clock assigned to agent.clock.clock later,
+    # as test launchers do, ages the cache too.
+    return clock_module.clock.monotonic()
+
+
 class HostResolver:
     """Resolves catalog host names to IP addresses and caches each result.
 
     A lookup that fails is logged once, until the host resolves again, and the host
-    counts as having no addresses until the failure's cache entry expires.
+    counts as having no addresses until the failure's cache entry expires. clock
+    returns seconds for the cache's expiry, agent.clock's monotonic clock by
+    default.
     """
 
     def __init__(
         self,
         getaddrinfo: GetAddrInfo = socket.getaddrinfo,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
         ttl_seconds: float = RESOLVE_TTL_SECONDS,
         failure_ttl_seconds: float = FAILED_RESOLVE_TTL_SECONDS,
     ) -> None:
         self._getaddrinfo = getaddrinfo
-        self._clock = clock
+        self._clock = _agent_monotonic if clock is None else clock
         self._ttl_seconds = ttl_seconds
         self._failure_ttl_seconds = failure_ttl_seconds
         # host -> (expiry on the clock, addresses)

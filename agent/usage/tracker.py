@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from agent import clock as clock_module
+
 logger = logging.getLogger(__name__)
 
 WINDOW_DAYS = 28
@@ -69,14 +71,17 @@ class UsageSummary:
 
 
 def _local_now() -> datetime:
-    return datetime.now().astimezone()
+    # Read at each call, so that a clock assigned to agent.clock.clock later,
+    # as test launchers do, moves the buckets too.
+    return clock_module.clock.local_now()
 
 
 class UsageTracker:
     """Records minutes of use per app and local hour, and summarizes them.
 
-    clock returns the device's local time; its wall-clock date and hour pick the
-    bucket. The history survives restarts because it lives in the file at db_path.
+    clock returns the device's local time (by default agent.clock's local wall
+    time); its wall-clock date and hour pick the bucket. The history survives
+    restarts because it lives in the file at db_path.
     """
 
     def __init__(
