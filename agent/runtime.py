@@ -1,9 +1,10 @@
 """The agent's main loop: run each probe on its interval and spool reports.
 
 Reports go to the spool whether or not the collector is reachable; the link
-sends them when it can. The healing engine evaluates the self-healing rules
-on the same thread after the probes, at most every ``intervals.healing``
-seconds, and runs operator commands at the next tick after they arrive.
+sends them when it can. The healing engine runs on a thread of its own: it
+evaluates the self-healing rules at most every ``intervals.healing`` seconds
+and runs operator commands as soon as they arrive, so that an action that
+waits (a service's settle time) holds up neither the probes nor the reports.
 Every time read and every sleep goes through ``agent.clock.clock``.
 """
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2
 DRAIN_SECONDS = 10.0
+# Shutdown waits this long for the link and healing threads to end. An action
+# that waits ends its wait at once, but a command it runs may take longer.
+JOIN_SECONDS = 5.0
 # The full report for a stream that opens at start waits at most this long,
 # counted from the start, for the first reading of every section. It must stay
 # below the link's ACK_TIMEOUT_SECONDS (45 s), which also bounds the wait for
@@ -154,14 +158,15 @@ def build_engine(
 
 
 class Agent:
-    """Own the probes, the report builder and the link of one agent process.
+    """Own the probes, the report builder, the link and the healing engine of an agent.
 
-    The main loop reads the probes and spools reports, and the link thread
-    spools the full report that opens each stream. Until every section has its
-    first reading (or ``first_readings_timeout`` seconds from the start have
-    passed), that full report waits, so that the collector gets every section
-    at once. A section first read after a full report went out without it is
-    sent in a delta at once, not at the next ``intervals.report_min``.
+    The main loop reads the probes and spools reports, the link thread spools
+    the full report that opens each stream, and the healing thread runs the
+    engine. Until every section has its first reading (or
+    ``first_readings_timeout`` seconds from the start have passed), that full
+    report waits, so that the collector gets every section at once. A section
+    first read after a full report went out without it is sent in a delta at
+    once, not at the next ``intervals.report_min``.
     """
 
     def __init__(
@@ -301,10 +306,20 @@ class Agent:
             target=self.link.run, args=(stop,), name="fleetmend-link", daemon=True
         )
         link_thread.start()
+        healing_thread = threading.Thread(
+            target=self.healing.run,
+            args=(stop, self.config.interval("healing")),
+            name="fleetmend-healing",
+            daemon=True,
+        )
         schedule = _Schedule()
         try:
             while not stop.is_set():
                 self._tick(schedule, clock_module.clock.monotonic())
+                if healing_thread.ident is None:
+                    # Started after the first pass over the probes, so that
+                    # the first evaluation sees their first readings.
+                    healing_thread.start()
                 if (
                     exit_after_acks is not None
                     and self.link.acked_reports >= exit_after_acks
@@ -316,12 +331,11 @@ class Agent:
                     break
                 clock_module.clock.wait(stop, TICK_SECONDS)
         finally:
-            self._shut_down(stop, link_thread)
+            self._shut_down(stop, link_thread, healing_thread)
 
     def _tick(self, schedule: _Schedule, now: float) -> None:
         self._read_sections(schedule, now)
         missed_sections = self._note_first_readings()
-        self._heal(schedule, now)
         self._retry_spool()
         self._report(schedule, now, send_delta=missed_sections)
 
@@ -409,18 +423,6 @@ class Agent:
         if spooled:
             self.link.wake()
 
-    def _heal(self, schedule: _Schedule, now: float) -> None:
-        """Run commands that arrived and, when due, evaluate the rules."""
-        try:
-            self.healing.run_queued_commands()
-            if schedule.is_due("healing", now):
-                schedule.next_in("healing", now, self.config.interval("healing"))
-                self.healing.evaluate()
-        except Exception:
-            # A failed evaluation must not stop the reports; it is tried
-            # again at the next interval.
-            log.exception("self-healing evaluation failed")
-
     def _retry_spool(self) -> None:
         try:
             if self.spool.retry_unspooled():
@@ -449,7 +451,15 @@ class Agent:
         )
         return report
 
-    def _shut_down(self, stop: threading.Event, link_thread: threading.Thread) -> None:
+    def _shut_down(
+        self,
+        stop: threading.Event,
+        link_thread: threading.Thread,
+        healing_thread: threading.Thread,
+    ) -> None:
+        # A stop set from outside ends an action's wait at once, and the
+        # healing thread sees it as soon as it is woken.
+        self.healing.wake()
         if self.link.pending and self.link.connected:
             log.info(
                 "waiting up to %.0f s for %d reports to be acknowledged",
@@ -458,8 +468,17 @@ class Agent:
             )
             self.link.wait_drained(DRAIN_SECONDS)
         stop.set()
+        self.healing.wake()
         self.link.close()
-        link_thread.join(timeout=5)
+        link_thread.join(timeout=JOIN_SECONDS)
+        if healing_thread.ident is not None:
+            healing_thread.join(timeout=JOIN_SECONDS)
+        if healing_thread.is_alive():
+            log.warning(
+                "self-healing is still running an action %.0f s after the stop; "
+                "it ends with the process",
+                JOIN_SECONDS,
+            )
         stats = self.spool.stats()
         if stats.pending_reports:
             log.warning(
@@ -473,6 +492,6 @@ class Agent:
                 "%d reports held in memory because the disk is full are lost",
                 stats.unspooled,
             )
-        if not link_thread.is_alive():
+        if not link_thread.is_alive() and not healing_thread.is_alive():
             self.spool.close()
         log.info("agent stopped")

@@ -10,6 +10,12 @@ so a rule that stays in cooldown adds at most one record a day to the spool.
 A dry-run rule writes a record each time it runs and none while its cooldown
 or daily cap holds it back.
 
+A rule that the laptop's allowlist refuses (PolicyStore.refused) never acts.
+It gets one REFUSED record with the reason per policy version, whether or not
+its condition holds. After that, each evaluation in which its condition holds
+raises repeat_count on a pending REFUSED record, which is written like a
+pending skip.
+
 Records go to the spool as reports that carry only remediations, numbered by
 the report builder like every report, so they wait offline and are acked like
 reports.
@@ -24,8 +30,10 @@ stored like those of run ones, and a command whose id is stored gets a REFUSED
 record that is returned but not spooled, because its first record already was.
 
 An error while evaluating one rule becomes a FAILED record of that rule, and
-the other rules still run. Record reasons are cut to MAX_REASON_CHARS, and an
-action over MAX_RECORD_ACTION_BYTES is copied into its record as its kind only.
+the other rules still run. Once the stop event is set, no further rule or
+command starts, and actions that wait end their wait. Record reasons are cut
+to MAX_REASON_CHARS, and an action over MAX_RECORD_ACTION_BYTES is copied into
+its record as its kind only.
 """
 
 from __future__ import annotations
@@ -77,6 +85,14 @@ log = logging.getLogger(__name__)
 
 # A pending skip record is written at the latest this long after it started.
 PENDING_FLUSH = timedelta(days=1)
+# While a throttle is in place, the foreground is checked this often between
+# evaluations, so that a throttled app brought to the front gets its
+# priority back within seconds.
+FOREGROUND_CHECK_SECONDS = 5.0
+
+# RuleState.last_skip_reason of a refused rule starts with this, then the
+# policy version and the reason, so that a new version gets a new record.
+REFUSED_KEY_PREFIX = "refused in policy version "
 
 # Outcomes after which the action counts as run for cooldowns and daily caps.
 _RAN = frozenset(
@@ -129,8 +145,9 @@ def outcome_name(outcome: int) -> str:
 class HealingEngine:
     """Run the rules of the policy in force and operator commands on one thread.
 
-    evaluate() and run_queued_commands() are called by the agent's main loop;
-    submit_command() and apply_policy() may be called from any thread.
+    run() is the loop of the agent's healing thread, which calls evaluate()
+    and run_queued_commands(). submit_command(), apply_policy() and wake() may
+    be called from any thread, and evaluate() and run_command() hold a lock.
     """
 
     def __init__(
@@ -161,14 +178,24 @@ class HealingEngine:
         self._state = HealingState.load(state_dir)
         self._commands: queue.Queue[remediation_pb2.Command] = queue.Queue()
         self._lock = threading.Lock()
+        # Set by a submitted command or by wake(), so that run() stops waiting.
+        self._wake = threading.Event()
+        # The agent's stop event once run() starts. Actions get it in their
+        # ActionContext.
+        self.stop = threading.Event()
         self.last_records: list[remediation_pb2.RemediationRecord] = []
         builder.set_policy_status(policies.status)
 
     # -- entry points from other threads ----------------------------------------
 
     def submit_command(self, command: remediation_pb2.Command) -> None:
-        """Queue an operator command for the engine's thread."""
+        """Queue an operator command and wake the engine's thread to run it."""
         self._commands.put(command)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """End the wait of run() early, so that it sees a stop event just set."""
+        self._wake.set()
 
     def apply_policy(self, policy: remediation_pb2.Policy) -> bool:
         """Validate and apply a collector policy; return False if it was rejected.
@@ -182,6 +209,44 @@ class HealingEngine:
 
     # -- the engine's thread ------------------------------------------------------
 
+    def run(self, stop: threading.Event, interval_seconds: float) -> None:
+        """Evaluate the rules every interval_seconds and run commands, until stop.
+
+        The first evaluation is at once. A submitted command runs as soon as
+        the thread is free. An error is logged, and an evaluation that failed
+        runs again after the interval. Actions that wait end their wait when
+        stop is set; the caller calls wake() after setting it.
+        """
+        self.stop = stop
+        clock = clock_module.clock
+        log.info("self-healing starting: rules evaluated every %g s", interval_seconds)
+        due = clock.monotonic()
+        while not stop.is_set():
+            try:
+                self.run_queued_commands()
+            except Exception:
+                log.exception("running operator commands failed")
+            now = clock.monotonic()
+            if now >= due and not stop.is_set():
+                due = now + interval_seconds
+                try:
+                    self.evaluate()
+                except Exception:
+                    log.exception(
+                        "self-healing evaluation failed; it runs again in %g s",
+                        interval_seconds,
+                    )
+            elif self.enabled and not stop.is_set() and self._throttled():
+                self.undo_throttles()
+            wait = max(0.0, due - clock.monotonic())
+            if self.enabled and self._throttled():
+                wait = min(wait, FOREGROUND_CHECK_SECONDS)
+            clock.wait(self._wake, wait)
+            # A command submitted after the wait returned is in the queue,
+            # which the next pass empties, so clearing here loses nothing.
+            self._wake.clear()
+        log.info("self-healing stopped")
+
     def _now(self) -> datetime:
         return clock_module.clock.now()
 
@@ -194,12 +259,15 @@ class HealingEngine:
             credentials=self.builder.latest("credentials"),  # type: ignore[arg-type]
         )
 
-    def _context(self, dry_run: bool) -> ActionContext:
+    def _context(
+        self, dry_run: bool, foreground_apps: frozenset[str] = frozenset()
+    ) -> ActionContext:
         return ActionContext(
             state_dir=self.state_dir,
             allowlist=self.allowlist,
             dry_run=dry_run,
-            foreground_apps=self._foreground_apps(),
+            foreground_apps=foreground_apps,
+            stop=self.stop,
         )
 
     def evaluate(self) -> list[remediation_pb2.RemediationRecord]:
@@ -209,14 +277,24 @@ class HealingEngine:
         with self._lock:
             now = self._now()
             records = self._undo_throttles(now)
-            policy = self.policies.policy
+            policy, refused = self.policies.in_force()
             readings = self.readings()
             for rule in policy.rules:
+                if self.stop.is_set():
+                    log.info(
+                        "shutting down; the remaining rules wait for the next start"
+                    )
+                    break
                 if rule.paused:
                     continue
                 state = self._state.rule(rule.name)
                 records += self._evaluate_rule_safely(
-                    rule, policy.version, state, readings, now
+                    rule,
+                    policy.version,
+                    state,
+                    readings,
+                    now,
+                    refused.get(rule.name, ""),
                 )
             for rule in policy.rules:
                 state = self._state.rule(rule.name)
@@ -235,6 +313,7 @@ class HealingEngine:
         state: RuleState,
         readings: Readings,
         now: datetime,
+        refusal: str = "",
     ) -> list[remediation_pb2.RemediationRecord]:
         """Evaluate one rule; an error becomes a FAILED record for that rule only.
 
@@ -242,7 +321,7 @@ class HealingEngine:
         cooldowns of rules that acted survive a restart.
         """
         try:
-            return self._evaluate_rule(rule, version, state, readings, now)
+            return self._evaluate_rule(rule, version, state, readings, now, refusal)
         except Exception as exc:
             log.exception("evaluating rule %s failed", rule.name)
             result = ActionResult(
@@ -261,6 +340,7 @@ class HealingEngine:
         state: RuleState,
         readings: Readings,
         now: datetime,
+        refusal: str,
     ) -> list[remediation_pb2.RemediationRecord]:
         if state.stopped_reason and state.stopped_policy_version != version:
             # A new policy from the operator resolves the escalation.
@@ -269,6 +349,29 @@ class HealingEngine:
         condition = self.evaluator.evaluate(
             rule.name, rule.condition, readings, now, monotonic
         )
+        if refusal:
+            return self._refuse(rule, version, state, refusal, condition, now)
+        records: list[remediation_pb2.RemediationRecord] = []
+        if state.last_skip_reason.startswith(REFUSED_KEY_PREFIX):
+            # The allowlist permits the rule now, so its pending refusal is
+            # written and the rule runs from here on.
+            state.last_skip_reason = ""
+            records = self._flush_pending(state)
+        return records + self._evaluate_permitted_rule(
+            rule, version, state, readings, condition, now, monotonic
+        )
+
+    def _evaluate_permitted_rule(
+        self,
+        rule: remediation_pb2.Rule,
+        version: int,
+        state: RuleState,
+        readings: Readings,
+        condition: ConditionResult,
+        now: datetime,
+        monotonic: float,
+    ) -> list[remediation_pb2.RemediationRecord]:
+        """Check the rule's escalation, condition and limits, then act."""
         if state.stopped_reason:
             return self._skip(
                 rule, version, state, state.stopped_reason, condition, now
@@ -344,17 +447,19 @@ class HealingEngine:
         name = action_name(action)
         try:
             module: Any = load_action(name)
+            context = self._context(dry_run)
             options: dict[str, Any] = {}
             if name == "throttle_process":
                 # The throttle remembers its rule for the record of its undo,
                 # and finds the app in the agent's catalog, site files included.
                 options["source_rule"] = rule_name
+                # Its measurement windows end early at shutdown, and it takes
+                # the stop event as an argument, not from the context.
+                options["stop"] = context.stop
                 catalog = self.evaluator.catalog()
                 if catalog is not None:
                     options["catalog"] = catalog
-            return module.execute(
-                action_params(action), self._context(dry_run), **options
-            )
+            return module.execute(action_params(action), context, **options)
         except Exception as exc:
             # An action reports failures as results, so an exception is a bug
             # in it. It is recorded as a failure, which the collector's
@@ -402,12 +507,19 @@ class HealingEngine:
         reason: str,
         condition: ConditionResult,
         now: datetime,
+        *,
+        outcome: Outcome.ValueType = Outcome.REMEDIATION_OUTCOME_SKIPPED,
+        key: str = "",
     ) -> list[remediation_pb2.RemediationRecord]:
-        """Record a skip for a new reason; count a repeat on the pending record."""
+        """Record a skip for a new reason; count a repeat on the pending record.
+
+        key, when set, replaces reason in the comparison with the previous skip.
+        """
+        key = key or reason
         record = remediation_pb2.RemediationRecord(
             rule=rule.name,
             policy_version=version,
-            outcome=Outcome.REMEDIATION_OUTCOME_SKIPPED,
+            outcome=outcome,
             reason=truncate(reason, MAX_REASON_CHARS),
             before=condition.value,
             after=condition.value,
@@ -415,10 +527,15 @@ class HealingEngine:
         )
         _copy_action(record, rule.action)
         record.start_time.FromDatetime(now)
-        if reason != state.last_skip_reason:
+        if key != state.last_skip_reason:
             records = self._flush_pending(state)
-            state.last_skip_reason = reason
-            log.info("rule %s: skipped: %s", rule.name, truncate(reason, MAX_LOG_CHARS))
+            state.last_skip_reason = key
+            log.info(
+                "rule %s: %s: %s",
+                rule.name,
+                outcome_name(outcome),
+                truncate(reason, MAX_LOG_CHARS),
+            )
             records.append(record)
             return records
         if state.pending is None:
@@ -430,6 +547,34 @@ class HealingEngine:
             state.pending.before = condition.value
             state.pending.after = condition.value
         return []
+
+    def _refuse(
+        self,
+        rule: remediation_pb2.Rule,
+        version: int,
+        state: RuleState,
+        reason: str,
+        condition: ConditionResult,
+        now: datetime,
+    ) -> list[remediation_pb2.RemediationRecord]:
+        """Record a rule that the allowlist refuses: once per policy version.
+
+        Repeats are counted only when the condition holds, that is when the
+        rule would have acted.
+        """
+        key = f"{REFUSED_KEY_PREFIX}{version}: {reason}"
+        if key == state.last_skip_reason and not condition.holds:
+            return []
+        return self._skip(
+            rule,
+            version,
+            state,
+            reason,
+            condition,
+            now,
+            outcome=Outcome.REMEDIATION_OUTCOME_REFUSED,
+            key=key,
+        )
 
     def _forget_removed_rules(
         self, policy: remediation_pb2.Policy
@@ -450,17 +595,42 @@ class HealingEngine:
         state.pending_since = None
         return [record]
 
-    def _undo_throttles(self, now: datetime) -> list[remediation_pb2.RemediationRecord]:
-        """Restore throttles that expired or whose app is in the foreground."""
+    def undo_throttles(self) -> list[remediation_pb2.RemediationRecord]:
+        """Undo the throttles that expired or whose app is in the foreground now."""
+        with self._lock:
+            records = self._undo_throttles(self._now())
+            if records:
+                self._write(records)
+            return records
+
+    def _throttle_module(self) -> Any:
         try:
-            throttle_process: Any = importlib.import_module(
-                ACTION_MODULES["throttle_process"]
-            )
+            return importlib.import_module(ACTION_MODULES["throttle_process"])
         except ImportError:
             log.debug("throttle_process is not available; no throttles to undo")
+            return None
+
+    def _throttled(self) -> bool:
+        throttle_process = self._throttle_module()
+        if throttle_process is None:
+            return False
+        store = throttle_process.ThrottleStore(
+            self.state_dir / throttle_process.STATE_FILE
+        )
+        return bool(store.load())
+
+    def _undo_throttles(self, now: datetime) -> list[remediation_pb2.RemediationRecord]:
+        """Restore throttles that expired or whose app is in the foreground."""
+        throttle_process = self._throttle_module()
+        if throttle_process is None:
             return []
         try:
-            results = throttle_process.tick(self._context(dry_run=False), now)
+            if not self._throttled():
+                return []
+            # The foreground is read only while a throttle is in place, since
+            # reading it runs xprop or lsappinfo.
+            context = self._context(False, self._foreground_apps())
+            results = throttle_process.tick(context, now)
         except Exception:
             log.exception("undoing expired throttles failed")
             return []
@@ -484,12 +654,15 @@ class HealingEngine:
     def run_queued_commands(self) -> list[remediation_pb2.RemediationRecord]:
         """Run the commands that arrived since the last call; return their records."""
         records: list[remediation_pb2.RemediationRecord] = []
-        while True:
+        while not self.stop.is_set():
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return records
             records.append(self.run_command(command))
+        # Commands left in the queue at shutdown have no stored id, and the
+        # collector sends pending commands again at every connect.
+        return records
 
     def _refusal(self, command: remediation_pb2.Command) -> str:
         now = self._now()
@@ -603,13 +776,15 @@ class HealingEngine:
         """Evaluate every rule and dry-run its action; change no state or spool."""
         now = self._now()
         previews = []
-        policy = self.policies.policy
+        policy, refused = self.policies.in_force()
         for rule in policy.rules:
             state = self._state.rules.get(rule.name, RuleState())
             condition = self.evaluator.evaluate(
                 rule.name, rule.condition, readings, now, clock_module.clock.monotonic()
             )
-            if rule.paused:
+            if rule.name in refused:
+                reason = f"refused on this laptop: {refused[rule.name]}"
+            elif rule.paused:
                 why = rule.paused_reason or "no reason given"
                 reason = f"paused by the collector: {why}"
             else:

@@ -5,7 +5,9 @@ are protobuf JSON strings such as "3600s". The agent runs the collector's
 latest valid policy, stored in ``<state dir>/policy.pb``, or else its default
 policy (agent/healing/default_policy.toml, or the file named by the
 ``healing.policy_file`` setting). A collector policy with one invalid rule is
-rejected as a whole and the previous policy stays in force.
+rejected as a whole and the previous policy stays in force. A valid rule that
+names a service or cache set outside the laptop's allowlist does not reject
+its policy: the rule is refused on this laptop, and the engine never runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 import re
 import threading
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -261,11 +265,101 @@ def validate_rule(rule: remediation_pb2.Rule, allowlist: LocalAllowlist) -> list
     return problems
 
 
+def allowlist_of(action: remediation_pb2.Action) -> LocalAllowlist:
+    """Return the allowlist that permits what action names, for a structural check.
+
+    Validating against it finds every problem except a service or cache set
+    that the laptop's own allowlist leaves out. Its empty cache_sets permits
+    every known cache set, so an unknown one is still a problem.
+    """
+    if action.WhichOneof("kind") == "restart_service":
+        return LocalAllowlist(services=frozenset({action.restart_service.service}))
+    return LocalAllowlist()
+
+
+def allowlist_refusal(rule: remediation_pb2.Rule, allowlist: LocalAllowlist) -> str:
+    """Return why the laptop's allowlist keeps a valid rule from running, or "".
+
+    The rule must pass validate_rule against allowlist_of(rule.action).
+    """
+    kind = rule.action.WhichOneof("kind")
+    if kind == "restart_service":
+        service = rule.action.restart_service.service
+        if service not in allowlist.services:
+            return (
+                f"service {service} is not in this laptop's healing.services; add "
+                "it there to let this rule run"
+            )
+    elif kind == "clear_cache" and allowlist.cache_sets:
+        outside = [
+            name
+            for name in rule.action.clear_cache.cache_sets
+            if name not in allowlist.cache_sets
+        ]
+        if outside:
+            allowed = ", ".join(sorted(allowlist.cache_sets))
+            noun = "cache set" if len(outside) == 1 else "cache sets"
+            verb = "is" if len(outside) == 1 else "are"
+            return (
+                f"{noun} {', '.join(outside)} {verb} not in this laptop's "
+                f"healing.cache_sets (allowed: {allowed}); add "
+                f"{'it' if len(outside) == 1 else 'them'} there to let this rule run"
+            )
+    # An allowlist check that an action gains later, and that this function
+    # does not know, still keeps the rule from running.
+    problems = validate_rule(rule, allowlist)
+    if problems:
+        return "not allowed by this laptop's allowlist: " + "; ".join(problems)
+    return ""
+
+
+@dataclass(frozen=True)
+class PolicyCheck:
+    """The result of checking a policy against the laptop's allowlist."""
+
+    # Problems that reject the whole policy, as "rule NAME: field: problem".
+    problems: list[str] = field(default_factory=list)
+    # Name of each valid rule that the allowlist keeps from running -> the
+    # reason. The other rules run.
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def check_policy(
+    policy: remediation_pb2.Policy, allowlist: LocalAllowlist
+) -> PolicyCheck:
+    """Find the problems that reject a policy and the rules that this laptop refuses.
+
+    Rules are refused only when the policy has no problem, because a rejected
+    policy does not apply at all.
+    """
+    problems = _policy_problems(policy, lambda rule: allowlist_of(rule.action))
+    if problems:
+        return PolicyCheck(problems=problems)
+    refused: dict[str, str] = {}
+    for rule in policy.rules:
+        reason = allowlist_refusal(rule, allowlist)
+        if reason:
+            refused[rule.name] = truncate(reason, MAX_REASON_CHARS)
+    return PolicyCheck(refused=refused)
+
+
 def validate_policy(
     policy: remediation_pb2.Policy, allowlist: LocalAllowlist
 ) -> list[str]:
-    """Return each problem of a policy as "rule NAME: field: problem"."""
-    problems: list[str] = []
+    """Return each problem of a policy as "rule NAME: field: problem".
+
+    A rule outside allowlist is a problem here. This is the check for a local
+    policy, which must fit the laptop's allowlist as a whole. A collector
+    policy goes through check_policy.
+    """
+    return _policy_problems(policy, lambda rule: allowlist)
+
+
+def _policy_problems(
+    policy: remediation_pb2.Policy,
+    allowlist_for: Callable[[remediation_pb2.Rule], LocalAllowlist],
+) -> list[str]:
+    """Return each problem of a policy, rule by rule against allowlist_for(rule)."""
     if len(policy.rules) > MAX_RULES:
         # Each rule is evaluated on every tick, and the problems of thousands
         # of rules would only be truncated.
@@ -273,6 +367,7 @@ def validate_policy(
             f"policy has {len(policy.rules)} rules, more than the maximum "
             f"{MAX_RULES}; split the work over fewer, broader rules"
         ]
+    problems: list[str] = []
     seen: set[str] = set()
     for index, rule in enumerate(policy.rules):
         label = f"rule {quote(rule.name)}" if rule.name else f"rule {index + 1}"
@@ -281,7 +376,7 @@ def validate_policy(
         elif rule.name in seen:
             problems.append(f"{label}: name is used by an earlier rule")
         seen.add(rule.name)
-        problems += [f"{label}: {p}" for p in validate_rule(rule, allowlist)]
+        problems += [f"{label}: {p}" for p in validate_rule(rule, allowlist_for(rule))]
     return problems
 
 
@@ -293,7 +388,9 @@ class PolicyStore:
 
     The collector's policy is kept in ``<state dir>/policy.pb`` (0600, replaced
     atomically) so that the rules keep running offline and after a restart.
-    Methods are thread-safe.
+    The rules of the policy in force that the allowlist refuses are found
+    again at every load, because the allowlist may have changed since. Methods
+    are thread-safe.
     """
 
     def __init__(
@@ -307,11 +404,17 @@ class PolicyStore:
         self._allowlist = allowlist
         self._local = local_policy
         self._lock = threading.Lock()
-        self._status = remediation_pb2.PolicyStatus()
-        self._policy = self._load_stored() or local_policy
-        self._status.applied_version = self._policy.version
+        stored = self._load_stored()
+        if stored is None:
+            # agent.runtime.local_policy leaves out or rejects the rules
+            # outside the allowlist, so from there no rule is refused.
+            self._policy = local_policy
+            self._refused = check_policy(local_policy, allowlist).refused
+        else:
+            self._policy, self._refused = stored
+        self._status = _status(self._policy.version, self._refused)
 
-    def _load_stored(self) -> remediation_pb2.Policy | None:
+    def _load_stored(self) -> tuple[remediation_pb2.Policy, dict[str, str]] | None:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -330,30 +433,39 @@ class PolicyStore:
                 "stored policy %s is damaged (%s); using the default", self.path, exc
             )
             return None
-        # The local allowlist may have shrunk since the policy was applied.
-        problems = validate_policy(policy, self._allowlist)
-        if problems:
+        check = check_policy(policy, self._allowlist)
+        if check.problems:
             log.error(
                 "stored policy %s (version %d) is no longer valid here: %s; using "
                 "the default until the collector sends a new one",
                 self.path,
                 policy.version,
-                truncate("; ".join(problems), MAX_LOG_CHARS),
+                truncate("; ".join(check.problems), MAX_LOG_CHARS),
             )
             return None
-        return policy
+        _log_refused(policy.version, check.refused)
+        return policy, check.refused
 
     @property
     def policy(self) -> remediation_pb2.Policy:
         """The policy in force (a copy)."""
+        return self.in_force()[0]
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The rules in force that this laptop refuses: name -> reason (a copy)."""
+        return self.in_force()[1]
+
+    def in_force(self) -> tuple[remediation_pb2.Policy, dict[str, str]]:
+        """Return copies of the policy in force and its refused rules, read at once."""
         with self._lock:
             copy = remediation_pb2.Policy()
             copy.CopyFrom(self._policy)
-            return copy
+            return copy, dict(self._refused)
 
     @property
     def status(self) -> remediation_pb2.PolicyStatus:
-        """The applied version and the last rejection, for Report.policy_status."""
+        """The applied version, refused rules and last rejection, for reports."""
         with self._lock:
             copy = remediation_pb2.PolicyStatus()
             copy.CopyFrom(self._status)
@@ -368,28 +480,51 @@ class PolicyStore:
         """Validate and apply a collector policy; return the problems if it is rejected.
 
         A rejected policy leaves the one in force unchanged and is recorded in
-        the status with the reason.
+        the status with the reason. An applied policy may have rules that this
+        laptop refuses; the status names them.
         """
-        problems = validate_policy(policy, self._allowlist)
+        check = check_policy(policy, self._allowlist)
         with self._lock:
-            if problems:
+            if check.problems:
                 self._status.rejected_version = policy.version
                 self._status.rejected_reason = truncate(
-                    "; ".join(problems), MAX_REASON_CHARS
+                    "; ".join(check.problems), MAX_REASON_CHARS
                 )
                 log.error(
                     "rejected policy version %d from the collector: %s",
                     policy.version,
                     truncate(self._status.rejected_reason, MAX_LOG_CHARS),
                 )
-                return problems
+                return check.problems
             write_private(self.path, policy.SerializeToString(deterministic=True))
             self._policy = remediation_pb2.Policy()
             self._policy.CopyFrom(policy)
-            self._status = remediation_pb2.PolicyStatus(applied_version=policy.version)
+            self._refused = check.refused
+            self._status = _status(policy.version, check.refused)
         log.info(
             "applied policy version %d from the collector: %d rules",
             policy.version,
             len(policy.rules),
         )
+        _log_refused(policy.version, check.refused)
         return []
+
+
+def _status(version: int, refused: dict[str, str]) -> remediation_pb2.PolicyStatus:
+    status = remediation_pb2.PolicyStatus(applied_version=version)
+    for name, reason in refused.items():
+        status.refused_rules.add(rule_name=name, reason=reason)
+    return status
+
+
+def _log_refused(version: int, refused: dict[str, str]) -> None:
+    if refused:
+        log.warning(
+            "policy version %d: %d rules are refused on this laptop and do not run: %s",
+            version,
+            len(refused),
+            truncate(
+                "; ".join(f"{name}: {reason}" for name, reason in refused.items()),
+                MAX_LOG_CHARS,
+            ),
+        )

@@ -487,13 +487,14 @@ def test_rejected_policy_reported(harness_factory: HarnessFactory) -> None:
     bad = policy_from_toml(restart_policy(), "collector")
     bad.version = 9
     bad.rules[0].action.restart_service.service = "sshd.service"
+    bad.rules[0].action.restart_service.max_failures = 99
 
     assert harness.engine.apply_policy(bad) is False
 
     assert harness.builder.policy_status_changed()
     report = harness.builder.build(full=False)
     assert report.policy_status.rejected_version == 9
-    assert "sshd.service" in report.policy_status.rejected_reason
+    assert "max_failures 99 is out of range" in report.policy_status.rejected_reason
     assert report.policy_status.applied_version == 0
     assert not harness.builder.policy_status_changed()
 

@@ -296,7 +296,9 @@ def test_store_rejection_keeps_previous(tmp_path: Path) -> None:
     store = PolicyStore(tmp_path, default_policy(), ALLOWLIST)
     store.apply(collector_policy(3))
 
-    problems = store.apply(collector_policy(4, service="sshd.service"))
+    bad = collector_policy(4, service="sshd.service")
+    bad.rules[0].limits.max_runs_per_day = 100_000
+    problems = store.apply(bad)
 
     assert problems
     assert store.applied_version == 3
@@ -304,20 +306,25 @@ def test_store_rejection_keeps_previous(tmp_path: Path) -> None:
     status = store.status
     assert status.applied_version == 3
     assert status.rejected_version == 4
-    assert "sshd.service" in status.rejected_reason
+    assert "max_runs_per_day is 100000" in status.rejected_reason
     assert "rule 'restart-cups'" in status.rejected_reason
+    # A rejected policy refuses no rule: none of it applies.
+    assert "sshd.service" not in status.rejected_reason
+    assert list(status.refused_rules) == []
     # A later valid policy clears the rejection.
     assert store.apply(collector_policy(5)) == []
     assert store.status.rejected_version == 0
 
 
-def test_store_drops_policy_outside_new_allowlist(tmp_path: Path) -> None:
+def test_store_refuses_rule_outside_new_allowlist(tmp_path: Path) -> None:
     PolicyStore(tmp_path, default_policy(), ALLOWLIST).apply(collector_policy(3))
 
     narrower = PolicyStore(tmp_path, default_policy(), LocalAllowlist())
 
-    assert narrower.applied_version == 0
-    assert narrower.policy.rules[0].name == default_policy().rules[0].name
+    assert narrower.applied_version == 3
+    assert narrower.policy.rules[0].name == "restart-cups"
+    assert list(narrower.refused) == ["restart-cups"]
+    assert [r.rule_name for r in narrower.status.refused_rules] == ["restart-cups"]
 
 
 def test_store_damaged_file_uses_default(tmp_path: Path) -> None:

@@ -4,16 +4,19 @@ Each action is a module in this package with a NAME, the oneof field name of
 fleetmend.v1.Action that selects it, and two functions:
 
 - ``validate(params, allowlist) -> list[str]`` returns what is wrong with the
-  parameters (empty when they are valid), without touching the system. The
-  policy is rejected when any rule's action has a problem.
+  parameters (empty when they are valid), without touching the system. A
+  problem rejects the whole policy, except a service or cache set outside
+  the allowlist, which only refuses that rule (agent.healing.policy).
 - ``execute(params, context) -> ActionResult`` checks that the action is still
   needed (precheck), makes the change unless context.dry_run is set, verifies
   it, and returns the outcome. It raises nothing for a failure of the system it
-  acts on: that is a FAILED result with the reason.
+  acts on: that is a FAILED result with the reason. An action that waits ends
+  its wait when context.stop is set.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +46,8 @@ class ActionContext:
     # Catalog application ids that are in the foreground now, for
     # throttle_process's undo.
     foreground_apps: frozenset[str] = frozenset()
+    # The agent's stop event, set when it shuts down.
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass

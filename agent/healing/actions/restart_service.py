@@ -6,7 +6,9 @@ restart and still active after the settle time. Failed restarts are counted in
 ``<state dir>/service-restarts.json``; after max_failures of them within
 failure_window the action stops restarting and returns ESCALATED, so that a
 service that keeps crashing is handed to a person instead of being restarted
-in a loop. A successful restart clears the count.
+in a loop. A successful restart clears the count. A settle wait that the
+agent's shutdown interrupts is FAILED but not counted, because it says nothing
+about the service.
 """
 
 from __future__ import annotations
@@ -118,9 +120,9 @@ def execute(
 ) -> ActionResult:
     """Restart the service if it is not active, and verify that it stays active.
 
-    backend defaults to the one for this operating system. stop, when set
-    during the settle time, ends the wait early (the agent is shutting down)
-    and the result is FAILED.
+    backend defaults to the one for this operating system. stop defaults to
+    context.stop. When it is set during the settle time, the wait ends early
+    (the agent is shutting down) and the result is FAILED.
     """
     problems = validate(params, context.allowlist)
     if problems:
@@ -171,9 +173,14 @@ def execute(
             before,
         )
 
-    outcome, reason, after = _restart_and_verify(backend, name, settle, stop)
+    stop = stop or context.stop
+    outcome, reason, after, interrupted = _restart_and_verify(
+        backend, name, settle, stop
+    )
     if outcome == Outcome.REMEDIATION_OUTCOME_SUCCEEDED:
         failures.clear(name)
+    elif interrupted:
+        reason = f"{reason} (not counted as a failed restart)"
     else:
         failures.add(name, clock_module.clock.now(), window)
         count = len(failures.recent(name, clock_module.clock.now(), window))
@@ -186,43 +193,40 @@ def _restart_and_verify(
     backend: ServiceBackend,
     name: str,
     settle: timedelta,
-    stop: threading.Event | None,
-) -> tuple[Outcome.ValueType, str, ServiceStatus | None]:
-    """Restart, then check that the service is active now and after settle."""
+    stop: threading.Event,
+) -> tuple[Outcome.ValueType, str, ServiceStatus | None, bool]:
+    """Restart, then check that the service is active now and after settle.
+
+    Return the outcome, the reason, the last status read and whether stop
+    interrupted the settle wait.
+    """
+    failed = Outcome.REMEDIATION_OUTCOME_FAILED
     try:
         backend.restart(name)
         just_after = backend.status(name)
     except ServiceError as exc:
-        return Outcome.REMEDIATION_OUTCOME_FAILED, str(exc), None
+        return failed, str(exc), None, False
     if not just_after.active:
-        return (
-            Outcome.REMEDIATION_OUTCOME_FAILED,
-            f"service {name} is {just_after.state} right after the restart",
-            just_after,
-        )
-    if clock_module.clock.wait(stop or threading.Event(), settle.total_seconds()):
-        return (
-            Outcome.REMEDIATION_OUTCOME_FAILED,
-            f"the settle wait for service {name} was interrupted by shutdown",
-            just_after,
-        )
+        reason = f"service {name} is {just_after.state} right after the restart"
+        return failed, reason, just_after, False
+    if clock_module.clock.wait(stop, settle.total_seconds()):
+        reason = f"the settle wait for service {name} was interrupted by shutdown"
+        return failed, reason, just_after, True
     try:
         settled = backend.status(name)
     except ServiceError as exc:
-        return Outcome.REMEDIATION_OUTCOME_FAILED, str(exc), just_after
+        return failed, str(exc), just_after, False
     if not settled.active:
-        return (
-            Outcome.REMEDIATION_OUTCOME_FAILED,
+        reason = (
             f"service {name} was active after the restart but is {settled.state} "
-            f"after {_seconds(settle)}",
-            settled,
+            f"after {_seconds(settle)}"
         )
-    return (
-        Outcome.REMEDIATION_OUTCOME_SUCCEEDED,
+        return failed, reason, settled, False
+    reason = (
         f"restarted service {name}; still active ({settled.state}) after "
-        f"{_seconds(settle)}",
-        settled,
+        f"{_seconds(settle)}"
     )
+    return Outcome.REMEDIATION_OUTCOME_SUCCEEDED, reason, settled, False
 
 
 def describe_restart(backend: ServiceBackend, name: str) -> str:

@@ -60,10 +60,14 @@ class AgentServiceStub:
     node key, also when the device is revoked while its stream is open;
     PERMISSION_DENIED when the hello names another device than the key's;
     ABORTED when a newer stream of the same device replaced this one;
-    INVALID_ARGUMENT when the first message is not a hello or a message is
-    malformed (nothing from it is stored); UNAVAILABLE while the collector
-    shuts down. The agent reconnects after any error, with backoff, and sends
-    again everything not yet acknowledged.
+    INVALID_ARGUMENT when the first message is not a hello, a message is
+    malformed (nothing from it is stored), or a report is invalid or cannot
+    be stored; for such a report the trailing metadata key
+    "fleetmend-rejected-seq" holds its sequence number in decimal, the reports
+    before it are acknowledged, and the agent keeps that report aside instead
+    of sending it again; UNAVAILABLE while the collector shuts down. The agent
+    reconnects after any error, with backoff (at once after a rejection that
+    names a report), and sends again everything not yet acknowledged.
     """
 
 @_typing.type_check_only
@@ -98,10 +102,14 @@ class AgentServiceAsyncStub(AgentServiceStub):
     node key, also when the device is revoked while its stream is open;
     PERMISSION_DENIED when the hello names another device than the key's;
     ABORTED when a newer stream of the same device replaced this one;
-    INVALID_ARGUMENT when the first message is not a hello or a message is
-    malformed (nothing from it is stored); UNAVAILABLE while the collector
-    shuts down. The agent reconnects after any error, with backoff, and sends
-    again everything not yet acknowledged.
+    INVALID_ARGUMENT when the first message is not a hello, a message is
+    malformed (nothing from it is stored), or a report is invalid or cannot
+    be stored; for such a report the trailing metadata key
+    "fleetmend-rejected-seq" holds its sequence number in decimal, the reports
+    before it are acknowledged, and the agent keeps that report aside instead
+    of sending it again; UNAVAILABLE while the collector shuts down. The agent
+    reconnects after any error, with backoff (at once after a rejection that
+    names a report), and sends again everything not yet acknowledged.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -145,10 +153,14 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         node key, also when the device is revoked while its stream is open;
         PERMISSION_DENIED when the hello names another device than the key's;
         ABORTED when a newer stream of the same device replaced this one;
-        INVALID_ARGUMENT when the first message is not a hello or a message is
-        malformed (nothing from it is stored); UNAVAILABLE while the collector
-        shuts down. The agent reconnects after any error, with backoff, and sends
-        again everything not yet acknowledged.
+        INVALID_ARGUMENT when the first message is not a hello, a message is
+        malformed (nothing from it is stored), or a report is invalid or cannot
+        be stored; for such a report the trailing metadata key
+        "fleetmend-rejected-seq" holds its sequence number in decimal, the reports
+        before it are acknowledged, and the agent keeps that report aside instead
+        of sending it again; UNAVAILABLE while the collector shuts down. The agent
+        reconnects after any error, with backoff (at once after a rejection that
+        names a report), and sends again everything not yet acknowledged.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

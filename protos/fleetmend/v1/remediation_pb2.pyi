@@ -39,8 +39,8 @@ class _RemediationOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Re
     REMEDIATION_OUTCOME_DRY_RUN: _RemediationOutcome.ValueType  # 4
     """A dry run: nothing was changed."""
     REMEDIATION_OUTCOME_REFUSED: _RemediationOutcome.ValueType  # 5
-    """The agent refused a command or policy that its local policy or
-    allowlist does not permit.
+    """The agent refused a command, or a rule of the applied policy, that its
+    local allowlist does not permit.
     """
     REMEDIATION_OUTCOME_ESCALATED: _RemediationOutcome.ValueType  # 6
     """Repeated failures stopped the rule; the collector is told instead."""
@@ -61,8 +61,8 @@ no consent, or the condition no longer held at the precheck.
 REMEDIATION_OUTCOME_DRY_RUN: RemediationOutcome.ValueType  # 4
 """A dry run: nothing was changed."""
 REMEDIATION_OUTCOME_REFUSED: RemediationOutcome.ValueType  # 5
-"""The agent refused a command or policy that its local policy or
-allowlist does not permit.
+"""The agent refused a command, or a rule of the applied policy, that its
+local allowlist does not permit.
 """
 REMEDIATION_OUTCOME_ESCALATED: RemediationOutcome.ValueType  # 6
 """Repeated failures stopped the rule; the collector is told instead."""
@@ -74,9 +74,11 @@ Global___RemediationOutcome: _TypeAlias = RemediationOutcome  # noqa: Y015
 class Policy(_message.Message):
     """A versioned set of self-healing rules. The agent ships a default policy as
     TOML whose keys are the field names below; the collector sends its own over
-    the Connect stream. The agent validates every rule against its local
-    allowlists before it applies a policy, and rejects the whole policy, with
-    the reason, if one rule is invalid.
+    the Connect stream. The agent rejects the whole policy, with the reason, if
+    one rule is invalid (an unknown action, a value out of range, a duplicate
+    name). A valid rule that names a service or cache set outside the laptop's
+    allowlist is refused on that laptop only: the other rules apply, and
+    PolicyStatus.refused_rules names the refused one.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -708,6 +710,7 @@ class PolicyStatus(_message.Message):
     APPLIED_VERSION_FIELD_NUMBER: _builtins.int
     REJECTED_VERSION_FIELD_NUMBER: _builtins.int
     REJECTED_REASON_FIELD_NUMBER: _builtins.int
+    REFUSED_RULES_FIELD_NUMBER: _builtins.int
     applied_version: _builtins.int
     """Policy.version of the collector policy applied, which is the effective
     version the collector sent (it changes with rule states too, not only
@@ -716,20 +719,55 @@ class PolicyStatus(_message.Message):
     rejected_version: _builtins.int
     """Set when the collector's latest policy was rejected."""
     rejected_reason: _builtins.str
+    @_builtins.property
+    def refused_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedRule]:
+        """Rules of the applied policy that this laptop does not run, because they
+        name a service or cache set outside its allowlist. Its other rules run.
+        """
+
     def __init__(
         self,
         *,
         applied_version: _builtins.int = ...,
         rejected_version: _builtins.int = ...,
         rejected_reason: _builtins.str = ...,
+        refused_rules: _abc.Iterable[Global___RefusedRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "rejected_reason", b"rejected_reason", "rejected_version", b"rejected_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "refused_rules", b"refused_rules", "rejected_reason", b"rejected_reason", "rejected_version", b"rejected_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicyStatus: _TypeAlias = PolicyStatus  # noqa: Y015
+
+@_typing.final
+class RefusedRule(_message.Message):
+    """A rule of the applied policy that the agent does not run on this laptop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    rule_name: _builtins.str
+    """Rule.name of the refused rule."""
+    reason: _builtins.str
+    """What the rule names outside the allowlist, and the setting that would
+    let it run.
+    """
+    def __init__(
+        self,
+        *,
+        rule_name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "rule_name", b"rule_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefusedRule: _TypeAlias = RefusedRule  # noqa: Y015
 
 @_typing.final
 class Command(_message.Message):
