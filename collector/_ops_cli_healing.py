@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 
 from collector._ops_render import (
     DURATION_TYPE,
+    NO_FLEET_POLICY_TEXT,
     enum_label,
     print_json,
     render_commands,
@@ -51,15 +52,39 @@ MIN_COMMAND_TTL = timedelta(minutes=1)
 MAX_COMMAND_TTL = timedelta(days=7)
 
 
-def _add_policy_parser(commands: Any) -> None:
-    policy = commands.add_parser("policy", help="set or show the fleet's policy")
-    policy_commands = policy.add_subparsers(
-        dest="policy_command", required=True, metavar="COMMAND"
+def add_command(
+    commands: Any, name: str, summary: str, description: str = ""
+) -> argparse.ArgumentParser:
+    """Add the subcommand name to commands, the result of add_subparsers.
+
+    summary is its line in the parent's --help. Its own --help shows
+    description, or else summary as a sentence.
+    """
+    text = description or f"{summary[0].upper()}{summary[1:]}."
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=summary, description=text
     )
-    setter = policy_commands.add_parser(
+    return parser
+
+
+def add_command_group(parser: argparse.ArgumentParser, dest: str) -> Any:
+    """Add the subcommands' group to parser, named COMMAND in its --help."""
+    return parser.add_subparsers(
+        dest=dest,
+        required=True,
+        metavar="COMMAND",
+        help="one of the commands below; add --help after one for its options",
+    )
+
+
+def _add_policy_parser(commands: Any) -> None:
+    policy = add_command(commands, "policy", "set or show the fleet's policy")
+    policy_commands = add_command_group(policy, "policy_command")
+    setter = add_command(
+        policy_commands,
         "set",
-        help="replace the fleet's policy with a TOML file (admin)",
-        description=(
+        "replace the fleet's policy with a TOML file (admin)",
+        (
             "Replace the fleet's self-healing policy with the rules in a TOML "
             "file whose keys are the field names of fleetmend.v1.Policy, as in "
             "the agent's default_policy.toml. Durations take a span such as "
@@ -70,7 +95,12 @@ def _add_policy_parser(commands: Any) -> None:
         ),
     )
     _add_global_options(setter, defaults=False)
-    setter.add_argument("file", type=Path, metavar="FILE.toml", help="policy file")
+    setter.add_argument(
+        "file",
+        type=Path,
+        metavar="FILE.toml",
+        help="TOML file with the policy's [[rules]] tables",
+    )
     setter.add_argument(
         "--allow-empty",
         action="store_true",
@@ -79,51 +109,60 @@ def _add_policy_parser(commands: Any) -> None:
             "even their built-in default rules"
         ),
     )
-    show = policy_commands.add_parser(
-        "show", help="print the fleet's current policy as TOML"
+    show = add_command(
+        policy_commands,
+        "show",
+        "print the fleet's current policy as TOML",
+        "Print the fleet's current policy as TOML that `fleetmend policy set` "
+        "reads back, or say that no fleet policy is set.",
     )
     _add_global_options(show, defaults=False)
 
 
 def _add_rules_parser(commands: Any) -> None:
-    rules = commands.add_parser(
+    rules = add_command(
+        commands,
         "rules",
-        help="list the policy's rules with their fleet state, or change a state",
-        description=(
-            "Without a command, list each rule of the current policy with its "
-            "stage (active, canary or paused, and why), its runs across the "
-            "fleet and its runs today against the daily budget."
-        ),
+        "list the policy's rules with their fleet state, or change a state",
+        "Without a command, list each rule of the current fleet policy with its "
+        "stage (active, canary or paused, and why, and whether it is a dry run), "
+        "its runs across the fleet and its runs today against the daily budget.",
     )
     _add_global_options(rules, defaults=False)
-    rule_commands = rules.add_subparsers(dest="rules_command", metavar="COMMAND")
+    rule_commands = rules.add_subparsers(
+        dest="rules_command",
+        metavar="COMMAND",
+        help="optional: one of the commands below, which change a rule's state",
+    )
     helps = {
         "promote": "give a canary rule to the whole fleet (operator)",
         "pause": "pause a rule on every device (operator)",
         "resume": "resume a paused rule (operator)",
     }
     for name, help_text in helps.items():
-        change = rule_commands.add_parser(name, help=help_text)
+        change = add_command(rule_commands, name, help_text)
         _add_global_options(change, defaults=False)
-        change.add_argument("name", metavar="NAME", help="rule name")
+        change.add_argument(
+            "name", metavar="NAME", help="rule name, as `fleetmend rules` lists it"
+        )
         change.add_argument(
             "--reason",
             default="",
             metavar="TEXT",
-            help="why, shown in the rule's reason",
+            help="why, shown in the rule's REASON column; at most 500 characters",
         )
 
 
 def _add_act_parser(commands: Any) -> None:
-    act = commands.add_parser(
+    act = add_command(
+        commands,
         "act",
-        help="ask devices to run an allowlisted action now (operator)",
-        description=(
-            "Ask devices to run one of the agent's actions now. Each agent checks "
-            "the request against its local policy and allowlist, and reports "
-            "what it did. A device that does not connect within the time to "
-            "live never runs the command."
-        ),
+        "ask devices to run an allowlisted action now (operator)",
+        "Ask devices to run one of the agent's actions now. Each agent checks "
+        "the request against its local policy and allowlist, and reports "
+        "what it did, which `fleetmend remediations --rule command` lists. A "
+        "device that does not connect within the time to live never runs the "
+        "command.",
     )
     _add_global_options(act, defaults=False)
     act.add_argument(
@@ -170,9 +209,14 @@ def _add_act_parser(commands: Any) -> None:
 
 
 def _add_remediations_parser(commands: Any) -> None:
-    remediations = commands.add_parser(
+    remediations = add_command(
+        commands,
         "remediations",
-        help="list remediation records, newest first, with a summary per rule",
+        "list remediation records, newest first, with a summary per rule",
+        "List what the agents' rules and the operators' commands did, or why "
+        "they did not act, newest first, then a summary per rule over every "
+        "record that matches the filters. The records of operator commands "
+        'are listed and summarized under the rule "command".',
     )
     _add_global_options(remediations, defaults=False)
     remediations.add_argument(
@@ -185,7 +229,8 @@ def _add_remediations_parser(commands: Any) -> None:
         "--rule",
         default="",
         metavar="NAME",
-        help="only the records of this rule",
+        help='only the records of this rule; "command" lists those of operator '
+        "commands (`fleetmend act`)",
     )
     remediations.add_argument(
         "--outcome",
@@ -568,7 +613,7 @@ def _run_policy_command(args: argparse.Namespace, client: OpsClient) -> None:
         elif has_policy:
             print(render_policy_toml(response.policy), end="")
         else:
-            print("No policy set; agents run their built-in default policy.")
+            print(NO_FLEET_POLICY_TEXT, end="")
         return
     policy = load_policy_file(args.file, allow_empty=args.allow_empty)
     request = ops_pb2.SetPolicyRequest(policy=policy)
@@ -595,10 +640,8 @@ def _run_rules_command(args: argparse.Namespace, client: OpsClient) -> None:
                 }
             )
             return
-        policy = client.call("GetPolicy", ops_pb2.GetPolicyRequest()).policy
-        budgets = {rule.name: rule.fleet.daily_budget for rule in policy.rules}
-        table = render_rules_table(response.rules, budgets, response, policy.version)
-        print(table, end="")
+        policy = client.call("GetPolicy", ops_pb2.GetPolicyRequest())
+        print(render_rules_table(response.rules, policy, response), end="")
         return
     change = _RULE_CHANGES[args.rules_command]
     request = ops_pb2.ChangeRuleStateRequest(
@@ -639,10 +682,14 @@ def _run_remediations_command(args: argparse.Namespace, client: OpsClient) -> No
     )
     if args.since is not None:
         request.start_after_time.FromDatetime(args.since)
-    remediations, summaries = client.list_remediations(request, args.limit)
+    # A record past the limit, if the collector returns one, means more match.
+    remediations, summaries = client.list_remediations(request, args.limit + 1)
+    more = len(remediations) > args.limit
+    remediations = remediations[: args.limit]
     if args.json:
         print_json(
             {"remediations": to_dicts(remediations), "summaries": to_dicts(summaries)}
         )
-    else:
-        print(render_remediations(remediations, summaries), end="")
+        return
+    policy = client.call("GetPolicy", ops_pb2.GetPolicyRequest())
+    print(render_remediations(remediations, summaries, policy, more=more), end="")

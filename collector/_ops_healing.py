@@ -42,6 +42,7 @@ from collector._ops_common import (
 )
 from collector._validation import InvalidMessageError, validate_device_id
 from collector.store import (
+    COMMAND_SUMMARY_RULE,
     CommandRecord,
     RemediationPosition,
     RuleStateRecord,
@@ -414,8 +415,9 @@ def validate_policy(policy: remediation_pb2.Policy) -> None:
     """Check the structure of a policy as SetPolicy states; raise ValueError.
 
     Every rule needs a valid unique name, a condition and an action, fleet
-    limits in range, and valid durations and numbers. The agents check each
-    action's parameters against their local allowlists.
+    limits in range, and valid durations and numbers. The name "command" is
+    rejected, because it labels the records of operator commands. The agents
+    check each action's parameters against their local allowlists.
     """
     first_index: dict[str, int] = {}
     for index, rule in enumerate(policy.rules):
@@ -425,6 +427,12 @@ def validate_policy(policy: remediation_pb2.Policy) -> None:
             raise ValueError(
                 f"rules[{index}] has the invalid name {rule.name[:80]!r}; use 1 to "
                 "64 of a-z, 0-9, '_' and '-'"
+            )
+        if rule.name == COMMAND_SUMMARY_RULE:
+            raise ValueError(
+                f"rules[{index}] is named {rule.name!r}, the name under which "
+                "`fleetmend remediations` lists the records of operator commands; "
+                "give the rule another name"
             )
         if rule.name in first_index:
             raise ValueError(

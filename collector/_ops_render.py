@@ -10,9 +10,10 @@ escapes them by itself.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -30,6 +31,7 @@ from fleetmend.v1 import ops_pb2, remediation_pb2, report_pb2
 KEY_ATA_ATTRIBUTES = (5, 9, 187, 188, 194, 197, 198, 199)
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 DURATION_TYPE = "google.protobuf.Duration"
+DRY_RUN = remediation_pb2.REMEDIATION_OUTCOME_DRY_RUN
 
 # C0 controls, DEL and C1 controls, which terminals act on (ESC and CSI start
 # escape sequences, CR and LF move the cursor), and U+2028 and U+2029, on which
@@ -706,36 +708,43 @@ def _toml_string(text: str) -> str:
     return '"' + "".join(escaped) + '"'
 
 
+NO_FLEET_POLICY_TEXT = (
+    "No fleet policy is set, so every agent runs its built-in or local rules.\n"
+    "Set one with `fleetmend policy set FILE`.\n"
+)
+
+
 def render_rules_table(
     rules: Sequence[ops_pb2.RuleState],
-    budgets: Mapping[str, int],
+    policy: ops_pb2.GetPolicyResponse,
     response: ops_pb2.ListRulesResponse | None = None,
-    policy_version: int = 0,
 ) -> str:
     """Return the table of the rules command.
 
-    budgets maps a rule name to its fleet.daily_budget, 0 meaning no budget.
-    response, the ListRules response, adds a line with the devices that
-    rejected the current policy, whose store version is policy_version.
+    policy, the GetPolicy response, gives each rule's daily budget and dry-run
+    flag, and distinguishes an unset policy from one without rules. response, the
+    ListRules response, adds a line with the devices that rejected the
+    current policy.
     """
-    rejections = _render_rejections(response, policy_version)
+    if not policy.HasField("policy"):
+        return NO_FLEET_POLICY_TEXT
+    version = policy.policy.version
+    rejections = _render_rejections(response, version)
     if not rules:
-        return "No rules: no policy is set, or it has no rules.\n" + rejections
+        return (
+            f"Fleet policy version {version} has no rules, so agents run no rules "
+            "at all, not even their built-in ones.\nSet a policy with rules with "
+            "`fleetmend policy set FILE`.\n" + rejections
+        )
+    settings = {rule.name: rule for rule in policy.policy.rules}
     rows = []
     for rule in rules:
-        budget = budgets.get(rule.name, 0)
-        stage = enum_label(ops_pb2.RuleStage, rule.stage)
-        if rule.stage == ops_pb2.RULE_STAGE_CANARY:
-            devices = (
-                "1 device"
-                if rule.canary_devices == 1
-                else (f"{rule.canary_devices} devices")
-            )
-            stage = f"canary ({devices})"
+        setting = settings.get(rule.name, remediation_pb2.Rule())
+        budget = setting.fleet.daily_budget
         rows.append(
             [
                 rule.name,
-                stage,
+                _stage_text(rule, dry_run=setting.dry_run),
                 rule.reason or "-",
                 str(rule.runs),
                 str(rule.failures),
@@ -745,6 +754,18 @@ def render_rules_table(
         )
     headers = ["NAME", "STAGE", "REASON", "RUNS", "FAILURES", "SUCCESS", "TODAY"]
     return render_table(headers, rows) + rejections
+
+
+def _stage_text(rule: ops_pb2.RuleState, *, dry_run: bool) -> str:
+    stage = enum_label(ops_pb2.RuleStage, rule.stage)
+    if rule.stage == ops_pb2.RULE_STAGE_CANARY:
+        stage = f"canary ({_count_text(rule.canary_devices, 'device')})"
+    # RUNS does not count dry runs, so the stage shows why a dry-run rule has none.
+    return f"{stage}, dry run" if dry_run else stage
+
+
+def _count_text(count: int, noun: str) -> str:
+    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _render_rejections(
@@ -797,11 +818,21 @@ def render_commands(action: str, commands: Sequence[ops_pb2.CommandStatus]) -> s
         )
     sent = sum(1 for command in commands if command.sent)
     count = len(commands)
-    devices = "1 device" if count == 1 else f"{count} devices"
-    lines = [
-        f"Sent {escape_controls(action)} to {devices}: {sent} connected now, "
-        f"{count - sent} get it when they connect before it expires.",
-    ]
+    name = escape_controls(action)
+    devices = _count_text(count, "device")
+    if sent == count:
+        connected = "it is" if count == 1 else "they are"
+        summary = f"Sent {name} to {devices}; {connected} connected now."
+    elif sent == 0:
+        summary = (
+            f"Queued {name} for {devices}, none connected now; each gets it when "
+            "it connects before the command expires."
+        )
+    else:
+        summary = (
+            f"Sent {name} to {devices}: {sent} connected now, {count - sent} get "
+            "it when they connect before the command expires."
+        )
     rows = [
         [
             command.command_id,
@@ -812,16 +843,32 @@ def render_commands(action: str, commands: Sequence[ops_pb2.CommandStatus]) -> s
         for command in commands
     ]
     table = render_table(["COMMAND ID", "DEVICE ID", "EXPIRES", "STATUS"], rows)
-    return "\n".join(lines) + "\n" + table
+    hint = "See what the devices did with `fleetmend remediations --rule command`.\n"
+    return f"{summary}\n{table}{hint}"
+
+
+POLICY_LEGEND = (
+    "POLICY: vN is version N of the current fleet policy, older an earlier "
+    "fleet policy or rule state, local the agent's built-in or local policy.\n"
+)
 
 
 def render_remediations(
     remediations: Sequence[ops_pb2.StoredRemediation],
     summaries: Sequence[ops_pb2.RuleSummary],
+    policy: ops_pb2.GetPolicyResponse | None = None,
+    *,
+    more: bool = False,
 ) -> str:
-    """Return the records and the per-rule summary of the remediations command."""
+    """Return the records and the per-rule summary of the remediations command.
+
+    policy, the fleet's current policy, maps the records' effective policy
+    versions to the versions that SetPolicy assigned. more adds a line saying
+    that more records match than are listed.
+    """
     if not remediations:
         return "No remediation records.\n"
+    current = policy or ops_pb2.GetPolicyResponse()
     rows = []
     for stored in remediations:
         record = stored.record
@@ -830,15 +877,21 @@ def render_remediations(
                 format_time(record.start_time),
                 stored.device_id,
                 stored.hostname or "-",
-                record.rule or f"command {record.command_id}",
+                _record_source(record),
                 record.action.WhichOneof("kind") or "-",
-                enum_label(remediation_pb2.RemediationOutcome, record.outcome),
-                _change_text(record),
+                _outcome_text(record),
+                policy_version_label(record.policy_version, current),
+                change_text(record),
                 record.reason or "-",
             ]
         )
     headers = ["TIME", "DEVICE ID", "HOSTNAME", "RULE", "ACTION", "OUTCOME"]
-    records = render_table([*headers, "CHANGE", "REASON"], rows)
+    records = render_table([*headers, "POLICY", "CHANGE", "REASON"], rows)
+    if more:
+        records += (
+            f"Listed the newest {len(remediations)} records; more match. Raise "
+            "--limit or narrow the filters to see them.\n"
+        )
     summary_rows = [
         [
             summary.rule,
@@ -854,18 +907,175 @@ def render_remediations(
     ]
     summary_headers = ["RULE", "RUNS", "SUCCEEDED", "FAILED", "SKIPPED", "SUCCESS"]
     summary = render_table([*summary_headers, "DEVICES", "RECURRING"], summary_rows)
-    return f"{records}\nSummary per rule\n{_indent(summary)}"
+    return (
+        f"{records}{POLICY_LEGEND}\n"
+        f"Summary per rule, over every matching record\n{_indent(summary)}"
+    )
 
 
-def _change_text(record: remediation_pb2.RemediationRecord) -> str:
-    """Return the tested value before and after the action, and the bytes freed."""
-    parts = []
-    if record.unit and "bytes" in record.unit:
-        before = format_bytes(int(max(record.before, 0)))
-        after = format_bytes(int(max(record.after, 0)))
-        parts.append(f"{before} -> {after} ({record.unit})")
-    elif record.unit:
-        parts.append(f"{record.before:g} -> {record.after:g} {record.unit}")
+def _record_source(record: remediation_pb2.RemediationRecord) -> str:
+    if record.rule:
+        return record.rule
+    # Records of operator commands have no rule name. An undone throttle of a
+    # command has no command id either.
+    return f"command {record.command_id}" if record.command_id else "command"
+
+
+def _outcome_text(record: remediation_pb2.RemediationRecord) -> str:
+    label = enum_label(remediation_pb2.RemediationOutcome, record.outcome)
+    # A record whose repeat_count is above 1 counts that many repeats of one
+    # outcome and reason, such as a skip in cooldown.
+    if record.repeat_count > 1:
+        return f"{label} x{record.repeat_count}"
+    return label
+
+
+def policy_version_label(version: int, policy: ops_pb2.GetPolicyResponse) -> str:
+    """Return the POLICY column of a record's policy_version: "v3", "older", "local".
+
+    Records carry the effective policy generation that the collector sent,
+    and only the current generation maps to a version of SetPolicy.
+    """
+    # NOTE: a record of the current version from before a rule state change
+    # shows as "older", because GetPolicy returns the current generation only.
+    if version == 0:
+        return "local"
+    if policy.HasField("policy") and version == policy.generation:
+        return f"v{policy.policy.version}"
+    return "older"
+
+
+def _bytes_value(value: float) -> str:
+    if not math.isfinite(value) or value < 0:
+        return f"{value:g} bytes"
+    return format_bytes(int(value))
+
+
+def _cpu_value(value: float) -> str:
+    return f"{value:.1f} %"
+
+
+def _active_value(value: float) -> str:
+    if value == 1:
+        return "active"
+    if value == 0:
+        return "not active"
+    return f"{value:g}"
+
+
+def _seconds_left_value(value: float) -> str:
+    if not math.isfinite(value):
+        return f"{value:g} seconds left"
+    if value <= 0:
+        return "expired"
+    return f"expires in {format_duration(value)}"
+
+
+def _days_left_value(value: float) -> str:
+    if not math.isfinite(value):
+        return f"{value:g} days left"
+    if value < 0:
+        return "expired"
+    if value == 0:
+        return "expires today"
+    return "expires in 1 day" if value == 1 else f"expires in {value:g} days"
+
+
+def _ratio_value(value: float) -> str:
+    return f"{value:.0%}" if math.isfinite(value) else f"{value:g}"
+
+
+def _count_value(value: float) -> str:
+    return f"{value:g}"
+
+
+# The units that the agent's actions and conditions write into
+# RemediationRecord.unit, each with the label and the value format that an
+# operator reads. A {subject} in a label is the unit's named group, such as a
+# mount point.
+_VALUE_KINDS: tuple[tuple[re.Pattern[str], str, Callable[[float], str]], ...] = (
+    (re.compile(r"bytes"), "free space", _bytes_value),
+    (
+        re.compile(r"free bytes of (?P<subject>.+)"),
+        "free space on {subject}",
+        _bytes_value,
+    ),
+    (re.compile(r"percent of one CPU"), "CPU", _cpu_value),
+    (
+        re.compile(r"percent of one CPU used by (?P<subject>.+)"),
+        "{subject} CPU",
+        _cpu_value,
+    ),
+    (re.compile(r"active"), "service", _active_value),
+    (
+        re.compile(r"service (?P<subject>.+) active \(1\) or not \(0\)"),
+        "service {subject}",
+        _active_value,
+    ),
+    (
+        re.compile(r"seconds until the credential expires"),
+        "credential",
+        _seconds_left_value,
+    ),
+    (re.compile(r"days until expiry"), "password", _days_left_value),
+    (
+        re.compile(r"battery health \(full over design capacity\)"),
+        "battery health",
+        _ratio_value,
+    ),
+    (re.compile(r"failing disks"), "failing disks", _count_value),
+)
+
+# Units of actions that leave before and after at 0 when they measured
+# nothing: clear_cache without a cache folder or when refused, and
+# throttle_process in a dry run.
+# NOTE: a volume with no free byte left also reads 0 and 0 with "bytes", and
+# is shown as not measured, because the record cannot tell the two apart.
+_UNMEASURED_AT_ZERO = frozenset({"bytes", "percent of one CPU"})
+
+
+def change_text(record: remediation_pb2.RemediationRecord) -> str:
+    """Return the value a record tested, before and after, and the bytes freed.
+
+    A value that did not change, as in skips and dry runs, is shown once. A
+    dry run of clear_cache shows what it would free.
+    """
+    parts = [_reading_text(record), _freed_text(record)]
+    return ", ".join(part for part in parts if part) or "-"
+
+
+def _reading_text(record: remediation_pb2.RemediationRecord) -> str:
+    unit = record.unit
+    if not unit:
+        return ""
+    if unit in _UNMEASURED_AT_ZERO and record.before == 0 and record.after == 0:
+        return ""
+    label, value_text = _value_kind(unit)
+    # A dry run changes nothing, so its after is a copy of before.
+    if record.before == record.after or record.outcome == DRY_RUN:
+        values = value_text(record.before)
+    else:
+        values = f"{value_text(record.before)} -> {value_text(record.after)}"
+    return f"{label} {values}" if label else values
+
+
+def _value_kind(unit: str) -> tuple[str, Callable[[float], str]]:
+    for pattern, label, value_text in _VALUE_KINDS:
+        match = pattern.fullmatch(unit)
+        if match is not None:
+            return label.format(**match.groupdict()), value_text
+
+    def with_unit(value: float) -> str:
+        return f"{value:g} {unit}"
+
+    return "", with_unit
+
+
+def _freed_text(record: remediation_pb2.RemediationRecord) -> str:
+    if record.outcome == DRY_RUN and (
+        record.bytes_freed or record.action.HasField("clear_cache")
+    ):
+        return f"would free {format_bytes(record.bytes_freed)}"
     if record.bytes_freed:
-        parts.append(f"freed {format_bytes(record.bytes_freed)}")
-    return ", ".join(parts) or "-"
+        return f"freed {format_bytes(record.bytes_freed)}"
+    return ""

@@ -17,7 +17,8 @@ messages in the protobuf JSON mapping and field names as in the .proto files:
 
 For self-healing, ``policy set`` prints {"version", "rules"} (the number of
 rules), ``policy show`` prints {"policy": Policy}, null before the first
-``policy set``, ``rules`` prints {"rules": [RuleState]}, ``rules promote``,
+``policy set``, ``rules`` prints {"rules": [RuleState], "rejecting_devices",
+"rejected_reason_example"} as in ListRulesResponse, ``rules promote``,
 ``pause`` and ``resume`` print {"rule": RuleState}, ``act`` prints
 {"commands": [CommandStatus]} and ``remediations`` prints
 {"remediations": [StoredRemediation], "summaries": [RuleSummary]}.
@@ -54,6 +55,8 @@ from collector._ops_cli_healing import (  # noqa: E402
     _run_policy_command,
     _run_remediations_command,
     _run_rules_command,
+    add_command,
+    add_command_group,
 )
 from collector._ops_render import (  # noqa: E402
     escape_controls,
@@ -102,14 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     _add_global_options(parser, defaults=True)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = add_command_group(parser, "command")
 
-    devices = commands.add_parser("devices", help="list every device")
+    devices = add_command(
+        commands,
+        "devices",
+        "list every device",
+        "List every device that the collector knows, with its hostname, OS, "
+        "agent version and when it was last seen.",
+    )
     _add_global_options(devices, defaults=False)
 
     _add_device_parser(commands)
 
-    findings = commands.add_parser("findings", help="list findings of the fleet")
+    findings = add_command(
+        commands,
+        "findings",
+        "list findings of the fleet",
+        "List the findings of the fleet, or of one device, with their "
+        "severity: failing or worn disks, worn batteries, expired or expiring "
+        "passwords, and devices that went silent.",
+    )
     _add_global_options(findings, defaults=False)
     findings.add_argument(
         "--device",
@@ -118,8 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the findings of this device",
     )
 
-    audit = commands.add_parser(
-        "audit", help="list the audit log, newest first (admin)"
+    audit = add_command(
+        commands,
+        "audit",
+        "list the audit log, newest first (admin)",
+        "List the audit log of operator calls, newest first: who called what, "
+        "with which arguments, and the outcome.",
     )
     _add_global_options(audit, defaults=False)
     audit.add_argument(
@@ -143,12 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_device_parser(commands: Any) -> None:
-    device = commands.add_parser("device", help="show or revoke one device")
-    device_commands = device.add_subparsers(
-        dest="device_command", required=True, metavar="COMMAND"
-    )
-    show = device_commands.add_parser(
-        "show", help="show a device's readings and findings"
+    device = add_command(commands, "device", "show or revoke one device")
+    device_commands = add_command_group(device, "device_command")
+    show = add_command(
+        device_commands,
+        "show",
+        "show a device's readings and findings",
+        "Show a device's latest readings (host, volumes, disks, batteries, "
+        "accounts, app usage), its probe errors, its policy status and its "
+        "findings.",
     )
     _add_global_options(show, defaults=False)
     show.add_argument(
@@ -157,13 +180,12 @@ def _add_device_parser(commands: Any) -> None:
         metavar="ID-OR-HOSTNAME",
         help="device id or hostname",
     )
-    revoke = device_commands.add_parser(
+    revoke = add_command(
+        device_commands,
         "revoke",
-        help="revoke a device's node keys and end its stream (admin)",
-        description=(
-            "Revoke every node key of a device and end its open stream. The "
-            "device is rejected until it enrolls again."
-        ),
+        "revoke a device's node keys and end its stream (admin)",
+        "Revoke every node key of a device and end its open stream. The "
+        "device is rejected until it enrolls again.",
     )
     _add_global_options(revoke, defaults=False)
     revoke.add_argument(
@@ -175,30 +197,38 @@ def _add_device_parser(commands: Any) -> None:
 
 
 def _add_token_parser(commands: Any) -> None:
-    token = commands.add_parser("token", help="list or revoke operator tokens (admin)")
-    token_commands = token.add_subparsers(
-        dest="token_command", required=True, metavar="COMMAND"
-    )
-    listing = token_commands.add_parser(
-        "list", help="list operator tokens, without their secrets"
+    token = add_command(commands, "token", "list or revoke operator tokens (admin)")
+    token_commands = add_command_group(token, "token_command")
+    listing = add_command(
+        token_commands,
+        "list",
+        "list operator tokens, without their secrets",
+        "List the operator tokens with their role and when each was created, "
+        "last used and revoked. The secrets are stored hashed and never shown.",
     )
     _add_global_options(listing, defaults=False)
-    revoke = token_commands.add_parser(
-        "revoke", help="revoke an operator token; calls with it fail from then on"
+    revoke = add_command(
+        token_commands,
+        "revoke",
+        "revoke an operator token; calls with it fail from then on",
     )
     _add_global_options(revoke, defaults=False)
-    revoke.add_argument("name", type=_token_name, metavar="NAME", help="token name")
+    revoke.add_argument(
+        "name",
+        type=_token_name,
+        metavar="NAME",
+        help="token name, as `fleetmend token list` lists it",
+    )
 
 
 def _add_outage_parser(commands: Any) -> None:
-    outage = commands.add_parser("outage", help="declare or list outages")
-    outage_commands = outage.add_subparsers(
-        dest="outage_command", required=True, metavar="COMMAND"
-    )
-    declare = outage_commands.add_parser(
+    outage = add_command(commands, "outage", "declare or list outages")
+    outage_commands = add_command_group(outage, "outage_command")
+    declare = add_command(
+        outage_commands,
         "declare",
-        help="declare that an application is down for a span of time (operator)",
-        description=(
+        "declare that an application is down for a span of time (operator)",
+        (
             "Declare that a catalogued application is unavailable from --from to "
             "--to, and list the devices whose users usually use it then. The "
             "collector has no catalog of its own and accepts any id of 1 to 64 "
@@ -251,8 +281,12 @@ def _add_outage_parser(commands: Any) -> None:
         metavar="TEXT",
         help="text shown to users, such as 'SAP is down until 15:00'",
     )
-    listing = outage_commands.add_parser(
-        "list", help="list outages that have not ended yet"
+    listing = add_command(
+        outage_commands,
+        "list",
+        "list outages that have not ended yet",
+        "List the declared outages that have not ended yet, with the number of "
+        "devices whose users usually use the application then.",
     )
     _add_global_options(listing, defaults=False)
 

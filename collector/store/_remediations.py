@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ RUN_OUTCOMES = (SUCCEEDED, FAILED)
 RECURRENCE_WINDOW = timedelta(days=7)
 
 # Summary label of the records of operator commands, which have no rule name.
+# As a rule filter it selects those records.
 COMMAND_SUMMARY_RULE = "command"
 
 
@@ -77,7 +79,8 @@ def remediation_rows(
 ) -> tuple[RemediationRow, ...]:
     """Return the rows of a report's remediation records.
 
-    Raises ValueError for a record whose start_time or duration is out of range.
+    Raises ValueError for a record whose start_time or duration is out of range,
+    or whose before or after is not a finite number.
     """
     rows: list[RemediationRow] = []
     for idx, record in enumerate(report.remediations):
@@ -94,6 +97,12 @@ def remediation_rows(
             duration_ms = record.duration.ToMilliseconds()
         except ValueError as error:
             raise ValueError(f"{where} has an invalid duration: {error}") from error
+        # SQLite stores NaN as NULL, which the NOT NULL columns reject.
+        for name, value in (("before", record.before), ("after", record.after)):
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"{where} has {name} {value}; expected a finite number"
+                )
         rows.append(
             RemediationRow(
                 {
@@ -233,16 +242,20 @@ def summarize_remediations(
     """Return one summary per rule over the records that match, by rule name.
 
     The records of operator commands are summarized as the rule "command".
+    skipped counts skips, and a record whose repeat_count is above 1 counts as
+    that many skips.
     """
-    # NOTE: a rule named "command" gets a second summary with the same label,
-    # listed after the one of operator commands.
+    # NOTE: SetPolicy rejects the rule name "command", but an agent's local
+    # policy can still use it. Such a rule gets a second summary with the
+    # label of operator commands, and the rule filter "command" does not
+    # select its records.
     filters = _filters(device_id, rule, outcome, since)
     counts = (
         select(
             remediations.c.rule,
             _count_outcome(SUCCEEDED).label("succeeded"),
             _count_outcome(FAILED).label("failed"),
-            _count_outcome(SKIPPED).label("skipped"),
+            _count_skips().label("skipped"),
             func.count(remediations.c.device_id.distinct()).label("devices"),
         )
         .where(*filters)
@@ -381,7 +394,8 @@ def _recurring_devices(
 
     Each run is paired with the next run of the same rule on the same device
     (by start time), and the pair counts when it started within
-    RECURRENCE_WINDOW after the success.
+    RECURRENCE_WINDOW after the success. Operator commands have no condition
+    that could come back, so their records never count.
     """
     next_start = type_coerce(
         func.lead(remediations.c.start_time).over(
@@ -402,7 +416,11 @@ def _recurring_devices(
             remediations.c.start_time,
             next_start,
         )
-        .where(*filters, remediations.c.outcome.in_(RUN_OUTCOMES))
+        .where(
+            *filters,
+            remediations.c.outcome.in_(RUN_OUTCOMES),
+            remediations.c.rule != "",
+        )
         .subquery()
     )
     query = (
@@ -425,7 +443,9 @@ def _filters(
     filters: list[ColumnElement[bool]] = []
     if device_id:
         filters.append(remediations.c.device_id == device_id)
-    if rule:
+    if rule == COMMAND_SUMMARY_RULE:
+        filters.append(remediations.c.rule == "")
+    elif rule:
         filters.append(remediations.c.rule == rule)
     if outcome:
         filters.append(remediations.c.outcome == outcome)
@@ -460,6 +480,22 @@ def _before(position: RemediationPosition) -> ColumnElement[bool]:
 
 def _count_outcome(outcome: int) -> ColumnElement[int]:
     return _count_if(remediations.c.outcome == outcome)
+
+
+def _count_skips() -> ColumnElement[int]:
+    """Return the number of skips in the SKIPPED records, with their repeats.
+
+    The agent writes the first skip of a reason as a record with repeat_count
+    0, and the repeats that follow as one record whose repeat_count counts
+    them.
+    """
+    is_skip = remediations.c.outcome == SKIPPED
+    skips = case(
+        (and_(is_skip, remediations.c.repeat_count > 1), remediations.c.repeat_count),
+        (is_skip, 1),
+        else_=0,
+    )
+    return func.coalesce(func.sum(skips), 0)
 
 
 def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:

@@ -189,7 +189,7 @@ class OpenStream:
 
 def remediation(
     rule: str,
-    outcome: int,
+    outcome: remediation_pb2.RemediationOutcome.ValueType,
     start: datetime,
     *,
     command_id: str = "",
@@ -291,7 +291,10 @@ def test_policy_show_without_policy(
     shown = run_json(collector, "viewer", capsys, "policy", "show")
 
     assert code == 0, err
-    assert out == "No policy set; agents run their built-in default policy.\n"
+    assert out == (
+        "No fleet policy is set, so every agent runs its built-in or local rules.\n"
+        "Set one with `fleetmend policy set FILE`.\n"
+    )
     assert shown == {"policy": None}
 
 
@@ -527,7 +530,10 @@ def test_rules_without_policy(
     code, out, _ = run(collector, "viewer", capsys, "rules")
 
     assert code == 0
-    assert out == "No rules: no policy is set, or it has no rules.\n"
+    assert out == (
+        "No fleet policy is set, so every agent runs its built-in or local rules.\n"
+        "Set one with `fleetmend policy set FILE`.\n"
+    )
     assert run_json(collector, "viewer", capsys, "rules") == {
         "rules": [],
         "rejecting_devices": 0,
@@ -678,14 +684,14 @@ def test_act_sends_to_connected_device(
 
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == (
-        "Sent clear_cache to 1 device: 1 connected now, 0 get it when they "
-        "connect before it expires."
-    )
+    assert lines[0] == "Sent clear_cache to 1 device; it is connected now."
     assert lines[1].split()[:3] == ["COMMAND", "ID", "DEVICE"]
     assert lines[2].split()[0] == command.command_id
     assert lines[2].split()[1] == device_id
     assert lines[2].split()[-1] == "sent"
+    assert lines[3] == (
+        "See what the devices did with `fleetmend remediations --rule command`."
+    )
     assert list(command.action.clear_cache.cache_sets) == ["browser", "thumbnails"]
     assert command.action.clear_cache.older_than_days == 7
 
@@ -1010,16 +1016,17 @@ def test_remediations_records_and_summary(
     code, out, err = run(collector, "viewer", capsys, "remediations")
 
     assert code == 0, err
-    records, summary = out.split("\nSummary per rule\n")
+    records, summary = out.split("\nSummary per rule, over every matching record\n")
     lines = records.splitlines()
     assert lines[0].split()[:5] == ["TIME", "DEVICE", "ID", "HOSTNAME", "RULE"]
-    assert len(lines) == 6
+    assert len(lines) == 7
+    assert lines[6].startswith("POLICY: vN is version N of the current fleet policy")
     # Newest first: the command, then the failure on lab.
     assert "command cmd-1" in lines[1]
     assert history["lab"] in lines[2]
     assert "failed" in lines[2]
     assert "free space did not rise" in lines[2]
-    assert "953.7 MiB -> 2.8 GiB (free bytes of /), freed 1.9 GiB" in lines[2]
+    assert "free space on / 953.7 MiB -> 2.8 GiB, freed 1.9 GiB" in lines[2]
     rows = [line.split() for line in summary.splitlines()]
     assert rows[0] == [
         "RULE",
@@ -1035,6 +1042,7 @@ def test_remediations_records_and_summary(
     assert by_rule["clear-caches-low-space"] == ["3", "2", "1", "0", "67%", "2", "1"]
     assert by_rule["failing-disk-notice"] == ["0", "0", "0", "1", "-", "1", "0"]
     assert by_rule["command"] == ["1", "1", "0", "0", "100%", "1", "0"]
+    assert len(rows) == 4
 
 
 def test_remediations_json_and_filters(
@@ -1144,7 +1152,10 @@ def test_remediations_bad_page_token(collector: Collector) -> None:
         (ops_pb2.ListRemediationsRequest(page_token="r1.bm90LWpzb24="), "position"),
         (ops_pb2.ListRemediationsRequest(page_token="d1.YQ=="), "not issued"),
         (ops_pb2.ListRemediationsRequest(device_id="lab"), "not a UUID"),
-        (ops_pb2.ListRemediationsRequest(outcome=99), "not a RemediationOutcome"),
+        (
+            ops_pb2.ListRemediationsRequest(outcome=99),  # type: ignore[arg-type]
+            "not a RemediationOutcome",
+        ),
     ]
     with channel_to(collector.address, collector.tls_dir) as channel:
         stub = ops_pb2_grpc.OpsServiceStub(channel)
