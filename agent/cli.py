@@ -543,6 +543,29 @@ def _print_settings(config: AgentConfig) -> None:
         )
 
 
+def _foreground_status(config: AgentConfig) -> str:
+    from agent.foreground import ForegroundDetector
+    from agent.usage.catalog import Catalog, CatalogError
+
+    source = usage_source(config)
+
+    def catalog() -> Catalog | None:
+        try:
+            return source.catalog()
+        except CatalogError:
+            # diagnose reports the catalog error among its problems.
+            return None
+
+    # The detector logs why it is unavailable; here the line below says it.
+    foreground_log = logging.getLogger("agent.foreground")
+    level = foreground_log.level
+    foreground_log.setLevel(logging.ERROR)
+    try:
+        return ForegroundDetector(catalog).status()
+    finally:
+        foreground_log.setLevel(level)
+
+
 def cmd_diagnose(config: AgentConfig) -> int:
     from agent.render import wrap_line
 
@@ -562,6 +585,7 @@ def cmd_diagnose(config: AgentConfig) -> int:
         print(f"spool {config.state_dir / SPOOL_FILE}: not created yet")
     catalogs = ["built-in default catalog", *map(str, config.usage_catalogs)]
     print(f"usage catalogs: {', '.join(catalogs)}")
+    print(f"foreground check for throttles: {_foreground_status(config)}")
     _print_settings(config)
 
     trust_problems = _diagnose_trust(config)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from agent import __version__
 from agent import clock as clock_module
 from agent.config import AgentConfig
+from agent.foreground import ForegroundDetector
 from agent.healing.actions.base import LocalAllowlist
 from agent.healing.conditions import ConditionEvaluator
 from agent.healing.engine import HealingEngine
@@ -130,11 +131,21 @@ def build_engine(
     allowlist = local_allowlist(config)
     policies = PolicyStore(config.state_dir, local_policy(config, allowlist), allowlist)
 
+    logged_error: list[str] = []
+
     def catalog() -> Catalog | None:
         try:
             return usage.catalog()
         except CatalogError as exc:
-            log.warning("no catalog for process_cpu_above: %s", exc)
+            # The engine asks often (every pass, and every few seconds while
+            # a throttle is in place), so the same error is logged once.
+            if str(exc) not in logged_error:
+                logged_error[:] = [str(exc)]
+                log.warning(
+                    "no catalog, so process_cpu_above rules and the foreground "
+                    "check for throttles are off: %s",
+                    exc,
+                )
             return None
 
     evaluator = ConditionEvaluator(
@@ -142,9 +153,7 @@ def build_engine(
         cpu_sampler=_cpu_sampler(),  # type: ignore[arg-type]
         catalog=catalog,
     )
-    # NOTE: the agent cannot tell yet which application is in the
-    # foreground, so throttle_process undoes throttles only when they expire
-    # or when verification fails.
+    foreground = ForegroundDetector(catalog)
     return HealingEngine(
         config.state_dir,
         policies,
@@ -153,6 +162,7 @@ def build_engine(
         spool,
         evaluator,
         on_records=on_records,
+        foreground_apps=foreground.foreground_apps,
         enabled=config.healing_enabled,
     )
 
