@@ -673,7 +673,7 @@ def _run_connection(
     config: AgentConfig, ca_file: Path | None
 ) -> tuple[str, bytes | None, bool, str] | int:
     """Return run's target, CA, plaintext flag and node key, or the exit code."""
-    from agent.keystore import store_of_kind
+    from agent.keystore import read_node_key
 
     try:
         enrollment = read_enrollment(config.state_dir)
@@ -701,7 +701,7 @@ def _run_connection(
                 1,
             )
     try:
-        node_key = store_of_kind(enrollment.key_store, config.state_dir).read()
+        node_key = read_node_key(enrollment.key_store, config.state_dir)
     except KeyStoreError as exc:
         return _fail(str(exc), 1)
     if node_key is None:

@@ -30,6 +30,7 @@ from agent.healing.policy import (
     validate_policy,
 )
 from agent.link import Link
+from agent.priority import release_free_heap
 from agent.report import ReportBuilder
 from agent.sections import SectionSource, UsageSource, read_safely
 from agent.spool import SPOOL_FILE, Spool, describe
@@ -351,8 +352,10 @@ class Agent:
 
     def _read_sections(self, schedule: _Schedule, now: float) -> None:
         """Run each probe that is due, then sample usage if that is due."""
+        read_any = False
         for source in self._sources:
             if schedule.is_due(source.section, now):
+                read_any = True
                 reading = read_safely(source)
                 if reading is not None:
                     self.builder.update(source.section, reading)
@@ -362,6 +365,7 @@ class Agent:
                 )
 
         if schedule.is_due("usage_sample", now):
+            read_any = True
             seconds = self.config.interval("usage_sample")
             try:
                 self._usage.sample(minutes=max(1, round(seconds / 60)))
@@ -372,6 +376,10 @@ class Agent:
                 )
             self._mark_read("usage")
             schedule.next_in("usage_sample", now, seconds)
+
+        if read_any:
+            # Probes leave freed memory in the C heap; give it back to the OS.
+            release_free_heap()
 
     def _mark_read(self, section: str) -> None:
         # A probe that failed counts as read, because waiting cannot help.

@@ -3,10 +3,13 @@
 Starts a TLS collector on 127.0.0.1, enrolls an agent whose every interval is
 1 second and runs it,
 so each second is one full collection cycle (every probe, a usage sample and a
-report). After N reports have been issued it reads the agent's RSS and CPU time
-(its own and that of the commands it ran) and stops both.
+report). After N reports have been issued it reads the agent's memory from
+/proc/PID/status (VmRSS, split into anonymous and file-backed pages, and the
+thread count) and its CPU time (its own and that of the commands it ran), then
+stops both.
 
-    .venv/bin/python bench/agent_process.py --cycles 100
+    .venv/bin/python -m bench.agent_process --cycles 100
+    .venv/bin/python -m bench.agent_process --cycles 100 --agent-env MALLOC_ARENA_MAX=2
 """
 
 from __future__ import annotations
@@ -38,10 +41,45 @@ def issued(state_dir: Path) -> int:
     return int(identity["next_sequence"]) - 1
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """Return the fields of /proc/PID/status (Linux only), keyed by name."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+    return fields
+
+
+def kib(field: str) -> float:
+    """Convert a /proc/PID/status size such as ``"1736 kB"`` to MiB."""
+    number, unit = field.split()
+    if unit != "kB":
+        raise ValueError(f"unexpected unit {unit!r} in /proc status field {field!r}")
+    return int(number) / 1024
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--agent-env {pair!r} is invalid: expected NAME=VALUE")
+        env[name] = value
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=100)
+    parser.add_argument(
+        "--agent-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an environment variable for the agent process only (repeatable)",
+    )
     args = parser.parse_args()
+    agent_env = parse_env(args.agent_env)
 
     with tempfile.TemporaryDirectory() as tmp:
         address = f"127.0.0.1:{free_port()}"
@@ -96,7 +134,7 @@ def main() -> None:
                     "--log-level",
                     "warning",
                 ],
-                env=env,
+                env=dict(env, **agent_env),
             )
             started = time.monotonic()
             while issued(state_dir) < args.cycles:
@@ -105,7 +143,7 @@ def main() -> None:
                 time.sleep(0.5)
             elapsed = time.monotonic() - started
             process = psutil.Process(agent.pid)
-            rss = process.memory_info().rss
+            status = proc_status(agent.pid)
             times = process.cpu_times()
             own = times.user + times.system
             children = times.children_user + times.children_system
@@ -117,7 +155,12 @@ def main() -> None:
 
     cycles = issued_total = args.cycles
     print(f"reports issued: {issued_total} in {elapsed:.0f} s")
-    print(f"agent RSS after {cycles} cycles: {rss / 2**20:.1f} MiB")
+    anonymous = kib(status["RssAnon"])
+    files = kib(status["RssFile"])
+    print(
+        f"agent RSS after {cycles} cycles: {kib(status['VmRSS']):.1f} MiB "
+        f"(anonymous {anonymous:.1f}, files {files:.1f}), {status['Threads']} threads"
+    )
     print(
         f"CPU seconds per cycle: {own / cycles:.4f} (agent process), "
         f"{children / cycles:.4f} (commands it ran)"

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 # NOTE: importing pySMART sets os.environ["LANG"] = "C" for the whole process and
-# installs its own logger class with logging.setLoggerClass (pySMART 1.4.3).
+# installs its own logger class with logging.setLoggerClass (pySMART 1.4.3). The
+# agent runs this probe in a child process (agent.sections), so both stay there.
 from pySMART import Device
 from pySMART.interface import AtaAttributes, NvmeAttributes
 from pySMART.smartctl import Smartctl

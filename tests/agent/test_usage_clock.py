@@ -156,6 +156,16 @@ def test_usage_source_sample_uses_agent_clock(
     assert (BERLIN_DAY, BERLIN_HOUR, "test-runner", 5) in buckets(db_path)
     assert {row[0] for row in buckets(db_path)} == {BERLIN_DAY}
 
+    # The section sent to the collector reads the same clock, so the minutes
+    # sampled in 2031 fall inside its window.
+    section = source.read()
+    apps = {app.app_id: app for app in section.apps}
+    assert "test-runner" in apps
+    usage = apps["test-runner"]
+    assert dict(zip(usage.hours_of_week, usage.minutes, strict=True)) == {
+        WEDNESDAY_23: 5
+    }
+
 
 class CountingDns:
     """A getaddrinfo for one made-up host that counts its lookups."""
