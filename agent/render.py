@@ -373,8 +373,14 @@ def _action_text(action: remediation_pb2.Action) -> str:
     return f"{kind} ({words})"
 
 
-def _rule_state(preview: RulePreview) -> str:
-    """Return what the rule would do at the next evaluation, in words."""
+def _rule_state(preview: RulePreview, refusal: str | None = None) -> str:
+    """Return what the rule would do at the next evaluation, in words.
+
+    refusal is the reason the laptop refuses the rule, None when it runs. A
+    refused rule never acts, so it is shown as refused whatever its condition.
+    """
+    if refusal is not None:
+        return f"refused on this laptop: {refusal}"
     if not preview.condition.holds:
         return "nothing to do"
     if preview.skip_reason:
@@ -419,6 +425,11 @@ def render_rules(
                 "    ",
             )
         )
+    refusals = {refused.rule_name: refused.reason for refused in status.refused_rules}
+    for name, reason in refusals.items():
+        lines.append(
+            wrap_line(f"  ! rule {name} is refused on this laptop: {reason}", "    ")
+        )
     for preview in previews:
         rule = preview.rule
         suffix = " (dry-run rule)" if rule.dry_run else ""
@@ -428,7 +439,8 @@ def render_rules(
         lines.append(
             wrap_line(f"  condition {met}: {preview.condition.detail}", "    ")
         )
-        lines.append(wrap_line(f"  now: {_rule_state(preview)}", "    "))
+        state = _rule_state(preview, refusals.get(rule.name))
+        lines.append(wrap_line(f"  now: {state}", "    "))
         lines.append(wrap_line(f"  action: {_action_text(rule.action)}", "    "))
         lines.append(wrap_line(f"  dry run: {_dry_run_text(preview.result)}", "    "))
         if preview.result.bytes_freed:

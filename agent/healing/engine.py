@@ -453,9 +453,6 @@ class HealingEngine:
                 # The throttle remembers its rule for the record of its undo,
                 # and finds the app in the agent's catalog, site files included.
                 options["source_rule"] = rule_name
-                # Its measurement windows end early at shutdown, and it takes
-                # the stop event as an argument, not from the context.
-                options["stop"] = context.stop
                 catalog = self.evaluator.catalog()
                 if catalog is not None:
                     options["catalog"] = catalog

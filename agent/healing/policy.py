@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 POLICY_FILE = "policy.pb"
 
 RULE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+# The collector lists the records of operator commands under this rule name,
+# so a rule may not use it.
+COMMAND_RULE_NAME = "command"
 SERVICE_NAME = re.compile(r"[A-Za-z0-9@._:\\-]{1,256}")
 
 DAY_SECONDS = 86_400
@@ -256,7 +259,13 @@ def validate_limits(limits: remediation_pb2.RuleLimits) -> list[str]:
 
 def validate_rule(rule: remediation_pb2.Rule, allowlist: LocalAllowlist) -> list[str]:
     """Return what is wrong with one rule, each problem without the rule's name."""
-    problems = validate_condition(rule.condition)
+    problems: list[str] = []
+    if rule.name == COMMAND_RULE_NAME:
+        problems.append(
+            f"name {quote(rule.name)} is reserved, because the collector lists "
+            "the records of operator commands under it; give the rule another name"
+        )
+    problems += validate_condition(rule.condition)
     if rule.HasField("action"):
         problems += [f"action: {p}" for p in validate_action(rule.action, allowlist)]
     else:

@@ -28,6 +28,7 @@ __all__ = [
     "ServiceBackend",
     "ServiceError",
     "ServiceStatus",
+    "ServiceWaitInterrupted",
     "SystemdBackend",
     "WindowsScmBackend",
     "backend_for_platform",
@@ -72,6 +73,10 @@ class ServiceError(Exception):
     """A service manager command failed; the message contains the tool's output."""
 
 
+class ServiceWaitInterrupted(ServiceError):
+    """A wait for a service's state that the stop event ended before the state came."""
+
+
 @dataclass(frozen=True)
 class ServiceStatus:
     """A service's state as its service manager reports it."""
@@ -91,8 +96,12 @@ class ServiceBackend(Protocol):
         """Return the service's state; raise ServiceError when it cannot be read."""
         ...
 
-    def restart(self, name: str) -> None:
-        """Restart the service; raise ServiceError with the tool's message."""
+    def restart(self, name: str, stop: threading.Event | None = None) -> None:
+        """Restart the service; raise ServiceError with the tool's message.
+
+        A backend that waits between steps ends its wait when stop is set and
+        raises ServiceWaitInterrupted.
+        """
         ...
 
 
@@ -260,8 +269,12 @@ class SystemdBackend:
             )
         return parse_systemctl_show(completed.stdout, name)
 
-    def restart(self, name: str) -> None:
-        """Run ``systemctl restart NAME``; raise ServiceError with its message."""
+    def restart(self, name: str, stop: threading.Event | None = None) -> None:
+        """Run ``systemctl restart NAME``; raise ServiceError with its message.
+
+        stop is not used, because the restart is one command, which ends
+        within SERVICE_COMMAND_TIMEOUT_SECONDS.
+        """
         completed = _run([self.systemctl, "restart", "--", name])
         if completed.returncode != 0:
             raise ServiceError(
@@ -293,8 +306,12 @@ class LaunchdBackend:
             )
         return parse_launchctl_print(completed.stdout, name)
 
-    def restart(self, name: str) -> None:
-        """Run ``launchctl kickstart -k system/LABEL``, which kills and restarts it."""
+    def restart(self, name: str, stop: threading.Event | None = None) -> None:
+        """Run ``launchctl kickstart -k system/LABEL``, which kills and restarts it.
+
+        stop is not used, because the restart is one command, which ends
+        within SERVICE_COMMAND_TIMEOUT_SECONDS.
+        """
         target = f"{self.domain}/{name}"
         completed = _run([self.launchctl, "kickstart", "-k", target])
         if completed.returncode != 0:
@@ -324,16 +341,18 @@ class WindowsScmBackend:
         completed = _run([self.sc, "query", name])
         return parse_sc_query(completed.stdout + completed.stderr, name)
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, stop: threading.Event | None = None) -> None:
         """Stop the service, wait until it is STOPPED, then start it.
 
         Error 1062 from ``sc stop`` (the service was not running) is not a
-        failure: the service is then only started.
+        failure: the service is then only started. When stop is set during
+        the wait, the service is not started, and ServiceWaitInterrupted is
+        raised.
         """
         # NOTE: no recorded sc.exe output with error 1062 was found, so the
         # tests do not replay this case.
         self._control("stop", name, allowed=frozenset({_SC_SERVICE_NOT_ACTIVE}))
-        self._wait_stopped(name)
+        self._wait_stopped(name, stop if stop is not None else threading.Event())
         self._control("start", name, allowed=frozenset())
 
     def _control(self, verb: str, name: str, allowed: frozenset[int]) -> None:
@@ -348,9 +367,8 @@ class WindowsScmBackend:
         error = code if code is not None else completed.returncode
         raise ServiceError(f"sc {verb} {name!r} failed (error {error}): {message}")
 
-    def _wait_stopped(self, name: str) -> None:
+    def _wait_stopped(self, name: str, stop: threading.Event) -> None:
         deadline = clock_module.clock.monotonic() + self.stop_timeout
-        never_set = threading.Event()
         while True:
             completed = _run([self.sc, "query", name])
             output = completed.stdout + completed.stderr
@@ -363,7 +381,11 @@ class WindowsScmBackend:
                     f"service {name!r} did not stop within {self.stop_timeout:g} s "
                     f"(state {status.state}); stop it by hand and retry"
                 )
-            clock_module.clock.wait(never_set, self.poll_interval)
+            if clock_module.clock.wait(stop, self.poll_interval):
+                raise ServiceWaitInterrupted(
+                    f"shutdown interrupted the wait for service {name!r} to stop "
+                    f"(state {status.state}), so it was not started again"
+                )
 
 
 def backend_for_platform(platform: str = sys.platform) -> ServiceBackend:

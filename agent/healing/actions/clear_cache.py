@@ -22,6 +22,9 @@ with a sharing violation.
 Bytes freed are the allocated blocks of files whose last link the deletion
 removed, as fstat of a descriptor opened before the unlink confirms. A file
 with other hard links frees nothing and is counted apart.
+
+When the agent's stop event is set, the walk ends before the next entry, and
+the result reports what was freed until then.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ import re
 import shutil
 import stat
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from agent import paths
 from agent.healing import caches
@@ -97,6 +102,8 @@ class RootReport:
     # Files that changed between the check and the deletion.
     changed: int = 0
     changed_dirs: set[str] = field(default_factory=set, repr=False)
+    # True when the stop event ended the walk before its last entry.
+    interrupted: bool = False
 
 
 def validate(
@@ -283,6 +290,7 @@ class _RootWalker:
         now: float,
         in_use_ids: frozenset[tuple[int, int]],
         before_unlink: BeforeUnlink | None,
+        stop: threading.Event,
     ) -> None:
         self.report = report
         self.root = report.root
@@ -292,6 +300,7 @@ class _RootWalker:
         self.now = now
         self.in_use_ids = in_use_ids
         self.before_unlink = before_unlink
+        self.stop = stop
         self.device = os.fstat(root_fd).st_dev
         report.device = self.device
         path = _root_path(root_fd)
@@ -304,6 +313,11 @@ class _RootWalker:
             for mount in self.mount_points
         )
 
+    def _stopped(self) -> bool:
+        if self.stop.is_set():
+            self.report.interrupted = True
+        return self.report.interrupted
+
     def walk(self) -> None:
         # fwalk descends below mount points too, but the st_dev check and the
         # mount points of /proc/self/mountinfo keep anything there from being
@@ -311,22 +325,43 @@ class _RootWalker:
         # where there is no mountinfo a bind mount of the same file system is
         # not detected. Python 3.11's fwalk opens subfolders without
         # O_NONBLOCK, so a folder swapped for a FIFO mid-walk can block it.
-        for dirpath, dirnames, filenames, dir_fd in os.fwalk(
-            ".",
-            dir_fd=self.root_fd,
-            topdown=False,
-            follow_symlinks=False,
-            onerror=lambda error: _count_os_error(self.report, error),
-        ):
-            mounted = self._below_mount_point(dirpath)
-            for name in filenames:
-                if self._clear_entry(dir_fd, name, mounted):
-                    self.report.changed_dirs.add(dirpath)
-            for name in dirnames:
-                if mounted or self._below_mount_point(os.path.join(dirpath, name)):
-                    continue
-                if self._clear_subfolder(dir_fd, dirpath, name):
-                    self.report.changed_dirs.add(dirpath)
+        # os.fwalk is a generator, though typeshed declares an Iterator.
+        walk = cast(
+            Generator[tuple[str, list[str], list[str], int], None, None],
+            os.fwalk(
+                ".",
+                dir_fd=self.root_fd,
+                topdown=False,
+                follow_symlinks=False,
+                onerror=lambda error: _count_os_error(self.report, error),
+            ),
+        )
+        try:
+            for dirpath, dirnames, filenames, dir_fd in walk:
+                if not self._clear_folder_entries(dirpath, dirnames, filenames, dir_fd):
+                    return
+        finally:
+            # Closing the generator closes the folder descriptors it holds.
+            walk.close()
+
+    def _clear_folder_entries(
+        self, dirpath: str, dirnames: list[str], filenames: list[str], dir_fd: int
+    ) -> bool:
+        """Clear one folder's entries; return False when the stop event ended it."""
+        mounted = self._below_mount_point(dirpath)
+        for name in filenames:
+            if self._stopped():
+                return False
+            if self._clear_entry(dir_fd, name, mounted):
+                self.report.changed_dirs.add(dirpath)
+        for name in dirnames:
+            if self._stopped():
+                return False
+            if mounted or self._below_mount_point(os.path.join(dirpath, name)):
+                continue
+            if self._clear_subfolder(dir_fd, dirpath, name):
+                self.report.changed_dirs.add(dirpath)
+        return True
 
     def _owned(self, status: os.stat_result) -> bool:
         return self.root.owner_uid is None or status.st_uid == self.root.owner_uid
@@ -498,16 +533,21 @@ def clear_root(
     now: float | None = None,
     in_use_ids: frozenset[tuple[int, int]] = frozenset(),
     before_unlink: BeforeUnlink | None = None,
+    stop: threading.Event | None = None,
 ) -> RootReport:
     """Delete (or, in a dry run, count) what may go in one root, and report it.
 
     in_use_ids are (st_dev, st_ino) of files open elsewhere (open_file_ids).
+    When stop is set, the walk ends before the next entry and the report is
+    marked interrupted.
     """
     report = RootReport(root)
     if now is None:
         now = time.time()
+    if stop is None:
+        stop = threading.Event()
     if sys.platform == "win32":
-        _clear_root_by_path(report, older_than_days, dry_run, now)
+        _clear_root_by_path(report, older_than_days, dry_run, now, stop)
         return report
     try:
         root_fd = _open_root(root)
@@ -524,7 +564,14 @@ def clear_root(
         return report
     try:
         walker = _RootWalker(
-            report, root_fd, older_than_days, dry_run, now, in_use_ids, before_unlink
+            report,
+            root_fd,
+            older_than_days,
+            dry_run,
+            now,
+            in_use_ids,
+            before_unlink,
+            stop,
         )
         walker.walk()
     finally:
@@ -538,7 +585,11 @@ def _is_link(status: os.stat_result) -> bool:
 
 
 def _clear_root_by_path(
-    report: RootReport, older_than_days: int, dry_run: bool, now: float
+    report: RootReport,
+    older_than_days: int,
+    dry_run: bool,
+    now: float,
+    stop: threading.Event | None = None,
 ) -> None:
     """Clear a root by path names, for Windows, where there is no dir_fd.
 
@@ -561,13 +612,23 @@ def _clear_root_by_path(
         report.reason = f"{root_path} is not a folder"
         return
     report.device = status.st_dev
-    _clear_folder_by_path(report, root_path, older_than_days, dry_run, now)
+    if stop is None:
+        stop = threading.Event()
+    _clear_folder_by_path(report, root_path, older_than_days, dry_run, now, stop)
 
 
 def _clear_folder_by_path(
-    report: RootReport, folder: Path, older_than_days: int, dry_run: bool, now: float
+    report: RootReport,
+    folder: Path,
+    older_than_days: int,
+    dry_run: bool,
+    now: float,
+    stop: threading.Event,
 ) -> bool:
-    """Clear folder's contents bottom-up; True if something in it was removed."""
+    """Clear folder's contents bottom-up; True if something in it was removed.
+
+    The walk ends before the next entry once stop is set.
+    """
     removed_any = False
     try:
         entries = list(os.scandir(folder))
@@ -575,6 +636,10 @@ def _clear_folder_by_path(
         _count_os_error(report, error)
         return False
     for entry in entries:
+        if stop.is_set():
+            report.interrupted = True
+        if report.interrupted:
+            return removed_any
         try:
             status = entry.stat(follow_symlinks=False)
         except OSError as error:
@@ -585,11 +650,16 @@ def _clear_folder_by_path(
         if stat.S_ISDIR(status.st_mode):
             if report.root.patterns:
                 continue
-            if _clear_folder_by_path(
-                report, Path(entry.path), older_than_days, dry_run, now
-            ):
+            emptied = _clear_folder_by_path(
+                report, Path(entry.path), older_than_days, dry_run, now, stop
+            )
+            if emptied:
                 removed_any = True
-            elif dry_run or not _old_enough(status.st_mtime, older_than_days, now):
+            if report.interrupted:
+                return removed_any
+            if not emptied and (
+                dry_run or not _old_enough(status.st_mtime, older_than_days, now)
+            ):
                 continue
             if not dry_run:
                 try:
@@ -640,19 +710,26 @@ def clear_roots(
     now: float | None = None,
     in_use_ids: frozenset[tuple[int, int]] | None = None,
     before_unlink: BeforeUnlink | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[ActionResult, list[RootReport]]:
     """Clear every root, measure the free space of their volumes, and judge the outcome.
 
     The outcome is DRY_RUN in a dry run, SKIPPED when nothing was freed (and
     no root was rejected), SUCCEEDED when bytes were freed and the volumes'
-    free space did not fall, and FAILED otherwise, with the reason.
+    free space did not fall, and FAILED otherwise, with the reason. When stop
+    is set, the walk ends before the next entry or root, and the reason says
+    that shutdown interrupted it after what it freed.
     """
     if in_use_ids is None:
         in_use_ids = open_file_ids()
     reports: list[RootReport] = []
     free_before: dict[int, int] = {}
     volume_paths: dict[int, object] = {}
+    interrupted = False
     for root in roots:
+        if stop is not None and stop.is_set():
+            interrupted = True
+            break
         free = _free_bytes(root.path)
         report = clear_root(
             root,
@@ -661,8 +738,10 @@ def clear_roots(
             now=now,
             in_use_ids=in_use_ids,
             before_unlink=before_unlink,
+            stop=stop,
         )
         reports.append(report)
+        interrupted = interrupted or report.interrupted
         if (
             report.device is not None
             and free is not None
@@ -674,13 +753,21 @@ def clear_roots(
         device: _free_bytes(path) or 0 for device, path in volume_paths.items()
     }
     result = _judge(
-        reports, sum(free_before.values()), sum(free_after.values()), dry_run
+        reports,
+        sum(free_before.values()),
+        sum(free_after.values()),
+        dry_run,
+        interrupted,
     )
     return result, reports
 
 
 def _judge(
-    reports: list[RootReport], before: int, after: int, dry_run: bool
+    reports: list[RootReport],
+    before: int,
+    after: int,
+    dry_run: bool,
+    interrupted: bool = False,
 ) -> ActionResult:
     cleared = [r for r in reports if r.status == "cleared"]
     rejected = [r for r in reports if r.status == "rejected"]
@@ -697,6 +784,13 @@ def _judge(
     )
     rejections = "; ".join(f"rejected {r.reason}" for r in rejected)
     where = f"{len(cleared)} cache folder{'s' if len(cleared) != 1 else ''}"
+    if interrupted:
+        details["interrupted"] = "by shutdown"
+    if interrupted and not dry_run and files == 0:
+        result.reason = "shutdown interrupted the walk before anything was freed"
+        if rejections:
+            result.reason += f"; {rejections}"
+        return result
     if dry_run:
         result.outcome = Outcome.REMEDIATION_OUTCOME_DRY_RUN
         result.reason = f"would free {bytes_freed} bytes in {files} files from {where}"
@@ -723,6 +817,11 @@ def _judge(
         )
     if rejections:
         result.reason += f"; {rejections}"
+    if interrupted:
+        counted = "the count" if dry_run else "the walk"
+        result.reason += (
+            f"; shutdown interrupted {counted}, so the rest waits for the next run"
+        )
     return result
 
 
@@ -799,7 +898,10 @@ def roots_for_this_machine(cache_sets: Iterable[str]) -> list[caches.CacheRoot]:
 
 
 def execute(params: remediation_pb2.ClearCache, context: ActionContext) -> ActionResult:
-    """Clear the cache sets, or count what would go in a dry run, and verify."""
+    """Clear the cache sets, or count what would go in a dry run, and verify.
+
+    The walk ends early when context.stop is set.
+    """
     problems = validate(params, context.allowlist)
     if problems:
         return ActionResult(
@@ -808,7 +910,9 @@ def execute(params: remediation_pb2.ClearCache, context: ActionContext) -> Actio
             unit="bytes",
         )
     roots = roots_for_this_machine(params.cache_sets)
-    result, reports = clear_roots(roots, params.older_than_days, context.dry_run)
+    result, reports = clear_roots(
+        roots, params.older_than_days, context.dry_run, stop=context.stop
+    )
     for report in reports:
         if report.status == "rejected":
             log.warning("clear_cache rejected a cache root: %s", report.reason)

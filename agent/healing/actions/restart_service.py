@@ -38,6 +38,7 @@ from agent.healing.services import (
     ServiceBackend,
     ServiceError,
     ServiceStatus,
+    ServiceWaitInterrupted,
     SystemdBackend,
     WindowsScmBackend,
     backend_for_platform,
@@ -202,8 +203,10 @@ def _restart_and_verify(
     """
     failed = Outcome.REMEDIATION_OUTCOME_FAILED
     try:
-        backend.restart(name)
+        backend.restart(name, stop=stop)
         just_after = backend.status(name)
+    except ServiceWaitInterrupted as exc:
+        return failed, str(exc), None, True
     except ServiceError as exc:
         return failed, str(exc), None, False
     if not just_after.active:

@@ -130,8 +130,15 @@ def execute(
 
     catalog defaults to the shipped catalog, and system to a new SystemCpu. The
     action takes about twice verify_window seconds: one window to measure
-    before and one after. stop, when set, ends a window early. source_rule is
-    stored with the throttle and returned in the undo result's details["rule"].
+    before and one after. context.stop (or stop, which overrides it) ends a
+    window early. Set during the first window, it makes the action return
+    SKIPPED without changing a priority. Set during the second, it makes the
+    action undo the change and return FAILED. source_rule is stored with the
+    throttle and returned in the undo result's details["rule"].
+
+    Only a result that measured the app's CPU use sets unit. The others, the
+    dry run included, leave it empty, so the engine records the value of the
+    rule's condition instead.
     """
     problems = validate(params, context.allowlist)
     if problems:
@@ -161,15 +168,19 @@ def execute(
             Outcome.REMEDIATION_OUTCOME_DRY_RUN,
             f"would raise the nice value by {NICE_STEP} (at most {MAX_NICE}) and "
             f"lower the I/O priority of app {app_id} (pids {pids})",
-            unit=UNIT,
         )
 
-    wait_event = stop or threading.Event()
+    stop_event = stop if stop is not None else context.stop
     sampler = CpuSampler(os_name)
     system = system if system is not None else SystemCpu()
     system.busy_percent()
     sampler.sample(app_id, catalog)
-    clock_module.clock.wait(wait_event, verify_window)
+    if clock_module.clock.wait(stop_event, verify_window):
+        return ActionResult(
+            Outcome.REMEDIATION_OUTCOME_SKIPPED,
+            f"shutdown interrupted the measurement of app {app_id}'s CPU use "
+            "before any priority was lowered",
+        )
     before = sampler.sample(app_id, catalog)
     system_before = system.busy_percent()
 
@@ -187,12 +198,25 @@ def execute(
             Outcome.REMEDIATION_OUTCOME_FAILED,
             f"could not lower the priority of any process of app {app_id}: "
             + "; ".join(errors),
+            # Nothing changed, so the value after is the one measured before.
             before=before,
+            after=before,
             unit=UNIT,
         )
     store.save([*store.load(), *throttles])
 
-    clock_module.clock.wait(wait_event, verify_window)
+    if clock_module.clock.wait(stop_event, verify_window):
+        # A shortened window cannot verify the change, and an unverified
+        # throttle is not left in place.
+        undone = undo(context, app_id, "shutdown interrupted the verification")
+        return ActionResult(
+            Outcome.REMEDIATION_OUTCOME_FAILED,
+            f"shutdown interrupted the verification of app {app_id}'s throttle; "
+            f"{undone.reason}",
+            before=before,
+            after=before,
+            unit=UNIT,
+        )
     after = sampler.sample(app_id, catalog)
     system_after = system.busy_percent()
     details = {
