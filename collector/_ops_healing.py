@@ -160,6 +160,9 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
             return []
         states = self._store.rule_states()
         statistics = self._store.rule_statistics(fleet.utc_day_start(self._clock()))
+        # Only devices that applied the current effective policy count, so a
+        # device still on an older one does not count for a rule it refused.
+        refusals = self._store.rule_refusals(fleet.policy_generation(record, states))
         canary_rules = {
             rule.name
             for rule in rules
@@ -179,6 +182,10 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
                 message.runs = stats.runs
                 message.failures = stats.failures
                 message.runs_today = stats.runs_today
+            if rule.name in refusals:
+                refusing, reason = refusals[rule.name]
+                message.refusing_devices = refusing
+                message.refused_reason_example = reason
             if rule.name in canary_rules:
                 message.canary_devices = sum(
                     1

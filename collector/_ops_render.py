@@ -255,6 +255,7 @@ def _render_summary(
         ("dropped reports", str(device.dropped_reports)),
         ("clock", clock_text(device)),
         ("policy", policy_status_text(device, policy)),
+        *refused_rule_pairs(device),
     ]
     title = escape_controls(f"Device {device.device_id} ({name})")
     return f"{title}\n" + _indent(_render_pairs(pairs))
@@ -289,7 +290,24 @@ def policy_status_text(
         return f"{version} rejected: {status.rejected_reason or 'no reason given'}"
     if status.applied_version == 0:
         return "built-in default (no fleet policy applied)"
-    return "applied " + _policy_version_text(status.applied_version, policy)
+    text = "applied " + _policy_version_text(status.applied_version, policy)
+    refused = len(status.refused_rules)
+    if refused:
+        rules = "1 rule" if refused == 1 else f"{refused} rules"
+        text += f", {rules} refused by this device's allowlist"
+    return text
+
+
+def refused_rule_pairs(device: ops_pb2.Device) -> list[tuple[str, str]]:
+    """Return a ("refused rule", "NAME: REASON") pair per rule the device refuses.
+
+    These are rules of the applied policy that the device does not run because
+    they name a service or cache set outside its allowlist.
+    """
+    return [
+        ("refused rule", f"{rule.rule_name}: {rule.reason or 'no reason given'}")
+        for rule in device.policy_status.refused_rules
+    ]
 
 
 def _policy_version_text(generation: int, policy: ops_pb2.GetPolicyResponse) -> str:
@@ -724,7 +742,8 @@ def render_rules_table(
     policy, the GetPolicy response, gives each rule's daily budget and dry-run
     flag, and distinguishes an unset policy from one without rules. response, the
     ListRules response, adds a line with the devices that rejected the
-    current policy.
+    current policy. Each rule that devices refuse gets a line under the table
+    with the count and an example reason.
     """
     if not policy.HasField("policy"):
         return NO_FLEET_POLICY_TEXT
@@ -753,7 +772,8 @@ def render_rules_table(
             ]
         )
     headers = ["NAME", "STAGE", "REASON", "RUNS", "FAILURES", "SUCCESS", "TODAY"]
-    return render_table(headers, rows) + rejections
+    refusals = "".join(_render_refusals(rule) for rule in rules)
+    return render_table(headers, rows) + refusals + rejections
 
 
 def _stage_text(rule: ops_pb2.RuleState, *, dry_run: bool) -> str:
@@ -766,6 +786,18 @@ def _stage_text(rule: ops_pb2.RuleState, *, dry_run: bool) -> str:
 
 def _count_text(count: int, noun: str) -> str:
     return f"1 {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _render_refusals(rule: ops_pb2.RuleState) -> str:
+    if rule.refusing_devices == 0:
+        return ""
+    devices = _count_text(rule.refusing_devices, "device")
+    verb = "runs" if rule.refusing_devices == 1 else "run"
+    reason = escape_controls(rule.refused_reason_example or "no reason given")
+    return (
+        f"{escape_controls(rule.name)} is refused on {devices}, which {verb} the "
+        f"policy's other rules; for example: {reason}\n"
+    )
 
 
 def _render_rejections(
@@ -1027,8 +1059,8 @@ _VALUE_KINDS: tuple[tuple[re.Pattern[str], str, Callable[[float], str]], ...] = 
 )
 
 # Units of actions that leave before and after at 0 when they measured
-# nothing: clear_cache without a cache folder or when refused, and
-# throttle_process in a dry run.
+# nothing: clear_cache without a cache folder or when refused, and the
+# throttle_process dry run of agents older than this collector.
 # NOTE: a volume with no free byte left also reads 0 and 0 with "bytes", and
 # is shown as not measured, because the record cannot tell the two apart.
 _UNMEASURED_AT_ZERO = frozenset({"bytes", "percent of one CPU"})

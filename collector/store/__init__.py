@@ -198,8 +198,10 @@ class Store:
 
         The total stops at 2**63 - 1. Raises ValueError, before anything is
         written, for an empty device id, a sequence number outside 1 to
-        2**63 - 1, a naive received time, an invalid collect_time, or a
-        remediation record with an invalid start_time or duration.
+        2**63 - 1, a naive received time, an invalid collect_time, a
+        remediation record with an invalid start_time or duration, or a policy
+        status with more than 200 refused rules, an invalid or repeated refused
+        rule name, or a NUL character in a refusal reason.
 
         The remediation records and policy status of each newly stored report
         are stored too (see ingest_with_details).
@@ -214,9 +216,10 @@ class Store:
         newly stored report adds a row per entry of its remediations, so a
         repeated report adds nothing. A record with a command_id of a command
         for the same device sets that command's done_time to the report's
-        received time, unless it is set already. The device's policy status is
-        replaced by the policy_status of the report with the highest sequence
-        number that carries one.
+        received time, unless it is set already. The device's policy status,
+        with its refused rules, is replaced by the policy_status of the report
+        with the highest sequence number that carries one. Refusal reasons
+        longer than 1024 characters are cut, with a marker at the end.
         """
         with self._write(f"storing a batch of {len(batch)} reports") as connection:
             return _ingest.ingest(connection, batch)
@@ -552,6 +555,17 @@ class Store:
         with self._read(f"counting rejections of policy {version}") as connection:
             return _devices.policy_rejections(connection, version)
 
+    def rule_refusals(self, generation: int) -> dict[str, tuple[int, str]]:
+        """Return, per rule name, how many devices refuse the rule, and one reason.
+
+        generation is an effective policy generation, as agents report it.
+        Only devices whose latest policy status applied that generation are
+        counted, and revoked devices are not. Rules that no such device
+        refuses are left out.
+        """
+        with self._read(f"counting refused rules of policy {generation}") as connection:
+            return _devices.rule_refusals(connection, generation)
+
     def list_remediations(
         self,
         limit: int,
@@ -568,8 +582,9 @@ class Store:
         position of the last record of the previous page (its .position), and
         only records after it in that order are returned. device_id, rule and
         outcome, where not empty or 0, keep only matching records; since keeps
-        records that started at or after it. A negative limit or a naive since
-        raises ValueError.
+        records that started at or after it. The rule "command" selects the
+        records of operator commands, which have no rule name. A negative limit
+        or a naive since raises ValueError.
         """
         with self._read("listing remediation records") as connection:
             return _remediations.list_remediations(
@@ -588,9 +603,11 @@ class Store:
         The filters are those of list_remediations. Records of operator
         commands are summarized under the rule "command". runs counts records
         that succeeded or failed, and success_rate is succeeded / runs (0
-        without runs). recurring_devices counts devices on which a run that
-        succeeded was followed by another run of the same rule within 7 days,
-        among the records that match.
+        without runs). skipped counts skips, and a SKIPPED record whose
+        repeat_count is above 1 counts as repeat_count skips.
+        recurring_devices counts devices on which a run that succeeded was
+        followed by another run of the same rule within 7 days, among the
+        records that match. It is always 0 for operator commands.
         """
         with self._read("summarizing remediation records") as connection:
             return _remediations.summarize_remediations(

@@ -9,7 +9,13 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Connection, RowMapping, func, select
 
-from collector.store._schema import SECTIONS, SectionName, devices, reports
+from collector.store._schema import (
+    SECTIONS,
+    SectionName,
+    devices,
+    refused_rules,
+    reports,
+)
 from fleetmend.v1 import ops_pb2, remediation_pb2
 
 # Largest number of device ids bound in one IN list; SQLite before 3.32
@@ -54,8 +60,12 @@ def list_devices(
     )
     if hostname:
         query = query.where(devices.c.hostname_key == hostname.casefold())
-    records = connection.execute(query).mappings()
-    return [_device_message(record, sections) for record in records]
+    records = list(connection.execute(query).mappings())
+    refusals = _refused_rules_of(connection, [row["device_id"] for row in records])
+    return [
+        _device_message(record, sections, refusals.get(record["device_id"], []))
+        for record in records
+    ]
 
 
 def get_device(connection: Connection, device_id: str) -> ops_pb2.Device | None:
@@ -64,7 +74,8 @@ def get_device(connection: Connection, device_id: str) -> ops_pb2.Device | None:
     record = connection.execute(query).mappings().first()
     if record is None:
         return None
-    return _device_message(record, SECTIONS)
+    refusals = _refused_rules_of(connection, [device_id])
+    return _device_message(record, SECTIONS, refusals.get(device_id, []))
 
 
 def committed_sequence(connection: Connection, device_id: str) -> int:
@@ -111,6 +122,72 @@ def policy_rejections(connection: Connection, version: int) -> tuple[int, str]:
     return int(count), reason or ""
 
 
+def rule_refusals(
+    connection: Connection, generation: int
+) -> dict[str, tuple[int, str]]:
+    """Return, per refused rule name, how many devices refuse it and one reason.
+
+    Counts devices that are not revoked whose latest policy status applied
+    the effective policy generation, so devices still on an older policy are
+    left out. The reason is that of the device with the lowest device id.
+    """
+    counted = (
+        (devices.c.policy_applied_version == generation)
+        & (devices.c.policy_status_sequence != 0)
+        & devices.c.revoked_time.is_(None)
+    )
+    rule_name = refused_rules.c.rule_name
+    ranked = (
+        select(
+            rule_name,
+            refused_rules.c.reason,
+            func.count().over(partition_by=rule_name).label("devices"),
+            func.row_number()
+            .over(partition_by=rule_name, order_by=refused_rules.c.device_id)
+            .label("rank"),
+        )
+        .join(devices, devices.c.device_id == refused_rules.c.device_id)
+        .where(counted)
+        .subquery()
+    )
+    query = select(ranked.c.rule_name, ranked.c.reason, ranked.c.devices).where(
+        ranked.c.rank == 1
+    )
+    return {
+        row["rule_name"]: (int(row["devices"]), row["reason"])
+        for row in connection.execute(query).mappings()
+    }
+
+
+def refused_rules_of(
+    connection: Connection, device_id: str
+) -> list[remediation_pb2.RefusedRule]:
+    """Return the refused rules of one device's latest policy status, by name."""
+    return _refused_rules_of(connection, [device_id]).get(device_id, [])
+
+
+def _refused_rules_of(
+    connection: Connection, device_ids: Sequence[str]
+) -> dict[str, list[remediation_pb2.RefusedRule]]:
+    """Return the refused rules of each device that has any, by rule name."""
+    unique_ids = sorted(set(device_ids))
+    refusals: dict[str, list[remediation_pb2.RefusedRule]] = {}
+    for start in range(0, len(unique_ids), _IN_LIST_SIZE):
+        chunk = unique_ids[start : start + _IN_LIST_SIZE]
+        query = select(refused_rules).where(refused_rules.c.device_id.in_(chunk))
+        for row in connection.execute(query).mappings():
+            refusals.setdefault(row["device_id"], []).append(
+                remediation_pb2.RefusedRule(
+                    rule_name=row["rule_name"], reason=row["reason"]
+                )
+            )
+    # Sorted here, by code point, because PostgreSQL would sort by the
+    # database's locale.
+    for rules in refusals.values():
+        rules.sort(key=lambda rule: rule.rule_name)
+    return refusals
+
+
 def count_reports(connection: Connection, device_id: str | None) -> int:
     """Return the number of stored reports, of one device or of all."""
     query = select(func.count()).select_from(reports)
@@ -125,7 +202,9 @@ def _columns(sections: tuple[SectionName, ...]) -> list[Any]:
 
 
 def _device_message(
-    record: RowMapping, sections: tuple[SectionName, ...]
+    record: RowMapping,
+    sections: tuple[SectionName, ...],
+    refusals: Sequence[remediation_pb2.RefusedRule],
 ) -> ops_pb2.Device:
     device = ops_pb2.Device(
         device_id=record["device_id"],
@@ -149,6 +228,7 @@ def _device_message(
                 applied_version=record["policy_applied_version"],
                 rejected_version=record["policy_rejected_version"],
                 rejected_reason=record["policy_rejected_reason"],
+                refused_rules=refusals,
             )
         )
 

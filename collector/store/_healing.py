@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, RowMapping, delete, insert, select, text, update
 
+from collector.store._devices import refused_rules_of
 from collector.store._model import (
     RULE_STAGES,
     CommandRecord,
@@ -250,7 +251,7 @@ def get_command(connection: Connection, command_id: str) -> CommandRecord | None
 def device_policy_status(
     connection: Connection, device_id: str
 ) -> remediation_pb2.PolicyStatus | None:
-    """Return the device's latest reported PolicyStatus.
+    """Return the device's latest reported PolicyStatus, with its refused rules.
 
     Returns None for an unknown device and for one whose reports never carried
     a policy status.
@@ -268,6 +269,7 @@ def device_policy_status(
         applied_version=record["policy_applied_version"],
         rejected_version=record["policy_rejected_version"],
         rejected_reason=record["policy_rejected_reason"],
+        refused_rules=refused_rules_of(connection, device_id),
     )
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, case, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from collector.store import _remediations
@@ -19,6 +20,7 @@ from collector.store._schema import (
     SECTIONS,
     SectionName,
     devices,
+    refused_rules,
     reports,
 )
 from fleetmend.v1 import remediation_pb2
@@ -33,6 +35,14 @@ _POLICY_STATUS_COLUMNS = [
 # Largest number of device ids bound in one IN list; SQLite before 3.32
 # accepts at most 999 parameters per statement.
 _IN_LIST_SIZE = 900
+
+# Bounds of PolicyStatus.refused_rules. An agent refuses only rules of a policy
+# it applied, and it rejects a policy of more than 200 rules. Reasons longer
+# than the maximum are cut, with a marker, as the agent cuts them.
+MAX_REFUSED_RULES = 200
+MAX_REFUSED_REASON_CHARS = 1024
+# Rule names, as SetPolicy and the agent accept them.
+_RULE_NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 @dataclass
@@ -54,6 +64,7 @@ class _DeviceState:
     sections: dict[SectionName, _Section]
     policy_status_sequence: int
     policy_status: remediation_pb2.PolicyStatus | None = None
+    refused_rules: tuple[tuple[str, str], ...] = ()
     hostname: str | None = None
     changed: set[str] = field(default_factory=set)
 
@@ -64,6 +75,8 @@ class _ReportRow:
     sequence: int
     collect_time: datetime | None
     remediations: tuple[RemediationRow, ...] = ()
+    # (rule name, reason) of each refused rule of the policy status, checked.
+    refused_rules: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[str, int]:
@@ -159,7 +172,12 @@ def ingest(connection: Connection, batch: Sequence[IncomingReport]) -> IngestRes
 
     for row in new_rows:
         _apply(states[row.item.device_id], row)
-    _write_devices(connection, [state for state in states.values() if state.changed])
+    changed_states = [state for state in states.values() if state.changed]
+    _write_devices(connection, changed_states)
+    _write_refused_rules(
+        connection,
+        [state for state in changed_states if "policy_status" in state.changed],
+    )
 
     records = [record for row in new_rows for record in row.remediations]
     _remediations.insert_rows(connection, records)
@@ -219,12 +237,57 @@ def _report_row(item: IncomingReport) -> _ReportRow:
     records = _remediations.remediation_rows(
         item.device_id, sequence, item.report, item.received_time
     )
+    refused = _refused_rule_rows(
+        item.report.policy_status.refused_rules,
+        f"report {sequence} of device {item.device_id}",
+    )
     return _ReportRow(
         item=item,
         sequence=sequence,
         collect_time=collect_time,
         remediations=records,
+        refused_rules=refused,
     )
+
+
+def _refused_rule_rows(
+    rules: Sequence[remediation_pb2.RefusedRule], where: str
+) -> tuple[tuple[str, str], ...]:
+    """Check PolicyStatus.refused_rules; return (rule name, reason) of each.
+
+    Raises ValueError for more than MAX_REFUSED_RULES entries, an invalid or
+    repeated rule name, or a reason with a NUL character.
+    """
+    if len(rules) > MAX_REFUSED_RULES:
+        raise ValueError(
+            f"{where} has {len(rules)} refused rules in its policy status, more "
+            f"than the maximum of {MAX_REFUSED_RULES}, the most rules in a policy"
+        )
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for index, rule in enumerate(rules):
+        entry = f"{where} has policy_status.refused_rules[{index}]"
+        if not _RULE_NAME_PATTERN.fullmatch(rule.rule_name):
+            raise ValueError(
+                f"{entry} with the invalid rule_name {rule.rule_name[:80]!r}; "
+                "rule names are 1 to 64 of a-z, 0-9, '_' and '-'"
+            )
+        if rule.rule_name in seen:
+            raise ValueError(f"{entry} with rule_name {rule.rule_name!r} repeated")
+        seen.add(rule.rule_name)
+        # PostgreSQL text columns cannot store NUL characters.
+        if "\x00" in rule.reason:
+            raise ValueError(f"{entry} with a NUL character in its reason")
+        rows.append((rule.rule_name, _cut(rule.reason, MAX_REFUSED_REASON_CHARS)))
+    return tuple(rows)
+
+
+def _cut(text: str, limit: int) -> str:
+    """Cut text to at most limit characters, ending with a marker when cut."""
+    if len(text) <= limit:
+        return text
+    marker = f" ... [truncated, {len(text)} characters in all]"
+    return text[: limit - len(marker)] + marker
 
 
 def _check_device_id(device_id: str) -> None:
@@ -353,6 +416,7 @@ def _apply(state: _DeviceState, row: _ReportRow) -> None:
     if report.HasField("policy_status") and row.sequence > state.policy_status_sequence:
         state.policy_status_sequence = row.sequence
         state.policy_status = report.policy_status
+        state.refused_rules = row.refused_rules
         state.changed.add("policy_status")
 
     for name in SECTIONS:
@@ -399,6 +463,22 @@ def _write_devices(connection: Connection, states: list[_DeviceState]) -> None:
             .values(assignments)
         )
         connection.execute(statement, values)
+
+
+def _write_refused_rules(connection: Connection, states: list[_DeviceState]) -> None:
+    """Replace the refused rules of devices whose policy status changed."""
+    device_ids = sorted(state.device_id for state in states)
+    for chunk in _chunks(device_ids):
+        connection.execute(
+            delete(refused_rules).where(refused_rules.c.device_id.in_(chunk))
+        )
+    values = [
+        {"device_id": state.device_id, "rule_name": name, "reason": reason}
+        for state in states
+        for name, reason in state.refused_rules
+    ]
+    if values:
+        connection.execute(insert(refused_rules), values)
 
 
 def _device_values(state: _DeviceState) -> dict[str, Any]:

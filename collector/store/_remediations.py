@@ -245,10 +245,10 @@ def summarize_remediations(
     skipped counts skips, and a record whose repeat_count is above 1 counts as
     that many skips.
     """
-    # NOTE: SetPolicy rejects the rule name "command", but an agent's local
-    # policy can still use it. Such a rule gets a second summary with the
-    # label of operator commands, and the rule filter "command" does not
-    # select its records.
+    # NOTE: SetPolicy and current agents reject the rule name "command", but
+    # an older agent's local policy can still use it. Such a rule gets a
+    # second summary with the label of operator commands, and the rule filter
+    # "command" does not select its records.
     filters = _filters(device_id, rule, outcome, since)
     counts = (
         select(

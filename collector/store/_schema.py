@@ -146,6 +146,24 @@ devices = Table(
     Column("policy_status_sequence", BigInteger, nullable=False, server_default="0"),
 )
 
+
+# The refused_rules of each device's latest PolicyStatus, one row per rule:
+# rules of the applied policy that the device does not run because they name
+# a service or cache set outside its allowlist. Ingest replaces a device's
+# rows whenever it replaces the device's policy status.
+refused_rules = Table(
+    "refused_rules",
+    metadata,
+    Column(
+        "device_id",
+        device_id_type(),
+        ForeignKey("devices.device_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("rule_name", String, primary_key=True),
+    Column("reason", Text, nullable=False),
+)
+
 # One row per stored report, with the serialized fleetmend.v1.Report.
 reports = Table(
     "reports",

@@ -150,9 +150,9 @@ def test_downgrade_0004_keeps_reports(store: Store, database_url: str) -> None:
 
     migrate_to(database_url, "0003")
 
-    assert store.pending_migrations() == ["0004"]
+    assert store.pending_migrations() == ["0004", "0005"]
     assert store.count_reports(DEVICE) == 1
-    assert store.migrate() == ["0004"]
+    assert store.migrate() == ["0004", "0005"]
     assert store.current_policy() is None
     assert store.list_remediations(10) == []
 

@@ -266,6 +266,8 @@ class RuleState(_message.Message):
     FAILURES_FIELD_NUMBER: _builtins.int
     RUNS_TODAY_FIELD_NUMBER: _builtins.int
     CANARY_DEVICES_FIELD_NUMBER: _builtins.int
+    REFUSING_DEVICES_FIELD_NUMBER: _builtins.int
+    REFUSED_REASON_EXAMPLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     stage: Global___RuleStage.ValueType
     reason: _builtins.str
@@ -281,6 +283,17 @@ class RuleState(_message.Message):
     """Runs in the current UTC day, against FleetLimits.daily_budget."""
     canary_devices: _builtins.int
     """Devices that get the rule while it is in canary."""
+    refusing_devices: _builtins.int
+    """Devices that do not run the rule although they applied the current
+    effective policy (GetPolicyResponse.generation), because it names a
+    service or cache set outside their allowlist; their PolicyStatus lists it
+    in refused_rules. They run the policy's other rules. Devices on an older
+    policy and revoked devices are not counted.
+    """
+    refused_reason_example: _builtins.str
+    """The RefusedRule.reason of one of those devices, empty when there are
+    none.
+    """
     def __init__(
         self,
         *,
@@ -291,10 +304,12 @@ class RuleState(_message.Message):
         failures: _builtins.int = ...,
         runs_today: _builtins.int = ...,
         canary_devices: _builtins.int = ...,
+        refusing_devices: _builtins.int = ...,
+        refused_reason_example: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_devices", b"canary_devices", "failures", b"failures", "name", b"name", "reason", b"reason", "runs", b"runs", "runs_today", b"runs_today", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_devices", b"canary_devices", "failures", b"failures", "name", b"name", "reason", b"reason", "refused_reason_example", b"refused_reason_example", "refusing_devices", b"refusing_devices", "runs", b"runs", "runs_today", b"runs_today", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,6 +461,9 @@ class ListRemediationsRequest(_message.Message):
     page_token: _builtins.str
     device_id: _builtins.str
     rule: _builtins.str
+    """Only records of this rule, if set. "command" selects the records of
+    operator commands, which carry no rule name.
+    """
     outcome: _remediation_pb2.RemediationOutcome.ValueType
     @_builtins.property
     def start_after_time(self) -> _timestamp_pb2.Timestamp:
@@ -546,11 +564,15 @@ class RuleSummary(_message.Message):
     succeeded: _builtins.int
     failed: _builtins.int
     skipped: _builtins.int
+    """Skips, counting each SKIPPED record as its repeat_count when that is
+    above 1, because the agent folds repeated skips into one record.
+    """
     success_rate: _builtins.float
     """succeeded / runs, 0 without runs."""
     recurring_devices: _builtins.int
     """Devices on which the rule succeeded and its condition came back, that
-    is, the rule ran again on the same device within 7 days.
+    is, the rule ran again on the same device within 7 days. Always 0 for
+    "command": operator commands have no condition that could come back.
     """
     devices: _builtins.int
     def __init__(

@@ -226,7 +226,8 @@ class OpsServiceServicer:
         sends it to every connected agent. Role: admin.
 
         Status codes: INVALID_ARGUMENT for a rule without a name, condition or
-        action, a duplicate rule name, or a fleet limit out of range.
+        action, a rule named "command" (the label of operator commands in
+        ListRemediations), a duplicate rule name, or a fleet limit out of range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -98,7 +98,8 @@ class OpsServiceStub:
     sends it to every connected agent. Role: admin.
 
     Status codes: INVALID_ARGUMENT for a rule without a name, condition or
-    action, a duplicate rule name, or a fleet limit out of range.
+    action, a rule named "command" (the label of operator commands in
+    ListRemediations), a duplicate rule name, or a fleet limit out of range.
     """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetPolicyRequest, _ops_pb2.GetPolicyResponse]
     """Return the fleet's current policy as operators set it. Role: viewer."""
@@ -196,7 +197,8 @@ class OpsServiceAsyncStub(OpsServiceStub):
     sends it to every connected agent. Role: admin.
 
     Status codes: INVALID_ARGUMENT for a rule without a name, condition or
-    action, a duplicate rule name, or a fleet limit out of range.
+    action, a rule named "command" (the label of operator commands in
+    ListRemediations), a duplicate rule name, or a fleet limit out of range.
     """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetPolicyRequest, _ops_pb2.GetPolicyResponse]  # type: ignore[assignment]
     """Return the fleet's current policy as operators set it. Role: viewer."""
@@ -351,7 +353,8 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         sends it to every connected agent. Role: admin.
 
         Status codes: INVALID_ARGUMENT for a rule without a name, condition or
-        action, a duplicate rule name, or a fleet limit out of range.
+        action, a rule named "command" (the label of operator commands in
+        ListRemediations), a duplicate rule name, or a fleet limit out of range.
         """
 
     @_abc_1.abstractmethod
