@@ -223,9 +223,7 @@ class UsageSource:
         if self._tracker is None and not self._db_path.exists():
             return usage_to_proto(None, enabled=True)
         tracker = self._tracker_for_writing()
-        return usage_to_proto(
-            tracker.summary(), enabled=True
-        )
+        return usage_to_proto(tracker.summary(), enabled=True)
 
 
 def probe_sources() -> list[SectionSource]:
