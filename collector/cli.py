@@ -69,11 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     _add_log_level_option(parser, default=None)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        title="commands",
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help=f"run {PROG} COMMAND --help for its options",
+    )
 
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server, with TLS unless --insecure, until SIGTERM or SIGINT",
+        description=(
+            "Run the collector's gRPC server: the agent service, the operator "
+            "service, health checking and reflection on one port. It serves TLS "
+            "with the certificate in --tls-dir unless --insecure is given, "
+            "applies pending database migrations at start and runs until "
+            "SIGTERM or SIGINT."
+        ),
     )
     serve.add_argument(
         "--listen",
@@ -114,7 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limit_options(serve)
 
     migrate = commands.add_parser(
-        "migrate", help="apply pending database migrations and exit"
+        "migrate",
+        help="apply pending database migrations and exit",
+        description=(
+            "Apply the database migrations that --database lacks, print each "
+            "revision applied, and exit. serve applies them too, so this is "
+            "needed only to migrate before a start."
+        ),
     )
     _add_database_option(migrate)
     _add_log_level_option(migrate, default=argparse.SUPPRESS)
@@ -138,7 +157,11 @@ def _add_token_parser(
         ),
     )
     actions = token.add_subparsers(
-        dest="token_command", required=True, metavar="ACTION"
+        title="commands",
+        dest="token_command",
+        required=True,
+        metavar="ACTION",
+        help=f"run {PROG} token ACTION --help for its options",
     )
 
     create = actions.add_parser(
@@ -181,7 +204,13 @@ def _add_token_parser(
     )
 
     listing = actions.add_parser(
-        "list", help="list tokens with their roles and times, never their secrets"
+        "list",
+        help="list tokens with their roles and times, never their secrets",
+        description=(
+            "List every operator token, revoked ones included, with its role "
+            "and the times it was created, revoked and last used. The "
+            "database stores only hashes, so no secret is shown."
+        ),
     )
     listing.add_argument(
         "--json",
@@ -190,7 +219,13 @@ def _add_token_parser(
     )
 
     revoke = actions.add_parser(
-        "revoke", help="revoke a token by name; calls with it fail from then on"
+        "revoke",
+        help="revoke a token by name; calls with it fail from then on",
+        description=(
+            "Revoke the operator token NAME. Calls that present it fail with "
+            "UNAUTHENTICATED from then on; the token stays in the list with "
+            "its revoke time."
+        ),
     )
     revoke.add_argument("name", metavar="NAME", help="name of the token")
 

@@ -50,6 +50,12 @@ CA_KEY_FILENAME = "ca.key"
 SERVER_CERT_FILENAME = "server.pem"
 SERVER_KEY_FILENAME = "server.key"
 ENROLLMENT_SECRET_FILENAME = "enrollment-secret"  # noqa: S105 (a file name)
+_TLS_FILENAMES = (
+    CA_CERT_FILENAME,
+    CA_KEY_FILENAME,
+    SERVER_CERT_FILENAME,
+    SERVER_KEY_FILENAME,
+)
 
 DIRECTORY_MODE = 0o700
 PUBLIC_FILE_MODE = 0o644
@@ -279,15 +285,16 @@ class ServerCertificateReloader:
             return _certificate_configuration(self._current)
 
     def _refresh(self) -> None:
+        names = certificate_names(self._current.certificate)
         try:
-            versions = _file_versions(self._paths)
+            versions = _file_versions(self._paths, names)
         except TLSSetupError as error:
             self._reject(str(error), str(error))
             return
         if versions in (self._versions, self._rejected):
             return
         try:
-            pair = _load_server_pair(self._folder)
+            pair = _load_server_pair(self._folder, names)
         except TLSSetupError as error:
             self._reject(versions, str(error))
             return
@@ -533,10 +540,12 @@ def _renew_or_rotate(
     rotate: bool,
 ) -> None:
     if renew:
+        old_names = _current_names(folder) if names is not None else []
         cert_path = renew_server_certificate(folder, names, server_days=server_days)
         _print_written(folder / SERVER_KEY_FILENAME, PRIVATE_FILE_MODE)
         _print_written(cert_path, PUBLIC_FILE_MODE)
         _print_certificate(folder)
+        _warn_dropped_names(folder, old_names, names or [])
         print(
             f"kept the CA in {folder / CA_CERT_FILENAME}: agents need no new CA file. "
             f"A running {PROG} serve gives the new certificate to new connections "
@@ -552,6 +561,32 @@ def _renew_or_rotate(
             "so no restart is needed."
         )
         _print_secret_handling(folder)
+
+
+def _current_names(folder: Path) -> list[str]:
+    """Return the names of the folder's server certificate, or [] if unreadable."""
+    try:
+        return certificate_names(_load_certificate(folder / SERVER_CERT_FILENAME))
+    except TLSSetupError:
+        return []
+
+
+def _warn_dropped_names(
+    folder: Path, old_names: Sequence[str], new_names: Sequence[str]
+) -> None:
+    kept = {name.lower() for name in new_names}
+    dropped = [name for name in old_names if name.lower() not in kept]
+    if not dropped:
+        return
+    shown = ", ".join(dropped)
+    options = " ".join(f"--name {name}" for name in [*new_names, *dropped])
+    print(
+        f"warning: the new certificate no longer covers {shown}, which the old "
+        "one did; agents and operators that connect by those names now fail "
+        f"certificate verification. To keep them, renew with {PROG} init --renew "
+        f"--dir {folder} {options}",
+        file=sys.stderr,
+    )
 
 
 def _print_init_summary(folder: Path, created: list[Path]) -> None:
@@ -820,14 +855,19 @@ def _server_pair_paths(folder: Path) -> tuple[Path, Path, Path]:
     )
 
 
-def _load_server_pair(folder: Path) -> _ServerPair:
+def _load_server_pair(folder: Path, names: Sequence[str] = ()) -> _ServerPair:
+    """Read and check the folder's server pair.
+
+    names, those of the certificate in service, go into the repair command of
+    an error.
+    """
     cert_path, key_path, ca_path = _server_pair_paths(folder)
-    cert_data, cert_version = _read_file_version(cert_path)
-    key_data, key_version = _read_file_version(key_path)
-    ca_data, ca_version = _read_file_version(ca_path)
-    certificate = _parse_certificate(cert_path, cert_data)
-    key = _parse_private_key(key_path, key_data)
-    ca_cert = _parse_certificate(ca_path, ca_data)
+    cert_data, cert_version = _read_file_version(cert_path, names)
+    key_data, key_version = _read_file_version(key_path, names)
+    ca_data, ca_version = _read_file_version(ca_path, names)
+    certificate = _parse_certificate(cert_path, cert_data, names)
+    key = _parse_private_key(key_path, key_data, names)
+    ca_cert = _parse_certificate(ca_path, ca_data, names)
     if not _key_matches(key, certificate):
         raise TLSSetupError(
             f"{key_path} does not match {cert_path}; issue both again with "
@@ -852,14 +892,16 @@ def _certificate_configuration(
     return grpc.ssl_server_certificate_configuration([(pair.key_pem, pair.chain_pem)])
 
 
-def _file_versions(paths: Sequence[Path]) -> tuple[_FileVersion, ...]:
+def _file_versions(
+    paths: Sequence[Path], names: Sequence[str] = ()
+) -> tuple[_FileVersion, ...]:
     versions: list[_FileVersion] = []
     for path in paths:
         try:
             versions.append(_FileVersion.of(os.stat(path)))
         except FileNotFoundError:
             raise TLSSetupError(
-                f"{path} is missing; {_init_hint(path.parent)}"
+                f"{path} is missing; {_repair_hint(path, names)}"
             ) from None
         except OSError as error:
             raise TLSSetupError(_unreadable_message(path, error)) from None
@@ -895,12 +937,14 @@ def _load_certificate(path: Path) -> x509.Certificate:
     return _parse_certificate(path, _read_file(path))
 
 
-def _parse_certificate(path: Path, data: bytes) -> x509.Certificate:
+def _parse_certificate(
+    path: Path, data: bytes, names: Sequence[str] = ()
+) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
         raise TLSSetupError(
-            f"{path} is not a PEM certificate; {_init_hint(path.parent)}"
+            f"{path} is not a PEM certificate; {_repair_hint(path, names)}"
         ) from None
 
 
@@ -908,18 +952,19 @@ def _load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return _parse_private_key(path, _read_file(path))
 
 
-def _parse_private_key(path: Path, data: bytes) -> ec.EllipticCurvePrivateKey:
+def _parse_private_key(
+    path: Path, data: bytes, names: Sequence[str] = ()
+) -> ec.EllipticCurvePrivateKey:
+    hint = _repair_hint(path, names)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
         # The parser's message is left out: it could quote the file's bytes.
         raise TLSSetupError(
-            f"{path} is not an unencrypted PEM private key; {_init_hint(path.parent)}"
+            f"{path} is not an unencrypted PEM private key; {hint}"
         ) from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise TLSSetupError(
-            f"{path} is not an ECDSA private key; {_init_hint(path.parent)}"
-        )
+        raise TLSSetupError(f"{path} is not an ECDSA private key; {hint}")
     return key
 
 
@@ -927,7 +972,9 @@ def _read_file(path: Path) -> bytes:
     return _read_file_version(path)[0]
 
 
-def _read_file_version(path: Path) -> tuple[bytes, _FileVersion]:
+def _read_file_version(
+    path: Path, names: Sequence[str] = ()
+) -> tuple[bytes, _FileVersion]:
     """Read path and return its bytes with the version of the file they came from.
 
     fstat on the open file ties the version to the inode that was read, even
@@ -938,7 +985,7 @@ def _read_file_version(path: Path) -> tuple[bytes, _FileVersion]:
             version = _FileVersion.of(os.fstat(stream.fileno()))
             return stream.read(), version
     except FileNotFoundError:
-        raise TLSSetupError(f"{path} is missing; {_init_hint(path.parent)}") from None
+        raise TLSSetupError(f"{path} is missing; {_repair_hint(path, names)}") from None
     except OSError as error:
         raise TLSSetupError(_unreadable_message(path, error)) from None
 
@@ -967,6 +1014,38 @@ def _certificate_pem(certificate: x509.Certificate) -> bytes:
 
 def _init_hint(folder: Path) -> str:
     return f"run {PROG} init --dir {folder} --name HOST"
+
+
+def _repair_hint(path: Path, names: Sequence[str] = ()) -> str:
+    """Return the command that replaces the missing or broken file path.
+
+    init refuses to run over an existing server.pem and keeps an existing
+    CA, so each file needs its own command. names are those of the
+    certificate in service, when a running collector has one.
+    """
+    folder = path.parent
+    name_options = " ".join(f"--name {name}" for name in names) or "--name HOST"
+    if path.name == SERVER_KEY_FILENAME and (folder / SERVER_CERT_FILENAME).exists():
+        return (
+            f"issue a new key and certificate with {PROG} init --renew --dir {folder}"
+        )
+    if path.name in (SERVER_CERT_FILENAME, SERVER_KEY_FILENAME):
+        if not (folder / SERVER_CERT_FILENAME).exists():
+            return f"run {PROG} init --dir {folder} {name_options}"
+        # renew takes its names from server.pem, which cannot be read here.
+        return (
+            f"issue a new key and certificate with {PROG} init --renew "
+            f"--dir {folder} {name_options}"
+        )
+    if path.name in (CA_CERT_FILENAME, CA_KEY_FILENAME):
+        if not any((folder / name).exists() for name in _TLS_FILENAMES):
+            return _init_hint(folder)
+        return (
+            f"restore {path.name} from a backup, or move ca.pem, ca.key, server.pem "
+            f"and server.key out of {folder} and run {PROG} init --dir {folder} "
+            f"{name_options} to make a new CA, which every agent then needs"
+        )
+    return _init_hint(folder)
 
 
 def _unreadable_message(path: Path, error: OSError | UnicodeDecodeError) -> str:

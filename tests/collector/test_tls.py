@@ -683,18 +683,31 @@ def test_init_default_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
 # Errors for missing, unreadable and mismatched files.
 
 
-@pytest.mark.parametrize("missing", ["server.pem", "server.key", "ca.pem"])
-def test_load_missing_file(tls_dir: Path, missing: str) -> None:
+@pytest.mark.parametrize(
+    ("missing", "hint"),
+    [
+        ("server.pem", "run fleetmend-collector init --dir {dir} --name HOST"),
+        (
+            "server.key",
+            "issue a new key and certificate with fleetmend-collector init "
+            "--renew --dir {dir}",
+        ),
+        (
+            "ca.pem",
+            "restore ca.pem from a backup, or move ca.pem, ca.key, server.pem "
+            "and server.key out of {dir} and run fleetmend-collector init "
+            "--dir {dir} --name HOST to make a new CA, which every agent then needs",
+        ),
+    ],
+)
+def test_load_missing_file(tls_dir: Path, missing: str, hint: str) -> None:
     (tls_dir / missing).unlink()
 
     with pytest.raises(tls.TLSSetupError) as caught:
         tls.load_server_credentials(tls_dir)
 
     message = str(caught.value)
-    assert message == (
-        f"{tls_dir / missing} is missing; run fleetmend-collector init "
-        f"--dir {tls_dir} --name HOST"
-    )
+    assert message == f"{tls_dir / missing} is missing; {hint.format(dir=tls_dir)}"
 
 
 def test_load_empty_folder(tmp_path: Path) -> None:

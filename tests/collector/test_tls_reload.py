@@ -267,6 +267,10 @@ def test_half_written_certificate_keeps_current(
     assert served == before
     assert still == before
     assert f"{pem} is not a PEM certificate" in warning.getMessage()
+    assert (
+        f"fleetmend-collector init --renew --dir {tls_dir} "
+        "--name 127.0.0.1 --name localhost;"
+    ) in warning.getMessage()
     assert reload_records(logs, logging.INFO) == []
 
 
@@ -279,7 +283,10 @@ def replace_key_with_folder(tls_dir: Path) -> str:
 
 def remove_key(tls_dir: Path) -> str:
     (tls_dir / "server.key").unlink()
-    return f"{tls_dir / 'server.key'} is missing; run fleetmend-collector init"
+    return (
+        f"{tls_dir / 'server.key'} is missing; issue a new key and certificate "
+        f"with fleetmend-collector init --renew --dir {tls_dir}"
+    )
 
 
 @pytest.mark.parametrize(
