@@ -29,12 +29,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import psutil
 
 from agent import clock as clock_module
+from agent.healing.actions.throttle_process import DEFAULT_RESTORE_AFTER
 from agent.usage.catalog import CURRENT_OS, Catalog, OsName
 
 if sys.platform != "win32":
@@ -45,9 +47,16 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
+def _hours_text(span: timedelta) -> str:
+    hours = span.total_seconds() / 3600
+    return f"{hours:g} hour" if hours == 1 else f"{hours:g} hours"
+
+
 __all__ = [
     "CACHE_SECONDS",
     "COMMAND_TIMEOUT_SECONDS",
+    "THROTTLE_END",
     "ForegroundBackend",
     "ForegroundDetector",
     "ForegroundReading",
@@ -72,12 +81,18 @@ __all__ = [
 CACHE_SECONDS = 5.0
 # Timeout of each xprop, loginctl and lsappinfo run.
 COMMAND_TIMEOUT_SECONDS = 2.0
+# The end of a throttle while the foreground cannot be read, for diagnose and logs.
+THROTTLE_END = (
+    "a throttle ends when restore_after passes (default "
+    f"{_hours_text(DEFAULT_RESTORE_AFTER)}) or its verification fails"
+)
 # Bound on the walk from the window's process up through its parents.
 MAX_ANCESTORS = 64
 
 # NOTE: only the Debian package name is confirmed, by dpkg -S /usr/bin/xprop.
 # The Arch and Fedora names are not checked on those systems.
-XPROP_PACKAGES = "x11-utils (Debian, Ubuntu), xorg-xprop (Arch) or xprop (Fedora)"
+XPROP_PACKAGES = "x11-utils on Debian and Ubuntu, xorg-xprop on Arch or xprop on Fedora"
+NO_SESSION = "no graphical session found"
 SESSION_PROPERTIES = ("Type", "Display", "Active", "User", "Name", "Remote")
 GRAPHICAL_SESSION_TYPES = ("x11", "wayland")
 
@@ -301,6 +316,10 @@ def app_ids_for_pid(
 # -- commands -----------------------------------------------------------------
 
 
+class _ToolFailed(Exception):
+    """A command failed; the message is "TOOL: ERROR", as in "loginctl: ..."."""
+
+
 def _run(
     argv: Sequence[str],
     *,
@@ -309,8 +328,12 @@ def _run(
     uid: int | None = None,
     gid: int | None = None,
 ) -> str:
-    """Run a command and return its stdout, or raise ForegroundUnavailable."""
-    command = " ".join(argv)
+    """Run a command and return its stdout, or raise _ToolFailed.
+
+    The caller turns _ToolFailed into ForegroundUnavailable, with what is
+    missing first and the tool's error in parentheses.
+    """
+    tool = Path(argv[0]).name
     try:
         completed = subprocess.run(
             list(argv),
@@ -327,25 +350,48 @@ def _run(
             extra_groups=None if uid is None else [],
         )
     except subprocess.TimeoutExpired as exc:
-        raise ForegroundUnavailable(f"{command} timed out after {timeout:g} s") from exc
+        raise _ToolFailed(f"{tool} timed out after {timeout:g} s") from exc
     except OSError as exc:
-        raise ForegroundUnavailable(
-            f"cannot run {command}: {exc.strerror or exc}"
-        ) from exc
+        raise _ToolFailed(f"{tool} cannot be run: {exc.strerror or exc}") from exc
     if completed.returncode != 0:
-        message = completed.stderr.strip().splitlines()
-        detail = message[-1] if message else "no message on stderr"
-        raise ForegroundUnavailable(
-            f"{command} failed with exit status {completed.returncode}: {detail}"
-        )
+        lines = completed.stderr.strip().splitlines()
+        if not lines:
+            raise _ToolFailed(
+                f"{tool} exited with status {completed.returncode} and no message"
+            )
+        raise _ToolFailed(_tool_message(tool, lines[-1]))
     return completed.stdout
 
 
-def _parsed(parse: Callable[[str], T], text: str, command: str) -> T:
+def _tool_message(tool: str, line: str) -> str:
+    """Return a stderr line as "TOOL: message", once, with runs of spaces joined."""
+    message = " ".join(line.split())
+    prefix = f"{tool}:"
+    if message.startswith(prefix):
+        message = message[len(prefix) :].strip()
+    return f"{tool}: {message}"
+
+
+def _run_or_unavailable(
+    missing: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    uid: int | None = None,
+    gid: int | None = None,
+) -> str:
+    """Run a command; if it fails, raise ForegroundUnavailable("MISSING (ERROR)")."""
+    try:
+        return _run(argv, env=env, uid=uid, gid=gid)
+    except _ToolFailed as exc:
+        raise ForegroundUnavailable(f"{missing} ({exc})") from exc
+
+
+def _parsed(parse: Callable[[str], T], text: str, missing: str, command: str) -> T:
     try:
         return parse(text)
     except ValueError as exc:
-        raise ForegroundUnavailable(f"{command}: {exc}") from exc
+        raise ForegroundUnavailable(f"{missing} ({command}: {exc})") from exc
 
 
 # -- Linux: X11 and XWayland --------------------------------------------------
@@ -393,13 +439,13 @@ class X11Backend:
         xprop = self._which("xprop")
         if xprop is None:
             raise ForegroundUnavailable(
-                "xprop is not found on PATH. Install it with the package "
-                f"{XPROP_PACKAGES}"
+                f"xprop is not found on PATH (install the package {XPROP_PACKAGES})"
             )
         target = self._target()
         root_argv = [xprop, "-root", "-notype", "_NET_ACTIVE_WINDOW"]
-        root_text = self._xprop(target, root_argv)
-        window = _parsed(parse_active_window, root_text, "xprop -root")
+        missing = f"the active window of X11 display {target.display} cannot be read"
+        root_text = self._xprop(target, root_argv, missing)
+        window = _parsed(parse_active_window, root_text, missing, "xprop -root")
         if window is None:
             if target.wayland:
                 raise ForegroundUnavailable(
@@ -408,7 +454,9 @@ class X11Backend:
                 )
             return ForegroundReading(None, target.source)
         window_argv = [xprop, "-id", hex(window), "-notype", "_NET_WM_PID"]
-        pid = _parsed(parse_wm_pid, self._xprop(target, window_argv), "xprop -id")
+        missing = f"the process of X11 window {hex(window)} cannot be read"
+        window_text = self._xprop(target, window_argv, missing)
+        pid = _parsed(parse_wm_pid, window_text, missing, "xprop -id")
         # NOTE: a sandboxed client (Flatpak, Snap) may set _NET_WM_PID to a pid
         # of its own pid namespace, which names another process or none here.
         return ForegroundReading(pid, target.source)
@@ -416,13 +464,15 @@ class X11Backend:
     def _which(self, name: str) -> str | None:
         return shutil.which(name, path=self._environ.get("PATH", os.defpath))
 
-    def _xprop(self, target: _XTarget, argv: list[str]) -> str:
+    def _xprop(self, target: _XTarget, argv: list[str], missing: str) -> str:
         if target.uid is None:
-            return _run(argv, env=self._environ)
+            return _run_or_unavailable(missing, argv, env=self._environ)
         env = {"DISPLAY": target.display, "PATH": self._environ.get("PATH", os.defpath)}
         if target.xauthority:
             env["XAUTHORITY"] = target.xauthority
-        return _run(argv, env=env, uid=target.uid, gid=target.gid)
+        return _run_or_unavailable(
+            missing, argv, env=env, uid=target.uid, gid=target.gid
+        )
 
     # -- finding the display --------------------------------------------------
 
@@ -499,7 +549,7 @@ class X11Backend:
                 f"no local graphical session is active with a display (sessions "
                 f"{ids} are inactive, or of type x11 without a Display)"
             )
-        raise ForegroundUnavailable("no graphical session found")
+        raise ForegroundUnavailable(NO_SESSION)
 
     def _sessions(self) -> list[LoginSession]:
         loginctl = self._which("loginctl")
@@ -509,13 +559,16 @@ class X11Backend:
                 "graphical session can be found"
             )
         env = {**self._environ, "LC_ALL": "C"}
-        listing = _run([loginctl, "list-sessions", "--no-legend"], env=env)
+        listing = _run_or_unavailable(
+            NO_SESSION, [loginctl, "list-sessions", "--no-legend"], env=env
+        )
         sessions = []
         for session_id in parse_session_ids(listing):
             argv = [loginctl, "show-session", session_id]
             for name in SESSION_PROPERTIES:
                 argv += ["-p", name]
-            properties = parse_session_properties(_run(argv, env=env))
+            text = _run_or_unavailable(NO_SESSION, argv, env=env)
+            properties = parse_session_properties(text)
             sessions.append(session_from_properties(session_id, properties))
         return sessions
 
@@ -537,7 +590,8 @@ class X11Backend:
             entries = list(self._proc_root.iterdir())
         except OSError as exc:
             raise ForegroundUnavailable(
-                f"cannot list {self._proc_root}: {exc.strerror or exc}"
+                f"the processes of user {uid} cannot be listed to find their X "
+                f"display ({self._proc_root}: {exc.strerror or exc})"
             ) from exc
         for entry in entries:
             if not entry.name.isdigit():
@@ -590,12 +644,14 @@ class LaunchServicesBackend:
         if lsappinfo is None:
             raise ForegroundUnavailable("lsappinfo is not found on PATH")
         source = "macOS front application (lsappinfo)"
-        front = _run([lsappinfo, "front"], env=self._environ)
-        asn = _parsed(parse_lsappinfo_front, front, "lsappinfo front")
+        missing = "the front application cannot be read"
+        front = _run_or_unavailable(missing, [lsappinfo, "front"], env=self._environ)
+        asn = _parsed(parse_lsappinfo_front, front, missing, "lsappinfo front")
         if asn is None:
             return ForegroundReading(None, source)
-        info = _run([lsappinfo, "info", "-only", "pid", asn], env=self._environ)
-        pid = _parsed(parse_lsappinfo_pid, info, "lsappinfo info")
+        argv = [lsappinfo, "info", "-only", "pid", asn]
+        info = _run_or_unavailable(missing, argv, env=self._environ)
+        pid = _parsed(parse_lsappinfo_pid, info, missing, "lsappinfo info")
         return ForegroundReading(pid, source)
 
 
@@ -693,7 +749,7 @@ class ForegroundDetector:
             return app_ids
 
     def status(self) -> str:
-        """Return one line for diagnose: the source in use, or why there is none."""
+        """Return one line for diagnose: "available: SOURCE" or "unavailable: WHY"."""
         self.foreground_apps()
         with self._lock:
             return self._status
@@ -707,14 +763,14 @@ class ForegroundDetector:
         except Exception as exc:
             # Any failure of a reader ends here, because the engine must never
             # see it.
-            self._problem(f"the foreground reader failed: {exc!r}", exc)
+            self._problem(f"the foreground reader failed ({exc!r})", exc)
             return frozenset()
         try:
             catalog = self._catalog()
         except Exception as exc:
-            self._problem(f"the catalog could not be loaded: {exc}", exc)
+            self._problem(f"the catalog cannot be loaded ({exc})", exc)
             return frozenset()
-        self._status = reading.source
+        self._status = f"available: {reading.source}"
         if self._logged_problem is not None:
             logger.info("foreground detection works again: %s", reading.source)
             self._logged_problem = None
@@ -725,17 +781,16 @@ class ForegroundDetector:
         return app_ids
 
     def _problem(self, reason: str, exc: BaseException) -> None:
-        self._status = f"unavailable: {reason} (throttles end by time)"
+        self._status = f"unavailable: {reason}; {THROTTLE_END}"
         if reason == self._logged_problem:
             return
         self._logged_problem = reason
         if isinstance(exc, ForegroundUnavailable):
-            logger.warning(
-                "foreground apps unavailable, throttles end by time only: %s", reason
-            )
+            logger.warning("foreground apps unavailable: %s; %s", reason, THROTTLE_END)
         else:
             logger.warning(
-                "foreground apps unavailable, throttles end by time only: %s",
+                "foreground apps unavailable: %s; %s",
                 reason,
+                THROTTLE_END,
                 exc_info=exc,
             )

@@ -30,6 +30,7 @@ import pytest
 from agent import clock as clock_module
 from agent import foreground
 from agent.foreground import (
+    THROTTLE_END,
     ForegroundDetector,
     ForegroundReading,
     ForegroundUnavailable,
@@ -395,7 +396,9 @@ def test_detector_returns_window_app(
     detector = detector_for(display_backend(fakes), catalog)
 
     assert detector.foreground_apps() == frozenset({WORK_APP})
-    assert detector.status() == "X11 display :0 from the agent's DISPLAY (xprop)"
+    assert detector.status() == (
+        "available: X11 display :0 from the agent's DISPLAY (xprop)"
+    )
     calls = fakes.calls("xprop")
     assert [call["argv"] for call in calls] == [
         ["-root", "-notype", "_NET_ACTIVE_WINDOW"],
@@ -470,9 +473,9 @@ def test_no_xprop_is_unavailable(tmp_path: Path, catalog: Catalog) -> None:
     assert detector.foreground_apps() == frozenset()
     status = detector.status()
     assert status.startswith("unavailable: xprop is not found on PATH")
-    assert "x11-utils (Debian, Ubuntu)" in status
-    assert "xorg-xprop (Arch)" in status
-    assert status.endswith("(throttles end by time)")
+    assert "x11-utils on Debian and Ubuntu" in status
+    assert "xorg-xprop on Arch" in status
+    assert status.endswith(f"; {THROTTLE_END}")
 
 
 def test_xprop_failure_is_unavailable(fakes: FakeTools, catalog: Catalog) -> None:
@@ -480,7 +483,10 @@ def test_xprop_failure_is_unavailable(fakes: FakeTools, catalog: Catalog) -> Non
     detector = detector_for(display_backend(fakes), catalog)
 
     assert detector.foreground_apps() == frozenset()
-    assert "exit status 1: xprop:  unable to open display ':0.0'" in detector.status()
+    assert detector.status() == (
+        "unavailable: the active window of X11 display :0 cannot be read "
+        f"(xprop: unable to open display ':0.0'); {THROTTLE_END}"
+    )
 
 
 def test_wayland_display_without_x11_window(fakes: FakeTools, catalog: Catalog) -> None:
@@ -493,7 +499,7 @@ def test_wayland_display_without_x11_window(fakes: FakeTools, catalog: Catalog) 
     assert detector.foreground_apps() == frozenset()
     assert detector.status() == (
         "unavailable: no X11 window is active in the agent's Wayland session, "
-        "and native Wayland windows cannot be read (throttles end by time)"
+        f"and native Wayland windows cannot be read; {THROTTLE_END}"
     )
 
 
@@ -546,7 +552,7 @@ def test_backend_error_never_raises(
     assert detector.foreground_apps() == frozenset()
     assert detector.foreground_apps() == frozenset()
     assert detector.status().startswith(
-        "unavailable: the foreground reader failed: RuntimeError('reader bug')"
+        "unavailable: the foreground reader failed (RuntimeError('reader bug'))"
     )
     assert len(caplog.records) == 1
 
@@ -626,7 +632,7 @@ def test_root_session_x11(
     detector = detector_for(root_backend(fakes), catalog)
 
     assert detector.foreground_apps() == frozenset({WORK_APP})
-    assert detector.status() == "X11 display :97 of user root (xprop)"
+    assert detector.status() == "available: X11 display :97 of user root (xprop)"
     show = [call["argv"] for call in fakes.calls("loginctl")][1:]
     assert [argv[1] for argv in show] == ["1", "3"]
     assert show[0][2:] == ["-p", "Type", "-p", "Display", "-p", "Active"] + [
@@ -667,7 +673,7 @@ def test_root_session_as_nobody(
     detector = detector_for(root_backend(fakes), catalog)
 
     assert detector.foreground_apps() == frozenset({WORK_APP}), detector.status()
-    assert detector.status() == "X11 display :96 of user nobody (xprop)"
+    assert detector.status() == "available: X11 display :96 of user nobody (xprop)"
     calls = fakes.calls("xprop")
     assert len(calls) == 2
     for call in calls:
@@ -683,7 +689,7 @@ def test_root_no_graphical_session(fakes: FakeTools, catalog: Catalog) -> None:
 
     assert detector.foreground_apps() == frozenset()
     assert detector.status() == (
-        "unavailable: no graphical session found (throttles end by time)"
+        f"unavailable: no graphical session found; {THROTTLE_END}"
     )
     assert fakes.calls("xprop") == []
 
@@ -714,7 +720,7 @@ def test_root_wayland_without_xwayland(fakes: FakeTools, catalog: Catalog) -> No
     assert detector.foreground_apps() == frozenset()
     assert detector.status() == (
         "unavailable: Wayland session 12 of user nobody has no XWayland display, "
-        "and native Wayland windows cannot be read (throttles end by time)"
+        f"and native Wayland windows cannot be read; {THROTTLE_END}"
     )
 
 
@@ -736,7 +742,7 @@ def test_root_wayland_xwayland_window(
 
     assert detector.foreground_apps() == frozenset({WORK_APP}), detector.status()
     assert detector.status().startswith(
-        "XWayland display :95 of user nobody in Wayland session 12"
+        "available: XWayland display :95 of user nobody in Wayland session 12"
     )
     assert "XAUTHORITY" not in fakes.calls("xprop")[0]["env"]
 
@@ -744,7 +750,7 @@ def test_root_wayland_xwayland_window(
     assert detector.foreground_apps() == frozenset()
     assert detector.status() == (
         "unavailable: no X11 window is active in Wayland session 12, and native "
-        "Wayland windows cannot be read (throttles end by time)"
+        f"Wayland windows cannot be read; {THROTTLE_END}"
     )
 
 
@@ -764,7 +770,7 @@ def test_macos_front_app(fakes: FakeTools, catalog: Catalog, spawn: Spawn) -> No
     detector = detector_for(backend, catalog, os_name="macos")
 
     assert detector.foreground_apps() == frozenset({WORK_APP})
-    assert detector.status() == "macOS front application (lsappinfo)"
+    assert detector.status() == "available: macOS front application (lsappinfo)"
     assert [call["argv"] for call in fakes.calls("lsappinfo")] == [
         ["front"],
         ["info", "-only", "pid", "ASN:0x0-0x11011:"],

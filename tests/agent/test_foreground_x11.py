@@ -223,7 +223,8 @@ def test_active_window_maps_to_its_app(
 
     assert found.foreground_apps() == frozenset({WORK_APP})
     assert (
-        found.status() == f"X11 display {display.name} from the agent's DISPLAY (xprop)"
+        found.status()
+        == f"available: X11 display {display.name} from the agent's DISPLAY (xprop)"
     )
 
 
@@ -324,5 +325,8 @@ def test_diagnose_names_the_display(display: Display, tmp_path: Path) -> None:
         timeout=60,
     )
 
-    line = f"foreground check for throttles: X11 display {display.name} from the "
+    line = (
+        f"foreground check for throttles: available: X11 display {display.name} "
+        "from the "
+    )
     assert line + "agent's DISPLAY (xprop)" in result.stdout, result.stderr
