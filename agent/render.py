@@ -376,11 +376,12 @@ def _action_text(action: remediation_pb2.Action) -> str:
 def _rule_state(preview: RulePreview, refusal: str | None = None) -> str:
     """Return what the rule would do at the next evaluation, in words.
 
-    refusal is the reason the laptop refuses the rule, None when it runs. A
+    refusal is the reason the device refuses the rule, None when it runs. A
     refused rule never acts, so it is shown as refused whatever its condition.
+    The reason itself is printed once, at the top.
     """
     if refusal is not None:
-        return f"refused on this laptop: {refusal}"
+        return "refused on this device (see above); its action does not run"
     if not preview.condition.holds:
         return "nothing to do"
     if preview.skip_reason:
@@ -410,25 +411,32 @@ def render_rules(
     local_policy: str = "Built-in policy",
 ) -> str:
     """Describe each rule: its condition now, its limits and its action's dry run."""
+    # Imported here, so that the other views load without the healing package.
+    from agent.healing.policy import version_name
+
     if status.applied_version:
-        title = f"Policy version {status.applied_version} from the collector"
+        title = _capitalized(
+            version_name(status.applied_fleet_version, status.applied_version)
+        )
+        title += " from the collector"
     else:
         title = local_policy
     lines = [
         f"{title}, {_plural(len(previews), 'rule')}. A dry run: nothing was changed."
     ]
     if status.rejected_version:
+        rejected = version_name(status.rejected_fleet_version, status.rejected_version)
         lines.append(
             wrap_line(
-                f"  ! policy version {status.rejected_version} from the collector "
-                f"was rejected: {status.rejected_reason}",
+                f"  ! {rejected} from the collector was rejected: "
+                f"{status.rejected_reason}",
                 "    ",
             )
         )
     refusals = {refused.rule_name: refused.reason for refused in status.refused_rules}
     for name, reason in refusals.items():
         lines.append(
-            wrap_line(f"  ! rule {name} is refused on this laptop: {reason}", "    ")
+            wrap_line(f"  ! rule {name} is refused on this device: {reason}", "    ")
         )
     for preview in previews:
         rule = preview.rule
@@ -442,7 +450,11 @@ def render_rules(
         state = _rule_state(preview, refusals.get(rule.name))
         lines.append(wrap_line(f"  now: {state}", "    "))
         lines.append(wrap_line(f"  action: {_action_text(rule.action)}", "    "))
-        lines.append(wrap_line(f"  dry run: {_dry_run_text(preview.result)}", "    "))
-        if preview.result.bytes_freed:
-            lines.append(f"  would free {_bytes(preview.result.bytes_freed)}")
+        if rule.name not in refusals:
+            dry_run = _dry_run_text(preview.result)
+            lines.append(wrap_line(f"  dry run: {dry_run}", "    "))
     return "\n".join(lines) + "\n"
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from google.protobuf.message import DecodeError
+
 from agent import __version__
 from agent import clock as clock_module
 from agent.config import AgentConfig
@@ -27,13 +29,14 @@ from agent.healing.policy import (
     PolicyError,
     PolicyStore,
     load_local_policy,
+    policy_name,
     validate_policy,
 )
 from agent.link import Link
 from agent.priority import release_free_heap
 from agent.report import ReportBuilder
 from agent.sections import SectionSource, UsageSource, read_safely
-from agent.spool import SPOOL_FILE, Spool, describe
+from agent.spool import SPOOL_FILE, Spool, counted, describe
 from agent.state import StateStore
 from agent.usage.catalog import Catalog, CatalogError
 from fleetmend.v1 import agent_pb2, remediation_pb2, report_pb2
@@ -99,6 +102,34 @@ def local_policy(
         if not validate_policy(single, allowlist):
             valid.rules.append(rule)
     return valid
+
+
+def policy_source(config: AgentConfig, policies: PolicyStore) -> str:
+    """Name the policy in force: the fleet policy's version, a local file or built-in.
+
+    The fleet policy is in force when the stored collector policy is the one
+    that policies runs. PolicyStore falls back to the local policy when the
+    stored one cannot be read or is invalid on this laptop.
+    """
+    policy = policies.policy
+    try:
+        stored = remediation_pb2.Policy.FromString(policies.path.read_bytes())
+    except (OSError, DecodeError):
+        stored = None
+    if stored is not None and stored == policy:
+        return policy_name(policy)
+    if config.healing_policy_file is not None:
+        return f"local policy file {config.healing_policy_file}"
+    return "built-in policy"
+
+
+def describe_policy(config: AgentConfig, policies: PolicyStore) -> str:
+    """Return the policy in force, its number of rules and of refused rules."""
+    policy, refused = policies.in_force()
+    line = f"{policy_source(config, policies)}, {counted(len(policy.rules), 'rule')}"
+    if refused:
+        line += f", {len(refused)} of them refused on this laptop"
+    return line
 
 
 def _services_backend() -> object | None:
@@ -313,6 +344,12 @@ class Agent:
             self.config.state_dir,
         )
         log.info("%s", describe(self.spool.stats()))
+        healing_state = "" if self.config.healing_enabled else " (self-healing is off)"
+        log.info(
+            "self-healing policy in force: %s%s",
+            describe_policy(self.config, self.healing.policies),
+            healing_state,
+        )
         link_thread = threading.Thread(
             target=self.link.run, args=(stop,), name="fleetmend-link", daemon=True
         )
@@ -336,8 +373,11 @@ class Agent:
                     and self.link.acked_reports >= exit_after_acks
                 ):
                     log.info(
-                        "%d reports acknowledged; exiting as asked",
-                        self.link.acked_reports,
+                        "%s and %s of remediation records acknowledged; exiting "
+                        "because --exit-after %d counts routine reports",
+                        counted(self.link.acked_reports, "routine report"),
+                        counted(self.link.acked_remediations, "report"),
+                        exit_after_acks,
                     )
                     break
                 clock_module.clock.wait(stop, TICK_SECONDS)
@@ -480,9 +520,9 @@ class Agent:
         self.healing.wake()
         if self.link.pending and self.link.connected:
             log.info(
-                "waiting up to %.0f s for %d reports to be acknowledged",
+                "waiting up to %.0f s for %s to be acknowledged",
                 DRAIN_SECONDS,
-                self.link.pending,
+                counted(self.link.pending, "report"),
             )
             self.link.wait_drained(DRAIN_SECONDS)
         stop.set()
@@ -500,15 +540,14 @@ class Agent:
         stats = self.spool.stats()
         if stats.pending_reports:
             log.warning(
-                "stopping with %d unacknowledged reports in spool %s; they are "
-                "sent after the next start",
-                stats.pending_reports,
+                "stopping with %s in spool %s; they are sent after the next start",
+                counted(stats.pending_reports, "unacknowledged report"),
                 stats.path,
             )
         if stats.unspooled:
             log.error(
-                "%d reports held in memory because the disk is full are lost",
-                stats.unspooled,
+                "lost %s held in memory because the disk is full",
+                counted(stats.unspooled, "record"),
             )
         if not link_thread.is_alive() and not healing_thread.is_alive():
             self.spool.close()

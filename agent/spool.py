@@ -787,20 +787,31 @@ def _file_bytes(path: Path) -> int:
     return total
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """Return count with the noun in singular or plural, as in "1 report"."""
+    noun = singular if count == 1 else (plural or f"{singular}s")
+    return f"{count} {noun}"
+
+
 def describe(stats: SpoolStats) -> str:
     """Return one line about the spool for logs and the CLI."""
     line = (
-        f"spool {stats.path}: {stats.file_bytes} bytes on disk, "
-        f"{stats.pending_reports} reports and {stats.pending_remediations} "
-        f"remediation records waiting, {stats.dropped_reports} reports dropped "
-        f"by the cap of {stats.max_bytes} bytes"
+        f"spool {stats.path}: {counted(stats.file_bytes, 'byte')} on disk, "
+        f"{counted(stats.pending_reports, 'report')} and "
+        f"{counted(stats.pending_remediations, 'remediation record')} waiting, "
+        f"{counted(stats.dropped_reports, 'report')} dropped by the cap of "
+        f"{stats.max_bytes} bytes"
     )
     if stats.unspooled:
-        line += f", {stats.unspooled} held in memory because the disk is full"
-    if stats.quarantined or stats.quarantine_dropped:
         line += (
-            f", {stats.quarantined} reports quarantined because the collector "
-            f"rejected them as invalid"
+            f", {counted(stats.unspooled, 'record')} held in memory because the "
+            "disk is full"
+        )
+    if stats.quarantined or stats.quarantine_dropped:
+        them = "it" if stats.quarantined == 1 else "them"
+        line += (
+            f", {counted(stats.quarantined, 'report')} quarantined because the "
+            f"collector rejected {them} as invalid"
         )
         if stats.quarantine_dropped:
             line += f" ({stats.quarantine_dropped} more dropped by the quarantine cap)"

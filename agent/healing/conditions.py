@@ -29,13 +29,37 @@ log = logging.getLogger(__name__)
 # now, as smartctl's JSON output writes it.
 FAILING_NOW = "FAILING_NOW"
 
+# ATA attributes whose raw value counts reallocated or pending sectors,
+# uncorrectable errors or command timeouts: a raw value above 0 marks the disk
+# as failing. The collector's "disk failing" finding uses the same list.
+FAILURE_ATTRIBUTES = {
+    5: "Reallocated_Sector_Ct",
+    187: "Reported_Uncorrect",
+    188: "Command_Timeout",
+    197: "Current_Pending_Sector",
+    198: "Offline_Uncorrectable",
+}
+
+_SMART_STATE_WORDS = {
+    report_pb2.SMART_STATE_NOT_SUPPORTED: "SMART not supported",
+    report_pb2.SMART_STATE_PERMISSION_DENIED: "SMART permission denied",
+    report_pb2.SMART_STATE_IN_STANDBY: "in standby, SMART not read",
+    report_pb2.SMART_STATE_SMARTCTL_MISSING: "smartctl missing",
+    report_pb2.SMART_STATE_UNPARSED: "SMART output not parsed",
+    report_pb2.SMART_STATE_ERROR: "SMART read failed",
+}
+
 
 @dataclass(frozen=True)
 class ConditionResult:
-    """Whether a condition holds, the tested value in unit, and a detail in words."""
+    """Whether a condition holds, the tested value in unit, and a detail in words.
+
+    value is None when nothing was read, such as a service whose status is
+    unknown; a record then carries no before, after or unit.
+    """
 
     holds: bool
-    value: float = 0.0
+    value: float | None = None
     unit: str = ""
     detail: str = ""
 
@@ -123,6 +147,9 @@ class ConditionEvaluator:
     cpu_sampler: CpuSampleReader | None = None
     catalog: Callable[[], Catalog | None] = lambda: None
     _cpu: dict[str, _CpuTracking] = field(default_factory=dict)
+    # Service name -> the last status error logged, so that each distinct
+    # error is logged once and not at every evaluation.
+    _service_errors: dict[str, str] = field(default_factory=dict)
 
     def evaluate(
         self,
@@ -211,14 +238,24 @@ class ConditionEvaluator:
         unit = f"service {condition.service} active (1) or not (0)"
         if self.services is None:
             return ConditionResult(False, unit=unit, detail="no service manager here")
+        name = condition.service
         try:
-            status = self.services.status(condition.service)
+            status = self.services.status(name)
         except Exception as exc:  # noqa: BLE001 - any backend error means "unknown"
+            error = str(exc) or type(exc).__name__
+            if self._service_errors.get(name) != error:
+                self._service_errors[name] = error
+                log.warning(
+                    "service %s: status unknown: %s; rules that test it do not act "
+                    "until it can be read",
+                    name,
+                    error,
+                )
             return ConditionResult(
-                False,
-                unit=unit,
-                detail=f"status of service {condition.service} unknown: {exc}",
+                False, unit=unit, detail=f"service {name}: status unknown: {error}"
             )
+        if self._service_errors.pop(name, None) is not None:
+            log.info("service %s: status can be read again", name)
         active = bool(status.active)
         detail = f"service {condition.service} is {status.state}"
         if status.detail:
@@ -341,35 +378,67 @@ def _battery(
 
 
 def disk_failure(disk: report_pb2.Disk) -> str:
-    """Return why a disk counts as failing, empty when it does not."""
+    """Return why a disk counts as failing, empty when it does not.
+
+    The checks are those of the collector's "disk failing" finding, plus an
+    ATA attribute below its threshold now, so that a device with that
+    critical finding also meets disk_failing.
+    """
+    reasons: list[str] = []
     if disk.self_assessment == report_pb2.SELF_ASSESSMENT_FAILED:
-        return "its self-assessment failed"
+        reasons.append("SMART self-assessment failed")
     for attribute in disk.ata_attributes:
+        name = attribute.name or FAILURE_ATTRIBUTES.get(attribute.id, "")
         if attribute.when_failed == FAILING_NOW:
-            return f"attribute {attribute.id} {attribute.name} is below its threshold"
-    if disk.HasField("nvme_health") and disk.nvme_health.critical_warning:
-        return f"NVMe critical warning 0x{disk.nvme_health.critical_warning:02x}"
-    return ""
+            reasons.append(f"attribute {attribute.id} {name} is below its threshold")
+        elif attribute.id in FAILURE_ATTRIBUTES and attribute.raw > 0:
+            reasons.append(f"attribute {attribute.id} {name} raw value {attribute.raw}")
+    if disk.HasField("nvme_health"):
+        health = disk.nvme_health
+        if health.critical_warning:
+            reasons.append(f"NVMe critical warning 0x{health.critical_warning:02x}")
+        if health.media_errors > 0:
+            reasons.append(f"NVMe media errors {health.media_errors}")
+        if health.available_spare_percent < health.available_spare_threshold_percent:
+            reasons.append(
+                f"NVMe available spare {health.available_spare_percent} % below "
+                f"its threshold {health.available_spare_threshold_percent} %"
+            )
+    return "; ".join(reasons)
+
+
+def _reports_health(disk: report_pb2.Disk) -> bool:
+    return disk.smart_state == report_pb2.SMART_STATE_AVAILABLE
+
+
+def _no_health_text(disk: report_pb2.Disk) -> str:
+    words = _SMART_STATE_WORDS.get(disk.smart_state, "no SMART state")
+    return f"{disk.name or disk.serial_number or 'unnamed disk'}: {words}"
 
 
 def _disks(readings: Readings) -> ConditionResult:
     unit = "failing disks"
     if readings.disks is None:
         return ConditionResult(False, unit=unit, detail="disks not read yet")
+    disks = list(readings.disks.disks)
+    if not disks:
+        return ConditionResult(False, unit=unit, detail="no disk found")
     failing = [
-        f"{disk.name} ({reason})"
-        for disk in readings.disks.disks
-        if (reason := disk_failure(disk))
+        f"{disk.name} ({reason})" for disk in disks if (reason := disk_failure(disk))
     ]
-    if not failing:
-        count = len(readings.disks.disks)
-        if count == 0:
-            detail = "no disk found"
-        elif count == 1:
-            detail = "the one disk is not failing"
-        else:
-            detail = f"none of the {count} disks is failing"
-        return ConditionResult(False, 0.0, unit, detail)
-    return ConditionResult(
-        True, float(len(failing)), unit, "failing: " + ", ".join(failing)
-    )
+    if failing:
+        detail = "failing: " + ", ".join(failing)
+        return ConditionResult(True, float(len(failing)), unit, detail)
+    silent = [_no_health_text(disk) for disk in disks if not _reports_health(disk)]
+    if len(silent) == len(disks):
+        # Nothing was measured, so the result has no value.
+        detail = f"no disk reports health data ({', '.join(silent)})"
+        return ConditionResult(False, unit=unit, detail=detail)
+    healthy = len(disks) - len(silent)
+    if healthy == 1:
+        detail = "the one disk that reports health data is not failing"
+    else:
+        detail = f"none of the {healthy} disks that report health data is failing"
+    if silent:
+        detail += f"; no health data from {', '.join(silent)}"
+    return ConditionResult(False, 0.0, unit, detail)

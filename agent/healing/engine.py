@@ -20,9 +20,10 @@ Records go to the spool as reports that carry only remediations, numbered by
 the report builder like every report, so they wait offline and are acked like
 reports.
 
-Operator commands (run_command) are checked against the local allowlist with
-the action's own validate, refused when expired, when their id has already
-run, or when self-healing is turned off here. A command that passes runs at
+Operator commands (run_command) are refused when their action is invalid
+("invalid command: ...") or outside the local allowlist (worded as a refused
+rule is), when expired, when their id has already run, or when self-healing
+is turned off here. A command that passes runs at
 once: it is not a rule, so the rules' cooldowns, daily caps and quiet hours do
 not apply to it, and the operator who sent it answers for the timing. Every
 refusal is a REFUSED record with the reason. The ids of refused commands are
@@ -33,7 +34,8 @@ An error while evaluating one rule becomes a FAILED record of that rule, and
 the other rules still run. Once the stop event is set, no further rule or
 command starts, and actions that wait end their wait. Record reasons are cut
 to MAX_REASON_CHARS, and an action over MAX_RECORD_ACTION_BYTES is copied into
-its record as its kind only.
+its record as its kind only. A record sets before, after and unit only from a
+value that the action or the condition read.
 """
 
 from __future__ import annotations
@@ -55,13 +57,13 @@ from agent.healing.actions import (
     action_name,
     action_params,
     load_action,
-    validate_action,
 )
 from agent.healing.actions.base import (
     ActionContext,
     ActionResult,
     LocalAllowlist,
     Outcome,
+    count_text,
 )
 from agent.healing.bounds import (
     MAX_COMMAND_ID,
@@ -76,7 +78,7 @@ from agent.healing.bounds import (
 )
 from agent.healing.conditions import ConditionEvaluator, ConditionResult, Readings
 from agent.healing.limits import HealingState, Limits, RuleState
-from agent.healing.policy import PolicyStore
+from agent.healing.policy import PolicyStore, command_refusal, log_refused
 from agent.report import ReportBuilder
 from agent.spool import Spool
 from fleetmend.v1 import remediation_pb2
@@ -184,6 +186,8 @@ class HealingEngine:
         # ActionContext.
         self.stop = threading.Event()
         self.last_records: list[remediation_pb2.RemediationRecord] = []
+        # The policy generation and refused rules last logged by evaluate().
+        self._logged_refusals: tuple[int, dict[str, str]] | None = None
         builder.set_policy_status(policies.status)
 
     # -- entry points from other threads ----------------------------------------
@@ -278,6 +282,9 @@ class HealingEngine:
             now = self._now()
             records = self._undo_throttles(now)
             policy, refused = self.policies.in_force()
+            if self._logged_refusals != (policy.version, refused):
+                self._logged_refusals = (policy.version, refused)
+                log_refused(policy, refused)
             readings = self.readings()
             for rule in policy.rules:
                 if self.stop.is_set():
@@ -487,7 +494,14 @@ class HealingEngine:
                 result.after,
                 result.unit,
             )
-        elif condition is not None:
+        elif (
+            condition is not None
+            and condition.value is not None
+            and result.outcome != Outcome.REMEDIATION_OUTCOME_FAILED
+        ):
+            # The action measured nothing, so the record carries the value
+            # that the condition read, unchanged. An action that failed may
+            # have changed it, and nothing read it afterwards.
             record.before = record.after = condition.value
             record.unit = condition.unit
         record.start_time.FromDatetime(started)
@@ -518,10 +532,12 @@ class HealingEngine:
             policy_version=version,
             outcome=outcome,
             reason=truncate(reason, MAX_REASON_CHARS),
-            before=condition.value,
-            after=condition.value,
-            unit=condition.unit,
         )
+        # A condition that read no value, such as a service whose status is
+        # unknown, leaves before, after and unit unset.
+        if condition.value is not None:
+            record.before = record.after = condition.value
+            record.unit = condition.unit
         _copy_action(record, rule.action)
         record.start_time.FromDatetime(now)
         if key != state.last_skip_reason:
@@ -541,8 +557,9 @@ class HealingEngine:
             state.pending_since = now
         else:
             state.pending.repeat_count += 1
-            state.pending.before = condition.value
-            state.pending.after = condition.value
+            if condition.value is not None:
+                state.pending.before = state.pending.after = condition.value
+                state.pending.unit = condition.unit
         return []
 
     def _refuse(
@@ -695,10 +712,7 @@ class HealingEngine:
         expire = command.expire_time.ToDatetime(now.tzinfo)
         if now > expire:
             return f"the command expired at {expire.isoformat()}"
-        problems = validate_action(command.action, self.allowlist)
-        if problems:
-            return "not allowed by this device's allowlist: " + "; ".join(problems)
-        return ""
+        return command_refusal(command.action, self.allowlist)
 
     def run_command(
         self, command: remediation_pb2.Command
@@ -761,9 +775,9 @@ class HealingEngine:
             report.sequence, report.SerializeToString(deterministic=True)
         )
         log.info(
-            "report %d spooled with %d remediation records",
+            "report %d spooled with %s",
             report.sequence,
-            len(records),
+            count_text(len(records), "remediation record"),
         )
         self._on_records()
 
@@ -780,8 +794,15 @@ class HealingEngine:
                 rule.name, rule.condition, readings, now, clock_module.clock.monotonic()
             )
             if rule.name in refused:
-                reason = f"refused on this laptop: {refused[rule.name]}"
-            elif rule.paused:
+                # A refused rule never acts, so its action is not dry-run: the
+                # result repeats the refusal.
+                result = ActionResult(
+                    Outcome.REMEDIATION_OUTCOME_REFUSED, reason=refused[rule.name]
+                )
+                reason = f"refused on this device: {refused[rule.name]}"
+                previews.append(RulePreview(rule, condition, reason, result))
+                continue
+            if rule.paused:
                 why = rule.paused_reason or "no reason given"
                 reason = f"paused by the collector: {why}"
             else:

@@ -25,7 +25,11 @@ from google.protobuf import duration_pb2, json_format
 from google.protobuf.message import DecodeError
 
 from agent.healing.actions import validate_action
-from agent.healing.actions.base import LocalAllowlist
+from agent.healing.actions.base import (
+    LocalAllowlist,
+    allowlist_refusal_text,
+    count_text,
+)
 from agent.healing.bounds import (
     MAX_LOG_CHARS,
     MAX_NAME,
@@ -71,6 +75,25 @@ CREDENTIAL_KINDS = frozenset(
 
 class PolicyError(ValueError):
     """A policy that cannot be parsed; the message names the file, rule and field."""
+
+
+def policy_name(policy: remediation_pb2.Policy) -> str:
+    """Return how messages name a policy: "fleet policy version 2 (generation N)".
+
+    Operators know a collector policy by its fleet_version; the generation is
+    Policy.version, which acks, records and PolicyStatus carry. A policy from a
+    collector that sets no fleet_version is named by its generation only.
+    """
+    return version_name(policy.fleet_version, policy.version)
+
+
+def version_name(fleet_version: int, generation: int) -> str:
+    """Return the name of a policy from its fleet version and generation."""
+    if fleet_version:
+        return f"fleet policy version {fleet_version} (generation {generation})"
+    if generation:
+        return f"policy generation {generation}"
+    return "the local policy"
 
 
 def duration_seconds(duration: duration_pb2.Duration) -> float:
@@ -287,38 +310,74 @@ def allowlist_of(action: remediation_pb2.Action) -> LocalAllowlist:
 
 
 def allowlist_refusal(rule: remediation_pb2.Rule, allowlist: LocalAllowlist) -> str:
-    """Return why the laptop's allowlist keeps a valid rule from running, or "".
+    """Return why the device's allowlist keeps a valid rule from running, or "".
 
     The rule must pass validate_rule against allowlist_of(rule.action).
     """
-    kind = rule.action.WhichOneof("kind")
+    refusal = action_allowlist_refusal(rule.action, allowlist, "this rule")
+    if refusal:
+        return refusal
+    # An allowlist check that an action gains later, and that
+    # action_allowlist_refusal does not know, still keeps the rule from running.
+    problems = validate_rule(rule, allowlist)
+    if problems:
+        return _unknown_allowlist_refusal(problems)
+    return ""
+
+
+def action_allowlist_refusal(
+    action: remediation_pb2.Action, allowlist: LocalAllowlist, subject: str
+) -> str:
+    """Return why the device's allowlist keeps a valid action from running, or "".
+
+    subject names what the fix lets run, such as "this rule" or "this command".
+    The action must pass validate_action against allowlist_of(action).
+    """
+    kind = action.WhichOneof("kind")
     if kind == "restart_service":
-        service = rule.action.restart_service.service
+        service = action.restart_service.service
         if service not in allowlist.services:
-            return (
-                f"service {service} is not in this laptop's healing.services; add "
-                "it there to let this rule run"
+            return allowlist_refusal_text(
+                "service", [service], "healing.services", allowlist.services, subject
             )
     elif kind == "clear_cache" and allowlist.cache_sets:
         outside = [
             name
-            for name in rule.action.clear_cache.cache_sets
+            for name in action.clear_cache.cache_sets
             if name not in allowlist.cache_sets
         ]
         if outside:
-            allowed = ", ".join(sorted(allowlist.cache_sets))
-            noun = "cache set" if len(outside) == 1 else "cache sets"
-            verb = "is" if len(outside) == 1 else "are"
-            return (
-                f"{noun} {', '.join(outside)} {verb} not in this laptop's "
-                f"healing.cache_sets (allowed: {allowed}); add "
-                f"{'it' if len(outside) == 1 else 'them'} there to let this rule run"
+            return allowlist_refusal_text(
+                "cache set",
+                outside,
+                "healing.cache_sets",
+                allowlist.cache_sets,
+                subject,
             )
-    # An allowlist check that an action gains later, and that this function
-    # does not know, still keeps the rule from running.
-    problems = validate_rule(rule, allowlist)
+    return ""
+
+
+def _unknown_allowlist_refusal(problems: list[str]) -> str:
+    return "not allowed by the healing settings in this device's agent.toml: " + (
+        "; ".join(problems)
+    )
+
+
+def command_refusal(action: remediation_pb2.Action, allowlist: LocalAllowlist) -> str:
+    """Return why the device does not run an operator command's action, or "".
+
+    Invalid parameters start with "invalid command:", and an action that the
+    allowlist does not permit is worded as a refused rule is.
+    """
+    problems = validate_action(action, allowlist_of(action))
     if problems:
-        return "not allowed by this laptop's allowlist: " + "; ".join(problems)
+        return "invalid command: " + "; ".join(problems)
+    refusal = action_allowlist_refusal(action, allowlist, "this command")
+    if refusal:
+        return refusal
+    problems = validate_action(action, allowlist)
+    if problems:
+        return _unknown_allowlist_refusal(problems)
     return ""
 
 
@@ -421,7 +480,7 @@ class PolicyStore:
             self._refused = check_policy(local_policy, allowlist).refused
         else:
             self._policy, self._refused = stored
-        self._status = _status(self._policy.version, self._refused)
+        self._status = _status(self._policy, self._refused)
 
     def _load_stored(self) -> tuple[remediation_pb2.Policy, dict[str, str]] | None:
         try:
@@ -445,14 +504,15 @@ class PolicyStore:
         check = check_policy(policy, self._allowlist)
         if check.problems:
             log.error(
-                "stored policy %s (version %d) is no longer valid here: %s; using "
+                "stored policy %s (%s) is no longer valid here: %s; using "
                 "the default until the collector sends a new one",
                 self.path,
-                policy.version,
+                policy_name(policy),
                 truncate("; ".join(check.problems), MAX_LOG_CHARS),
             )
             return None
-        _log_refused(policy.version, check.refused)
+        # The refused rules are logged by the engine when it runs the rules,
+        # so that a read-only preview logs nothing about them.
         return policy, check.refused
 
     @property
@@ -496,12 +556,13 @@ class PolicyStore:
         with self._lock:
             if check.problems:
                 self._status.rejected_version = policy.version
+                self._status.rejected_fleet_version = policy.fleet_version
                 self._status.rejected_reason = truncate(
                     "; ".join(check.problems), MAX_REASON_CHARS
                 )
                 log.error(
-                    "rejected policy version %d from the collector: %s",
-                    policy.version,
+                    "rejected %s from the collector: %s",
+                    policy_name(policy),
                     truncate(self._status.rejected_reason, MAX_LOG_CHARS),
                 )
                 return check.problems
@@ -509,31 +570,38 @@ class PolicyStore:
             self._policy = remediation_pb2.Policy()
             self._policy.CopyFrom(policy)
             self._refused = check.refused
-            self._status = _status(policy.version, check.refused)
-        log.info(
-            "applied policy version %d from the collector: %d rules",
-            policy.version,
-            len(policy.rules),
-        )
-        _log_refused(policy.version, check.refused)
+            self._status = _status(policy, check.refused)
+        rules = count_text(len(policy.rules), "rule")
+        if check.refused:
+            verb = "is" if len(check.refused) == 1 else "are"
+            rules += f", of which {len(check.refused)} {verb} refused on this device"
+        log.info("applied %s from the collector: %s", policy_name(policy), rules)
         return []
 
 
-def _status(version: int, refused: dict[str, str]) -> remediation_pb2.PolicyStatus:
-    status = remediation_pb2.PolicyStatus(applied_version=version)
+def _status(
+    policy: remediation_pb2.Policy, refused: dict[str, str]
+) -> remediation_pb2.PolicyStatus:
+    status = remediation_pb2.PolicyStatus(
+        applied_version=policy.version, applied_fleet_version=policy.fleet_version
+    )
     for name, reason in refused.items():
         status.refused_rules.add(rule_name=name, reason=reason)
     return status
 
 
-def _log_refused(version: int, refused: dict[str, str]) -> None:
-    if refused:
-        log.warning(
-            "policy version %d: %d rules are refused on this laptop and do not run: %s",
-            version,
-            len(refused),
-            truncate(
-                "; ".join(f"{name}: {reason}" for name, reason in refused.items()),
-                MAX_LOG_CHARS,
-            ),
-        )
+def log_refused(policy: remediation_pb2.Policy, refused: dict[str, str]) -> None:
+    """Log the rules of policy that this device refuses, as one warning."""
+    if not refused:
+        return
+    verbs = ("is", "does") if len(refused) == 1 else ("are", "do")
+    log.warning(
+        "%s: %s %s refused on this device and %s not run: %s",
+        policy_name(policy),
+        count_text(len(refused), "rule"),
+        *verbs,
+        truncate(
+            "; ".join(f"{name}: {reason}" for name, reason in refused.items()),
+            MAX_LOG_CHARS,
+        ),
+    )

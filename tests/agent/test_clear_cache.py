@@ -18,7 +18,12 @@ import pytest
 
 from agent.healing import caches
 from agent.healing.actions import clear_cache
-from agent.healing.actions.base import ActionContext, LocalAllowlist, Outcome
+from agent.healing.actions.base import (
+    ActionContext,
+    LocalAllowlist,
+    Outcome,
+    format_bytes,
+)
 from fleetmend.v1 import remediation_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +85,11 @@ def test_validate_problems_name_value() -> None:
     assert "unknown cache set 'cookies'" in unknown[0]
     assert "browser" in unknown[0]
     assert len(not_allowed) == 1
-    assert "'chat' is not in the local allowlist" in not_allowed[0]
-    assert "healing.cache_sets = browser, user_temp" in not_allowed[0]
+    assert (
+        "cache set chat is not in healing.cache_sets in this device's "
+        in (not_allowed[0])
+    )
+    assert "(allowed: browser, user_temp)" in not_allowed[0]
     assert too_old == ["older_than_days 3651 is out of range: use 0 to 3650"]
     assert len(temp_any_age) == 1
     assert "'user_temp' needs older_than_days of at least 1, not 0" in temp_any_age[0]
@@ -456,7 +464,7 @@ def test_dry_run_deletes_nothing(tmp_path: Path) -> None:
     assert dry_reports[0].hard_links == 1
     assert (
         dry.reason
-        == f"would free {dry.bytes_freed} bytes in 6 files from 1 cache folder"
+        == f"would free {format_bytes(dry.bytes_freed)} in 6 files from 1 cache folder"
     )
     assert real.bytes_freed > 0
     assert real.unit == "bytes"
@@ -489,7 +497,7 @@ def test_free_space_fell_fails() -> None:
     )
 
     assert result.outcome == Outcome.REMEDIATION_OUTCOME_FAILED
-    assert "free space fell from 1000000 to 900000 bytes" in result.reason
+    assert "free space fell from 976.6 KiB to 878.9 KiB" in result.reason
     assert result.bytes_freed == 4096
 
 
@@ -547,7 +555,9 @@ def test_execute_refuses_invalid(
     result = clear_cache.execute(clear_params("browser"), context)
 
     assert result.outcome == Outcome.REMEDIATION_OUTCOME_REFUSED
-    assert "'browser' is not in the local allowlist" in result.reason
+    assert "cache set browser is not in healing.cache_sets in this device's " in (
+        result.reason
+    )
 
 
 def test_path_walk_skips_links(tmp_path: Path) -> None:
@@ -761,9 +771,7 @@ def test_mount_point_not_crossed(tmp_path: Path) -> None:
     assert report["sub"] is True
     assert not (crossing / "on_disk.bin").exists()
     assert report["outcome"] == Outcome.REMEDIATION_OUTCOME_SUCCEEDED, report
-    assert report["reason"] == (
-        f"freed {16 * 65536} bytes in 16 files from 1 cache folder"
-    )
+    assert report["reason"] == ("freed 1.0 MiB in 16 files from 1 cache folder")
     assert report["unit"] == "bytes"
     assert report["bytes_freed"] == 16 * 65536
     assert report["after"] - report["before"] == 16 * 65536

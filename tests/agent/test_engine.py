@@ -419,8 +419,11 @@ def test_command_not_allowlisted_refused(
     assert record.outcome == Outcome.REMEDIATION_OUTCOME_REFUSED
     assert record.command_id == "c1"
     assert record.rule == ""
-    assert "not allowed by this device's allowlist" in record.reason
-    assert "sshd.service" in record.reason
+    assert record.reason == (
+        "service sshd.service is not in healing.services in this device's "
+        "agent.toml (allowed: cups.service); add it there and restart the agent "
+        "to let this command run"
+    )
     assert restarts(systemctl) == 0
     assert harness.spooled() == [record]
 

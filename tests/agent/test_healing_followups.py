@@ -31,6 +31,7 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
+    format_bytes,
 )
 from agent.healing.conditions import ConditionResult
 from agent.healing.engine import HealingEngine
@@ -151,7 +152,7 @@ def test_throttle_stop_second_window(
     assert lowered == [10]
     assert result.outcome == Outcome.REMEDIATION_OUTCOME_FAILED
     assert "shutdown interrupted the verification" in result.reason
-    assert "restored the priority of 1 processes" in result.reason
+    assert "restored the priority of 1 process of" in result.reason
     assert target.nice() == 0
     assert throttle_process.ThrottleStore(store_path).load() == []
     assert result.after == result.before
@@ -393,7 +394,7 @@ def test_clear_stop_mid_walk(tmp_path: Path) -> None:
     assert reports[0].directories_removed == 0
     assert result.bytes_freed == size
     assert result.reason.startswith(
-        f"freed {size} bytes in 1 files from 1 cache folder"
+        f"freed {format_bytes(size)} in 1 file from 1 cache folder"
     )
     assert result.reason.endswith(
         "; shutdown interrupted the walk, so the rest waits for the next run"
@@ -449,7 +450,7 @@ def test_clear_dry_run_interrupted(tmp_path: Path) -> None:
 
     assert result.outcome == Outcome.REMEDIATION_OUTCOME_DRY_RUN
     assert result.reason == (
-        "would free 0 bytes in 0 files from 0 cache folders; shutdown "
+        "would free 0 B in 0 files from 0 cache folders; shutdown "
         "interrupted the count, so the rest waits for the next run"
     )
     assert reports == []
@@ -492,8 +493,9 @@ action.clear_cache = { cache_sets = ["thumbnails"] }
 
 def refusal_reason(cache_set: str) -> str:
     return (
-        f"cache set {cache_set} is not in this laptop's healing.cache_sets "
-        "(allowed: thumbnails); add it there to let this rule run"
+        f"cache set {cache_set} is not in healing.cache_sets in this device's "
+        "agent.toml (allowed: thumbnails); add it there and restart the agent to "
+        "let this rule run"
     )
 
 
@@ -544,17 +546,18 @@ def test_rules_lists_refused_rules(
     assert status == 0, err
     header = out.split("\n\n", 1)[0].replace("\n    ", " ")
     assert header.splitlines() == [
-        "Policy version 7 from the collector, 3 rules. A dry run: nothing was changed.",
-        f"  ! rule browser-low-space is refused on this laptop: "
+        "Policy generation 7 from the collector, 3 rules. A dry run: nothing was "
+        "changed.",
+        f"  ! rule browser-low-space is refused on this device: "
         f"{refusal_reason('browser')}",
-        f"  ! rule chat-always is refused on this laptop: {refusal_reason('chat')}",
+        f"  ! rule chat-always is refused on this device: {refusal_reason('chat')}",
     ]
     browser = rule_block(out, "browser-low-space")
     assert "  condition not met: " in browser
-    assert f"  now: refused on this laptop: {refusal_reason('browser')}" in browser
+    assert "  now: refused on this device (see above)" in browser
     chat = rule_block(out, "chat-always")
     assert "  condition met: " in chat
-    assert f"  now: refused on this laptop: {refusal_reason('chat')}" in chat
+    assert "  now: refused on this device (see above)" in chat
     assert "skipped: refused" not in out
     thumbnails = rule_block(out, "thumbnails-always")
     assert "  now: would act" in thumbnails

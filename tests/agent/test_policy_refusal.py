@@ -58,8 +58,8 @@ limits.cooldown = "60s"
 """
 
 AVAHI_REASON = (
-    f"service {AVAHI} is not in this laptop's healing.services; add it there to "
-    "let this rule run"
+    f"service {AVAHI} is not in healing.services in this device's agent.toml "
+    f"(allowed: {CUPS}); add it there and restart the agent to let this rule run"
 )
 
 
@@ -169,9 +169,9 @@ action.clear_cache = { cache_sets = ["browser", "chat", "package_manager"] }
 
     assert check.problems == []
     assert check.refused == {
-        "clear-chat": "cache sets chat, package_manager are not in this laptop's "
-        "healing.cache_sets (allowed: browser, thumbnails); add them there to let "
-        "this rule run"
+        "clear-chat": "cache sets chat, package_manager are not in "
+        "healing.cache_sets in this device's agent.toml (allowed: browser, "
+        "thumbnails); add them there and restart the agent to let this rule run"
     }
 
 
@@ -409,7 +409,7 @@ def test_preview_names_refusal(
     previews = {p.rule.name: p for p in agent.engine.preview(Readings())}
 
     assert previews["restart-avahi"].skip_reason == (
-        f"refused on this laptop: {AVAHI_REASON}"
+        f"refused on this device: {AVAHI_REASON}"
     )
     assert previews["restart-cups"].skip_reason == ""
     assert restarted(fake_services) == []

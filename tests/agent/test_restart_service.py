@@ -81,7 +81,10 @@ def test_validate_accepts_defaults() -> None:
 def test_validate_rejects_service_not_allowlisted() -> None:
     problems = restart_service.validate(params("sshd.service"), LocalAllowlist())
     assert len(problems) == 1
-    assert "'sshd.service' is not in the local allowlist" in problems[0]
+    assert (
+        "service sshd.service is not in healing.services in this device's "
+        in (problems[0])
+    )
 
 
 def test_validate_rejects_empty_service() -> None:

@@ -293,7 +293,7 @@ def test_verification_fails_idle_child(
     )
     assert result.outcome == Outcome.REMEDIATION_OUTCOME_FAILED
     assert "did not fall" in result.reason
-    assert "restored the priority of 1 processes" in result.reason
+    assert "restored the priority of 1 process of" in result.reason
     assert target.nice() == 0
     assert json.loads((tmp_path / "throttles.json").read_text())["throttles"] == []
 

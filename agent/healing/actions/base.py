@@ -17,6 +17,7 @@ fleetmend.v1.Action that selects it, and two functions:
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,3 +65,44 @@ class ActionResult:
     bytes_freed: int = 0
     # Anything else worth showing to an operator, in words.
     details: dict[str, str] = field(default_factory=dict)
+
+
+def count_text(count: int, noun: str, plural: str = "") -> str:
+    """Return "1 rule" or "3 rules"; plural replaces noun + "s" where that is wrong."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {plural or noun + 's'}"
+
+
+def allowlist_refusal_text(
+    noun: str,
+    names: Sequence[str],
+    setting: str,
+    allowed: Iterable[str],
+    subject: str,
+) -> str:
+    """Return why this device's settings keep subject from using names.
+
+    noun is singular ("service", "cache set"), setting the agent.toml key that
+    lists the permitted ones, and subject what the fix lets run ("this rule",
+    "this command"). Rules, dry runs and commands all word a refusal this way,
+    because operators read every one of them at the collector.
+    """
+    one = len(names) == 1
+    listed = ", ".join(names)
+    allowed_text = ", ".join(sorted(allowed)) or "none"
+    return (
+        f"{noun if one else noun + 's'} {listed} {'is' if one else 'are'} not in "
+        f"{setting} in this device's agent.toml (allowed: {allowed_text}); add "
+        f"{'it' if one else 'them'} there and restart the agent to let {subject} run"
+    )
+
+
+def format_bytes(count: float) -> str:
+    """Return a byte count in binary units, such as "512 B" or "2.2 GiB"."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

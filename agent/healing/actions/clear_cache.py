@@ -51,6 +51,9 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
+    allowlist_refusal_text,
+    count_text,
+    format_bytes,
 )
 from agent.healing.bounds import quote
 from fleetmend.v1 import remediation_pb2
@@ -129,11 +132,14 @@ def validate(
                 + ", ".join(caches.CACHE_SETS)
             )
         elif allowlist.cache_sets and name not in allowlist.cache_sets:
-            allowed = ", ".join(sorted(allowlist.cache_sets))
             problems.append(
-                f"cache set {quote(name)} is not in the local allowlist "
-                f"(healing.cache_sets = {allowed}): "
-                "add it there or remove it from the rule"
+                allowlist_refusal_text(
+                    "cache set",
+                    [name],
+                    "healing.cache_sets",
+                    allowlist.cache_sets,
+                    "this rule",
+                )
             )
     days = params.older_than_days
     if days > MAX_OLDER_THAN_DAYS:
@@ -783,7 +789,7 @@ def _judge(
         details=details,
     )
     rejections = "; ".join(f"rejected {r.reason}" for r in rejected)
-    where = f"{len(cleared)} cache folder{'s' if len(cleared) != 1 else ''}"
+    where = count_text(len(cleared), "cache folder")
     if interrupted:
         details["interrupted"] = "by shutdown"
     if interrupted and not dry_run and files == 0:
@@ -793,16 +799,23 @@ def _judge(
         return result
     if dry_run:
         result.outcome = Outcome.REMEDIATION_OUTCOME_DRY_RUN
-        result.reason = f"would free {bytes_freed} bytes in {files} files from {where}"
+        result.reason = (
+            f"would free {format_bytes(bytes_freed)} in "
+            f"{count_text(files, 'file')} from {where}"
+        )
         result.after = result.before
     elif bytes_freed > 0 and after >= before:
         result.outcome = Outcome.REMEDIATION_OUTCOME_SUCCEEDED
-        result.reason = f"freed {bytes_freed} bytes in {files} files from {where}"
+        result.reason = (
+            f"freed {format_bytes(bytes_freed)} in {count_text(files, 'file')} "
+            f"from {where}"
+        )
     elif bytes_freed > 0:
         result.outcome = Outcome.REMEDIATION_OUTCOME_FAILED
         result.reason = (
-            f"free space fell from {before} to {after} bytes although {bytes_freed} "
-            f"bytes were freed from {where}: another program is filling the volume"
+            f"free space fell from {format_bytes(before)} to {format_bytes(after)} "
+            f"although {format_bytes(bytes_freed)} were freed from {where}: another "
+            "program is filling the volume"
         )
     elif rejected:
         result.outcome = Outcome.REMEDIATION_OUTCOME_FAILED

@@ -26,12 +26,13 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
+    allowlist_refusal_text,
+    count_text,
 )
 from agent.healing.bounds import (
     MAX_SERVICE_NAME,
     check_duration_range,
     check_text,
-    quote,
 )
 from agent.healing.services import (
     LaunchdBackend,
@@ -76,11 +77,14 @@ def validate(
     elif bad_name:
         problems += bad_name
     elif params.service not in allowlist.services:
-        allowed = ", ".join(sorted(allowlist.services)) or "none"
         problems.append(
-            f"service {quote(params.service)} is not in the local "
-            f"allowlist healing.services (allowed: {allowed}); add it to the "
-            "agent's settings to permit restarts"
+            allowlist_refusal_text(
+                "service",
+                [params.service],
+                "healing.services",
+                allowlist.services,
+                "this rule",
+            )
         )
     if params.HasField("settle"):
         out_of_range = check_duration_range("settle", params.settle)
@@ -141,7 +145,8 @@ def execute(
         backend = backend or backend_for_platform()
         before = backend.status(name)
     except ServiceError as exc:
-        return ActionResult(Outcome.REMEDIATION_OUTCOME_FAILED, str(exc), unit=UNIT)
+        # No status was read, so the result has no unit and no values.
+        return ActionResult(Outcome.REMEDIATION_OUTCOME_FAILED, str(exc))
     if before.active:
         return _result(
             Outcome.REMEDIATION_OUTCOME_SKIPPED,
@@ -156,7 +161,8 @@ def execute(
     if len(recent) >= max_failures:
         return _result(
             Outcome.REMEDIATION_OUTCOME_ESCALATED,
-            f"service {name} failed to restart {len(recent)} times within "
+            f"service {name} failed to restart {count_text(len(recent), 'time')} "
+            "within "
             f"{_seconds(window)} (max_failures {max_failures}); not restarting "
             f"again before {(recent[0] + window).isoformat()}, a person must look "
             "at it",
@@ -318,11 +324,15 @@ def _result(
         details["state_after"] = after.state
         if after.detail:
             details["detail_after"] = after.detail
+    if after is None:
+        # The status after the restart was not read. A record has no way to
+        # mark one value as unknown, so it carries neither.
+        return ActionResult(outcome, reason, details=details)
     return ActionResult(
         outcome,
         reason,
         before=1.0 if before.active else 0.0,
-        after=1.0 if after is not None and after.active else 0.0,
+        after=1.0 if after.active else 0.0,
         unit=UNIT,
         details=details,
     )

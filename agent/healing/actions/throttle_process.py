@@ -40,6 +40,7 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
+    count_text,
 )
 from agent.healing.bounds import check_duration_range, quote
 from agent.healing.processes import CpuSampler, SystemCpu, app_processes
@@ -227,9 +228,10 @@ def execute(
     if errors:
         details["errors"] = "; ".join(errors)
     if _fell(before, after) or _fell(system_before, system_after):
+        throttled = count_text(len(throttles), "process", "processes")
         return ActionResult(
             Outcome.REMEDIATION_OUTCOME_SUCCEEDED,
-            f"lowered the priority of {len(throttles)} processes of app {app_id} "
+            f"lowered the priority of {throttled} of app {app_id} "
             f"until {throttles[0].until}; its CPU use went from {before:.1f} % to "
             f"{after:.1f} %",
             before=before,
@@ -287,7 +289,10 @@ def undo(context: ActionContext, app_id: str, why: str) -> ActionResult:
             gone += 1
         else:
             errors.append(state)
-    summary = f"restored the priority of {restored} processes of app {app_id} ({why})"
+    summary = (
+        f"restored the priority of {count_text(restored, 'process', 'processes')} "
+        f"of app {app_id} ({why})"
+    )
     if gone:
         summary += f"; {gone} had ended or their pid was reused, left alone"
     details = {

@@ -268,6 +268,7 @@ class RuleState(_message.Message):
     CANARY_DEVICES_FIELD_NUMBER: _builtins.int
     REFUSING_DEVICES_FIELD_NUMBER: _builtins.int
     REFUSED_REASON_EXAMPLE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     stage: Global___RuleStage.ValueType
     reason: _builtins.str
@@ -294,6 +295,10 @@ class RuleState(_message.Message):
     """The RefusedRule.reason of one of those devices, empty when there are
     none.
     """
+    dry_run: _builtins.bool
+    """The rule's dry_run flag in the current policy: its agents record what
+    they would do and change nothing, so runs stays 0.
+    """
     def __init__(
         self,
         *,
@@ -306,10 +311,11 @@ class RuleState(_message.Message):
         canary_devices: _builtins.int = ...,
         refusing_devices: _builtins.int = ...,
         refused_reason_example: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_devices", b"canary_devices", "failures", b"failures", "name", b"name", "reason", b"reason", "refused_reason_example", b"refused_reason_example", "refusing_devices", b"refusing_devices", "runs", b"runs", "runs_today", b"runs_today", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_devices", b"canary_devices", "dry_run", b"dry_run", "failures", b"failures", "name", b"name", "reason", b"reason", "refused_reason_example", b"refused_reason_example", "refusing_devices", b"refusing_devices", "runs", b"runs", "runs_today", b"runs_today", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,16 +352,23 @@ class ChangeRuleStateResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RULE_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when the rule already was in the requested state, such as a
+    promote of a rule that is not in canary or a resume of a rule that is not
+    paused; the call then changes nothing.
+    """
     @_builtins.property
     def rule(self) -> Global___RuleState: ...
     def __init__(
         self,
         *,
         rule: Global___RuleState | None = ...,
+        changed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "rule", b"rule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,6 +571,8 @@ class RuleSummary(_message.Message):
     SUCCESS_RATE_FIELD_NUMBER: _builtins.int
     RECURRING_DEVICES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    DRY_RUNS_FIELD_NUMBER: _builtins.int
     rule: _builtins.str
     """Rule name, or "command" for operator commands."""
     runs: _builtins.int
@@ -575,6 +590,12 @@ class RuleSummary(_message.Message):
     "command": operator commands have no condition that could come back.
     """
     devices: _builtins.int
+    refused: _builtins.int
+    """Refusals of commands or rules that the agent's allowlist or settings do
+    not permit, counted like skipped. They are not runs.
+    """
+    dry_runs: _builtins.int
+    """DRY_RUN records, which changed nothing. They are not runs."""
     def __init__(
         self,
         *,
@@ -586,10 +607,12 @@ class RuleSummary(_message.Message):
         success_rate: _builtins.float = ...,
         recurring_devices: _builtins.int = ...,
         devices: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        dry_runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "failed", b"failed", "recurring_devices", b"recurring_devices", "rule", b"rule", "runs", b"runs", "skipped", b"skipped", "succeeded", b"succeeded", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "dry_runs", b"dry_runs", "failed", b"failed", "recurring_devices", b"recurring_devices", "refused", b"refused", "rule", b"rule", "runs", b"runs", "skipped", b"skipped", "succeeded", b"succeeded", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

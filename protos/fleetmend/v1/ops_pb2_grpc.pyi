@@ -112,13 +112,17 @@ class OpsServiceStub:
     Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
     change, or a reason over 500 characters; NOT_FOUND for a rule not in the
     current policy; FAILED_PRECONDITION for promoting a paused rule, which
-    must be resumed first.
+    must be resumed first. A change to the state the rule already has
+    returns OK with changed false.
     """
     SendCommand: _grpc.UnaryUnaryMultiCallable[_ops_pb2.SendCommandRequest, _ops_pb2.SendCommandResponse]
     """Ask devices to run an allowlisted action now. Role: operator.
 
-    Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+    Status codes: INVALID_ARGUMENT for a missing action, an empty required
+    parameter (clear_cache.cache_sets, restart_service.service,
+    throttle_process.app_id, notify.title or
+    prompt_password_change.self_service_url), no devices, a time to live
+    outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
     FAILED_PRECONDITION for a revoked device id, which cannot receive
     commands until it enrolls again.
     """
@@ -211,13 +215,17 @@ class OpsServiceAsyncStub(OpsServiceStub):
     Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
     change, or a reason over 500 characters; NOT_FOUND for a rule not in the
     current policy; FAILED_PRECONDITION for promoting a paused rule, which
-    must be resumed first.
+    must be resumed first. A change to the state the rule already has
+    returns OK with changed false.
     """
     SendCommand: _aio.UnaryUnaryMultiCallable[_ops_pb2.SendCommandRequest, _ops_pb2.SendCommandResponse]  # type: ignore[assignment]
     """Ask devices to run an allowlisted action now. Role: operator.
 
-    Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-    to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+    Status codes: INVALID_ARGUMENT for a missing action, an empty required
+    parameter (clear_cache.cache_sets, restart_service.service,
+    throttle_process.app_id, notify.title or
+    prompt_password_change.self_service_url), no devices, a time to live
+    outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
     FAILED_PRECONDITION for a revoked device id, which cannot receive
     commands until it enrolls again.
     """
@@ -385,7 +393,8 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         Status codes: INVALID_ARGUMENT for an empty name, a missing or unknown
         change, or a reason over 500 characters; NOT_FOUND for a rule not in the
         current policy; FAILED_PRECONDITION for promoting a paused rule, which
-        must be resumed first.
+        must be resumed first. A change to the state the rule already has
+        returns OK with changed false.
         """
 
     @_abc_1.abstractmethod
@@ -396,8 +405,11 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ops_pb2.SendCommandResponse, _abc.Awaitable[_ops_pb2.SendCommandResponse]]:
         """Ask devices to run an allowlisted action now. Role: operator.
 
-        Status codes: INVALID_ARGUMENT for a missing action, no devices, a time
-        to live outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+        Status codes: INVALID_ARGUMENT for a missing action, an empty required
+        parameter (clear_cache.cache_sets, restart_service.service,
+        throttle_process.app_id, notify.title or
+        prompt_password_change.self_service_url), no devices, a time to live
+        outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
         FAILED_PRECONDITION for a revoked device id, which cannot receive
         commands until it enrolls again.
         """

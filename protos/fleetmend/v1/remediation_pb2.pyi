@@ -85,9 +85,16 @@ class Policy(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     RULES_FIELD_NUMBER: _builtins.int
+    FLEET_VERSION_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Set by the collector, increasing with every change; 0 for the agent's
-    built-in default policy.
+    """The generation of the effective policy: set by the collector, increasing
+    with every SetPolicy and every change of a rule's fleet state; 0 for the
+    agent's built-in default policy. Acks, records and PolicyStatus use it.
+    """
+    fleet_version: _builtins.int
+    """The operator-visible policy number from SetPolicy, which operators see as
+    "version N". Several generations share it. 0 for the built-in policy and
+    from collectors that do not set it.
     """
     @_builtins.property
     def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rule]: ...
@@ -96,10 +103,11 @@ class Policy(_message.Message):
         *,
         version: _builtins.int = ...,
         rules: _abc.Iterable[Global___Rule] | None = ...,
+        fleet_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet_version", b"fleet_version", "rules", b"rules", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,7 +338,11 @@ Global___BatteryHealthBelow: _TypeAlias = BatteryHealthBelow  # noqa: Y015
 
 @_typing.final
 class DiskFailing(_message.Message):
-    """A disk reports a failed self-assessment or a failing attribute."""
+    """A disk reports a failed SMART self-assessment, an ATA attribute below its
+    threshold now, a raw value above 0 in ATA attribute 5, 187, 188, 197 or 198,
+    NVMe media errors, NVMe available spare below its threshold, or an NVMe
+    critical warning: the collector's definition of its "disk failing" finding.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -711,6 +723,8 @@ class PolicyStatus(_message.Message):
     REJECTED_VERSION_FIELD_NUMBER: _builtins.int
     REJECTED_REASON_FIELD_NUMBER: _builtins.int
     REFUSED_RULES_FIELD_NUMBER: _builtins.int
+    APPLIED_FLEET_VERSION_FIELD_NUMBER: _builtins.int
+    REJECTED_FLEET_VERSION_FIELD_NUMBER: _builtins.int
     applied_version: _builtins.int
     """Policy.version of the collector policy applied, which is the effective
     version the collector sent (it changes with rule states too, not only
@@ -719,6 +733,11 @@ class PolicyStatus(_message.Message):
     rejected_version: _builtins.int
     """Set when the collector's latest policy was rejected."""
     rejected_reason: _builtins.str
+    applied_fleet_version: _builtins.int
+    """Policy.fleet_version of the applied and of the rejected policy, for
+    messages that operators read; 0 when unknown.
+    """
+    rejected_fleet_version: _builtins.int
     @_builtins.property
     def refused_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefusedRule]:
         """Rules of the applied policy that this laptop does not run, because they
@@ -732,10 +751,12 @@ class PolicyStatus(_message.Message):
         rejected_version: _builtins.int = ...,
         rejected_reason: _builtins.str = ...,
         refused_rules: _abc.Iterable[Global___RefusedRule] | None = ...,
+        applied_fleet_version: _builtins.int = ...,
+        rejected_fleet_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "refused_rules", b"refused_rules", "rejected_reason", b"rejected_reason", "rejected_version", b"rejected_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_fleet_version", b"applied_fleet_version", "applied_version", b"applied_version", "refused_rules", b"refused_rules", "rejected_fleet_version", b"rejected_fleet_version", "rejected_reason", b"rejected_reason", "rejected_version", b"rejected_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
