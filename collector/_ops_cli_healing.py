@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import textwrap
 import tomllib
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -45,6 +46,9 @@ from collector._ops_transport import (
 from fleetmend.v1 import ops_pb2, remediation_pb2
 
 DEFAULT_REMEDIATIONS_LIMIT = 50
+# Width of the help text that the CLI wraps itself, as argparse's default for
+# an 80-column terminal.
+HELP_WIDTH = 78
 # The collector's default time to live of a command and its range, as ops.proto
 # states them.
 DEFAULT_COMMAND_TTL = timedelta(hours=24)
@@ -65,6 +69,28 @@ def add_command(
         name, help=summary, description=text
     )
     return parser
+
+
+def add_command_options(parser: argparse.ArgumentParser, *, lists: bool) -> None:
+    """Add the global options to a subcommand's parser.
+
+    Only commands that fetch pages (lists is true) take --page-size after
+    the command. Before the command, the top-level parser takes it for all.
+    """
+    _add_global_options(parser, defaults=False)
+    if lists:
+        return
+    # NOTE: _add_global_options adds --page-size to every parser, so it is
+    # taken out again here, through argparse's private lists of actions.
+    for action in list(parser._actions):
+        if action.dest != "page_size":
+            continue
+        parser._remove_action(action)
+        for option in action.option_strings:
+            del parser._option_string_actions[option]
+        for group in parser._action_groups:
+            if action in group._group_actions:
+                group._group_actions.remove(action)
 
 
 def add_command_group(parser: argparse.ArgumentParser, dest: str) -> Any:
@@ -94,7 +120,7 @@ def _add_policy_parser(commands: Any) -> None:
             "given an empty policy run no rules, not even their built-in ones."
         ),
     )
-    _add_global_options(setter, defaults=False)
+    add_command_options(setter, lists=False)
     setter.add_argument(
         "file",
         type=Path,
@@ -116,7 +142,7 @@ def _add_policy_parser(commands: Any) -> None:
         "Print the fleet's current policy as TOML that `fleetmend policy set` "
         "reads back, or say that no fleet policy is set.",
     )
-    _add_global_options(show, defaults=False)
+    add_command_options(show, lists=False)
 
 
 def _add_rules_parser(commands: Any) -> None:
@@ -128,7 +154,7 @@ def _add_rules_parser(commands: Any) -> None:
         "stage (active, canary or paused, and why, and whether it is a dry run), "
         "its runs across the fleet and its runs today against the daily budget.",
     )
-    _add_global_options(rules, defaults=False)
+    add_command_options(rules, lists=False)
     rule_commands = rules.add_subparsers(
         dest="rules_command",
         metavar="COMMAND",
@@ -141,7 +167,7 @@ def _add_rules_parser(commands: Any) -> None:
     }
     for name, help_text in helps.items():
         change = add_command(rule_commands, name, help_text)
-        _add_global_options(change, defaults=False)
+        add_command_options(change, lists=False)
         change.add_argument(
             "name", metavar="NAME", help="rule name, as `fleetmend rules` lists it"
         )
@@ -164,7 +190,12 @@ def _add_act_parser(commands: Any) -> None:
         "device that does not connect within the time to live never runs the "
         "command.",
     )
-    _add_global_options(act, defaults=False)
+    # The raw formatter keeps the epilog's one line per action, so the
+    # description is wrapped here.
+    act.formatter_class = argparse.RawDescriptionHelpFormatter
+    act.description = textwrap.fill(act.description or "", HELP_WIDTH)
+    act.epilog = action_parameters_help()
+    add_command_options(act, lists=False)
     act.add_argument(
         "action",
         metavar="ACTION",
@@ -182,14 +213,15 @@ def _add_act_parser(commands: Any) -> None:
         ),
     )
     targets = act.add_mutually_exclusive_group(required=True)
+    # One value per --device, so that the option cannot take ACTION as a
+    # device when it comes first, as in `act --device vm notify`.
     targets.add_argument(
         "--device",
         dest="devices",
-        nargs="+",
-        action="extend",
+        action="append",
         type=_device_reference,
         metavar="ID-OR-HOSTNAME",
-        help="devices to run the action on",
+        help="device to run the action on; repeat for each device",
     )
     targets.add_argument(
         "--all",
@@ -218,7 +250,7 @@ def _add_remediations_parser(commands: Any) -> None:
         "record that matches the filters. The records of operator commands "
         'are listed and summarized under the rule "command".',
     )
-    _add_global_options(remediations, defaults=False)
+    add_command_options(remediations, lists=True)
     remediations.add_argument(
         "--device",
         type=_device_reference,
@@ -480,6 +512,47 @@ def parse_outcome(text: str) -> int:
     )
 
 
+# Parameters without which every agent refuses an action, whatever its local
+# allowlist, because the agents' validate functions reject them empty. The
+# collector's SendCommand checks them too (collector._ops_healing).
+REQUIRED_ACTION_PARAMETERS = {
+    "clear_cache": ("cache_sets",),
+    "restart_service": ("service",),
+    "throttle_process": ("app_id",),
+    "notify": ("title",),
+    "prompt_password_change": ("self_service_url",),
+}
+
+
+def check_required_parameters(action: remediation_pb2.Action) -> None:
+    """Raise ValueError naming the required parameters that action leaves empty.
+
+    A blank string counts as empty. Checks that need an agent's allowlist,
+    such as whether a service may be restarted, are left to the agent.
+    """
+    name = action.WhichOneof("kind")
+    if name is None:
+        return
+    params = getattr(action, name)
+    missing = []
+    for field_name in REQUIRED_ACTION_PARAMETERS.get(name, ()):
+        value = getattr(params, field_name)
+        if isinstance(value, str):
+            empty = not value.strip()
+        else:
+            empty = not any(str(item).strip() for item in value)
+        if empty:
+            missing.append(field_name)
+    if missing:
+        options = " ".join(f"--param {field}=VALUE" for field in missing)
+        pronoun = "it" if len(missing) == 1 else "them"
+        raise ValueError(
+            f"{name} needs {', '.join(missing)}, which every agent refuses "
+            f"empty; set {pronoun}, for example with "
+            f"`fleetmend act {name} {options}`"
+        )
+
+
 def build_action(name: str, params: Sequence[str]) -> remediation_pb2.Action:
     """Return the Action named name, its fields set from KEY=VALUE params.
 
@@ -517,7 +590,58 @@ def build_action(name: str, params: Sequence[str]) -> remediation_pb2.Action:
             _set_param(message, field, text)
         except ValueError as error:
             raise CliError(f"invalid --param {key}={text!r}: {error}", 2) from None
+    try:
+        check_required_parameters(action)
+    except ValueError as error:
+        raise CliError(str(error), 2) from None
     return action
+
+
+def action_parameters_help() -> str:
+    """Return the act command's list of each action's parameters and their types."""
+    lines = [
+        "parameters of each action for --param KEY=VALUE, * marking required ones:"
+    ]
+    oneof = remediation_pb2.Action.DESCRIPTOR.oneofs_by_name["kind"]
+    for action_field in oneof.fields:
+        required = REQUIRED_ACTION_PARAMETERS.get(action_field.name, ())
+        params_type = action_field.message_type
+        assert params_type is not None, "every field of Action.kind is a message"
+        params = [
+            f"{field.name}{'*' if field.name in required else ''} "
+            f"({_param_type_text(field)})"
+            for field in params_type.fields
+        ]
+        lines.append(
+            textwrap.fill(
+                f"{action_field.name}: {', '.join(params)}",
+                HELP_WIDTH,
+                initial_indent="  ",
+                subsequent_indent="    ",
+            )
+        )
+    note = (
+        "Each agent checks the values against its allowlist, such as the "
+        "services and cache sets that it permits."
+    )
+    lines.append(textwrap.fill(note, HELP_WIDTH))
+    return "\n".join(lines)
+
+
+def _param_type_text(field: FieldDescriptor) -> str:
+    if field.message_type is not None:
+        if field.message_type.full_name == DURATION_TYPE:
+            return "span"
+        return "not settable"
+    if field.type == FieldDescriptor.TYPE_STRING:
+        kind = "text"
+    elif field.type == FieldDescriptor.TYPE_BOOL:
+        kind = "true or false"
+    elif field.type in _INTEGER_RANGES:
+        kind = "whole number"
+    else:
+        kind = "number"
+    return f"comma list of {kind}" if field.is_repeated else kind
 
 
 def _example_param(descriptor: Descriptor) -> str:
@@ -632,6 +756,9 @@ def _run_rules_command(args: argparse.Namespace, client: OpsClient) -> None:
     if args.rules_command is None:
         response = client.call("ListRules", ops_pb2.ListRulesRequest())
         if args.json:
+            # rejecting_devices is a uint64, which the protobuf JSON mapping
+            # prints as a string, so it is printed as a number here, like the
+            # uint32 refusing_devices of each rule.
             print_json(
                 {
                     "rules": to_dicts(response.rules),
@@ -647,11 +774,12 @@ def _run_rules_command(args: argparse.Namespace, client: OpsClient) -> None:
     request = ops_pb2.ChangeRuleStateRequest(
         name=args.name, change=change, reason=args.reason
     )
-    rule = client.call("ChangeRuleState", request).rule
+    response = client.call("ChangeRuleState", request)
     if args.json:
-        print_json({"rule": to_dict(rule)})
+        print_json({"rule": to_dict(response.rule), "changed": response.changed})
     else:
-        print(render_rule_state(rule), end="")
+        text = render_rule_state(response.rule, args.rules_command, response.changed)
+        print(text, end="")
 
 
 _RULE_CHANGES = {

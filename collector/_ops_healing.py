@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 
 from collector import fleet
 from collector._authz import current_operator
+from collector._ops_cli_healing import check_required_parameters
 from collector._ops_common import (
     FLEET_SCAN_CHUNK,
     DeviceStreams,
@@ -98,9 +99,9 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
         except Exception as error:
             raise _failure(context, "SetPolicy", error) from error
         logger.info(
-            "policy version %d with %d rules set by %s",
+            "policy version %d with %s set by %s",
             version,
-            len(policy.rules),
+            _count_text(len(policy.rules), "rule"),
             set_by,
         )
         self._streams.notify_policy_changed()
@@ -177,6 +178,7 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
                 name=rule.name,
                 stage=_stage(state),
                 reason=state.reason if state is not None else "",
+                dry_run=rule.dry_run,
             )
             if stats is not None:
                 message.runs = stats.runs
@@ -243,7 +245,7 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
                 _STAGE_NAMES.get(rule_state.stage, "unknown"),
             )
             self._streams.notify_policy_changed()
-        return ops_pb2.ChangeRuleStateResponse(rule=rule_state)
+        return ops_pb2.ChangeRuleStateResponse(rule=rule_state, changed=was_changed)
 
     def _change_rule_state(
         self, request: ops_pb2.ChangeRuleStateRequest, changed_by: str
@@ -304,9 +306,9 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
         sent = self._streams.deliver_commands(device_ids) if device_ids else set()
         action_name = request.action.WhichOneof("kind")
         logger.info(
-            "command %s for %d devices created by %s, %d sent at once",
+            "command %s for %s created by %s, %d sent at once",
             action_name,
-            len(records),
+            _count_text(len(records), "device"),
             created_by,
             len(sent),
         )
@@ -536,6 +538,10 @@ def _is_remediation_position(value: Any) -> bool:
     )
 
 
+def _count_text(count: int, noun: str) -> str:
+    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _oneof_names(message_type: type[Message]) -> list[str]:
     """Return the field names of the "kind" oneof of a Condition or an Action."""
     oneof = message_type.DESCRIPTOR.oneofs_by_name["kind"]
@@ -606,6 +612,7 @@ def _parse_command_request(request: ops_pb2.SendCommandRequest) -> timedelta:
     Raises ValueError.
     """
     check_action(request.action, "the command")
+    check_required_parameters(request.action)
     if request.all_devices and request.device_ids:
         raise ValueError("give device_ids or all_devices, not both")
     if not request.all_devices and not request.device_ids:

@@ -768,7 +768,11 @@ def render_rules_table(
                 str(rule.runs),
                 str(rule.failures),
                 success_rate_text(rule.runs - rule.failures, rule.runs),
-                f"{rule.runs_today}/{budget}" if budget else f"{rule.runs_today}/-",
+                (
+                    f"{rule.runs_today}/{budget}"
+                    if budget
+                    else f"{rule.runs_today} (no budget)"
+                ),
             ]
         )
     headers = ["NAME", "STAGE", "REASON", "RUNS", "FAILURES", "SUCCESS", "TODAY"]
@@ -794,9 +798,11 @@ def _render_refusals(rule: ops_pb2.RuleState) -> str:
     devices = _count_text(rule.refusing_devices, "device")
     verb = "runs" if rule.refusing_devices == 1 else "run"
     reason = escape_controls(rule.refused_reason_example or "no reason given")
+    name = escape_controls(rule.name)
     return (
-        f"{escape_controls(rule.name)} is refused on {devices}, which {verb} the "
-        f"policy's other rules; for example: {reason}\n"
+        f"{name} is refused on {devices}, which {verb} the policy's other rules; "
+        f"for example: {reason}; `fleetmend remediations --rule {name} --outcome "
+        "refused` lists them\n"
     )
 
 
@@ -805,8 +811,7 @@ def _render_rejections(
 ) -> str:
     if response is None or response.rejecting_devices == 0:
         return ""
-    count = response.rejecting_devices
-    devices = "1 device" if count == 1 else f"{count} devices"
+    devices = _count_text(response.rejecting_devices, "device")
     reason = escape_controls(response.rejected_reason_example or "no reason given")
     return (
         f"{devices} rejected policy version {policy_version} and run their "
@@ -821,23 +826,30 @@ def success_rate_text(succeeded: int, runs: int) -> str:
     return f"{100 * succeeded / runs:.0f}%"
 
 
-def render_rule_state(rule: ops_pb2.RuleState) -> str:
-    """Return the report of the rules promote, pause and resume commands."""
+def render_rule_state(
+    rule: ops_pb2.RuleState, command: str = "", changed: bool = True
+) -> str:
+    """Return the report of the rules promote, pause and resume commands.
+
+    command is the subcommand that ran. When changed is false, the report
+    says that the rule already was in the requested state.
+    """
     name = escape_controls(rule.name)
     if rule.stage == ops_pb2.RULE_STAGE_ACTIVE:
         text = f"Rule {name} is active on the whole fleet."
     elif rule.stage == ops_pb2.RULE_STAGE_CANARY:
-        devices = (
-            "1 device"
-            if rule.canary_devices == 1
-            else (f"{rule.canary_devices} devices")
-        )
+        devices = _count_text(rule.canary_devices, "device")
         text = f"Rule {name} is in canary on {devices}."
     else:
         label = enum_label(ops_pb2.RuleStage, rule.stage)
         text = f"Rule {name} is {label}."
     if rule.reason:
         text += f" Reason: {escape_controls(rule.reason)}."
+    if not changed:
+        expected = {"promote": "a canary", "resume": "paused"}.get(command)
+        if expected is None:
+            return f"Nothing changed. {text}\n"
+        return f"Rule {name} is not {expected}, so nothing changed. {text}\n"
     return text + "\n"
 
 
@@ -861,9 +873,13 @@ def render_commands(action: str, commands: Sequence[ops_pb2.CommandStatus]) -> s
             "it connects before the command expires."
         )
     else:
+        waiting = count - sent
+        later = (
+            "gets it when it connects" if waiting == 1 else ("get it when they connect")
+        )
         summary = (
-            f"Sent {name} to {devices}: {sent} connected now, {count - sent} get "
-            "it when they connect before the command expires."
+            f"Sent {name} to {devices}: {sent} connected now, {waiting} {later} "
+            "before the command expires."
         )
     rows = [
         [
@@ -881,7 +897,8 @@ def render_commands(action: str, commands: Sequence[ops_pb2.CommandStatus]) -> s
 
 POLICY_LEGEND = (
     "POLICY: vN is version N of the current fleet policy, older an earlier "
-    "fleet policy or rule state, local the agent's built-in or local policy.\n"
+    "fleet policy or rule state, local the agent's built-in or local policy, "
+    "- an operator command, which runs under no policy.\n"
 )
 
 
@@ -912,7 +929,7 @@ def render_remediations(
                 _record_source(record),
                 record.action.WhichOneof("kind") or "-",
                 _outcome_text(record),
-                policy_version_label(record.policy_version, current),
+                _record_policy_text(record, current),
                 change_text(record),
                 record.reason or "-",
             ]
@@ -921,8 +938,8 @@ def render_remediations(
     records = render_table([*headers, "POLICY", "CHANGE", "REASON"], rows)
     if more:
         records += (
-            f"Listed the newest {len(remediations)} records; more match. Raise "
-            "--limit or narrow the filters to see them.\n"
+            f"Listed the newest {_count_text(len(remediations), 'record')}; more "
+            "match. Raise --limit or narrow the filters to see them.\n"
         )
     summary_rows = [
         [
@@ -931,14 +948,18 @@ def render_remediations(
             str(summary.succeeded),
             str(summary.failed),
             str(summary.skipped),
+            str(summary.refused),
+            str(summary.dry_runs),
             success_rate_text(summary.succeeded, summary.runs),
             str(summary.devices),
             str(summary.recurring_devices),
         ]
         for summary in summaries
     ]
-    summary_headers = ["RULE", "RUNS", "SUCCEEDED", "FAILED", "SKIPPED", "SUCCESS"]
-    summary = render_table([*summary_headers, "DEVICES", "RECURRING"], summary_rows)
+    summary_headers = ["RULE", "RUNS", "SUCCEEDED", "FAILED", "SKIPPED", "REFUSED"]
+    summary = render_table(
+        [*summary_headers, "DRY RUN", "SUCCESS", "DEVICES", "RECURRING"], summary_rows
+    )
     return (
         f"{records}{POLICY_LEGEND}\n"
         f"Summary per rule, over every matching record\n{_indent(summary)}"
@@ -960,6 +981,16 @@ def _outcome_text(record: remediation_pb2.RemediationRecord) -> str:
     if record.repeat_count > 1:
         return f"{label} x{record.repeat_count}"
     return label
+
+
+def _record_policy_text(
+    record: remediation_pb2.RemediationRecord, policy: ops_pb2.GetPolicyResponse
+) -> str:
+    # An operator command runs under no policy, whatever generation its
+    # record carries.
+    if not record.rule:
+        return "-"
+    return policy_version_label(record.policy_version, policy)
 
 
 def policy_version_label(version: int, policy: ops_pb2.GetPolicyResponse) -> str:

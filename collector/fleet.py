@@ -162,11 +162,14 @@ def effective_policy(
 
     A rule paused in its state is paused with the state's reason. A canary
     rule is paused on devices outside its canary set, with the reason
-    "canary: not in the first N%". A rule without a state is active.
+    "canary: not in the first N%". A rule without a state is active. The
+    policy's version is the generation; its fleet_version is the record's
+    version, the number that SetPolicy returned.
     """
     policy = remediation_pb2.Policy()
     policy.CopyFrom(record.policy)
     policy.version = policy_generation(record, states)
+    policy.fleet_version = record.version
     for rule in policy.rules:
         state = states.get(rule.name)
         if state is None:

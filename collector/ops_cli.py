@@ -19,7 +19,7 @@ For self-healing, ``policy set`` prints {"version", "rules"} (the number of
 rules), ``policy show`` prints {"policy": Policy}, null before the first
 ``policy set``, ``rules`` prints {"rules": [RuleState], "rejecting_devices",
 "rejected_reason_example"} as in ListRulesResponse, ``rules promote``,
-``pause`` and ``resume`` print {"rule": RuleState}, ``act`` prints
+``pause`` and ``resume`` print {"rule": RuleState, "changed"}, ``act`` prints
 {"commands": [CommandStatus]} and ``remediations`` prints
 {"remediations": [StoredRemediation], "summaries": [RuleSummary]}.
 """
@@ -57,6 +57,7 @@ from collector._ops_cli_healing import (  # noqa: E402
     _run_rules_command,
     add_command,
     add_command_group,
+    add_command_options,
 )
 from collector._ops_render import (  # noqa: E402
     escape_controls,
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "List every device that the collector knows, with its hostname, OS, "
         "agent version and when it was last seen.",
     )
-    _add_global_options(devices, defaults=False)
+    add_command_options(devices, lists=True)
 
     _add_device_parser(commands)
 
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "severity: failing or worn disks, worn batteries, expired or expiring "
         "passwords, and devices that went silent.",
     )
-    _add_global_options(findings, defaults=False)
+    add_command_options(findings, lists=True)
     findings.add_argument(
         "--device",
         type=_device_reference,
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "List the audit log of operator calls, newest first: who called what, "
         "with which arguments, and the outcome.",
     )
-    _add_global_options(audit, defaults=False)
+    add_command_options(audit, lists=True)
     audit.add_argument(
         "--actor", default="", metavar="NAME", help="only events of this token name"
     )
@@ -173,7 +174,7 @@ def _add_device_parser(commands: Any) -> None:
         "accounts, app usage), its probe errors, its policy status and its "
         "findings.",
     )
-    _add_global_options(show, defaults=False)
+    add_command_options(show, lists=True)
     show.add_argument(
         "device",
         type=_device_reference,
@@ -187,7 +188,7 @@ def _add_device_parser(commands: Any) -> None:
         "Revoke every node key of a device and end its open stream. The "
         "device is rejected until it enrolls again.",
     )
-    _add_global_options(revoke, defaults=False)
+    add_command_options(revoke, lists=False)
     revoke.add_argument(
         "device_id",
         type=_device_id,
@@ -206,13 +207,13 @@ def _add_token_parser(commands: Any) -> None:
         "List the operator tokens with their role and when each was created, "
         "last used and revoked. The secrets are stored hashed and never shown.",
     )
-    _add_global_options(listing, defaults=False)
+    add_command_options(listing, lists=False)
     revoke = add_command(
         token_commands,
         "revoke",
         "revoke an operator token; calls with it fail from then on",
     )
-    _add_global_options(revoke, defaults=False)
+    add_command_options(revoke, lists=False)
     revoke.add_argument(
         "name",
         type=_token_name,
@@ -236,7 +237,7 @@ def _add_outage_parser(commands: Any) -> None:
             "catalog has an app with that id."
         ),
     )
-    _add_global_options(declare, defaults=False)
+    add_command_options(declare, lists=False)
     declare.add_argument(
         "app_id",
         type=_app_id,
@@ -288,7 +289,7 @@ def _add_outage_parser(commands: Any) -> None:
         "List the declared outages that have not ended yet, with the number of "
         "devices whose users usually use the application then.",
     )
-    _add_global_options(listing, defaults=False)
+    add_command_options(listing, lists=False)
 
 
 def _device_id(text: str) -> str:

@@ -93,9 +93,8 @@ def set_up_collector(database: str, log: Path) -> None:
     """Make the TLS folder and the admin token, unless an earlier run made them."""
     collector = str(BIN / "fleetmend-collector")
     if not (TLS_DIR / "server.pem").exists():
-        step(
-            f"making a CA, a certificate for 127.0.0.1 and a secret in {TLS_DIR.name}/"
-        )
+        shown = TLS_DIR.relative_to(ROOT)
+        step(f"making a CA, a certificate for 127.0.0.1 and a secret in {shown}/")
         run_step([collector, "init", "--dir", str(TLS_DIR), "--name", "127.0.0.1"], log)
     if not TOKEN_FILE.exists():
         step(f"creating an admin token in {TOKEN_FILE.relative_to(ROOT)}")

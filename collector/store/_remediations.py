@@ -44,6 +44,8 @@ from fleetmend.v1 import ops_pb2, remediation_pb2, report_pb2
 SUCCEEDED = remediation_pb2.REMEDIATION_OUTCOME_SUCCEEDED
 FAILED = remediation_pb2.REMEDIATION_OUTCOME_FAILED
 SKIPPED = remediation_pb2.REMEDIATION_OUTCOME_SKIPPED
+DRY_RUN = remediation_pb2.REMEDIATION_OUTCOME_DRY_RUN
+REFUSED = remediation_pb2.REMEDIATION_OUTCOME_REFUSED
 # Outcomes that count as a run of the action.
 RUN_OUTCOMES = (SUCCEEDED, FAILED)
 
@@ -242,8 +244,8 @@ def summarize_remediations(
     """Return one summary per rule over the records that match, by rule name.
 
     The records of operator commands are summarized as the rule "command".
-    skipped counts skips, and a record whose repeat_count is above 1 counts as
-    that many skips.
+    skipped, refused and dry_runs count the records of their outcome, and a
+    record whose repeat_count is above 1 counts as that many.
     """
     # NOTE: SetPolicy and current agents reject the rule name "command", but
     # an older agent's local policy can still use it. Such a rule gets a
@@ -255,7 +257,9 @@ def summarize_remediations(
             remediations.c.rule,
             _count_outcome(SUCCEEDED).label("succeeded"),
             _count_outcome(FAILED).label("failed"),
-            _count_skips().label("skipped"),
+            _count_with_repeats(SKIPPED).label("skipped"),
+            _count_with_repeats(REFUSED).label("refused"),
+            _count_with_repeats(DRY_RUN).label("dry_runs"),
             func.count(remediations.c.device_id.distinct()).label("devices"),
         )
         .where(*filters)
@@ -278,6 +282,8 @@ def summarize_remediations(
                 succeeded=succeeded,
                 failed=failed,
                 skipped=int(row["skipped"]),
+                refused=int(row["refused"]),
+                dry_runs=int(row["dry_runs"]),
                 success_rate=succeeded / runs if runs else 0.0,
                 recurring_devices=recurring.get(row["rule"], 0),
                 devices=int(row["devices"]),
@@ -482,20 +488,23 @@ def _count_outcome(outcome: int) -> ColumnElement[int]:
     return _count_if(remediations.c.outcome == outcome)
 
 
-def _count_skips() -> ColumnElement[int]:
-    """Return the number of skips in the SKIPPED records, with their repeats.
+def _count_with_repeats(outcome: int) -> ColumnElement[int]:
+    """Return the number of events in the records of outcome, with their repeats.
 
-    The agent writes the first skip of a reason as a record with repeat_count
-    0, and the repeats that follow as one record whose repeat_count counts
-    them.
+    The agent writes the first skip or refusal of a reason as a record with
+    repeat_count 0, and the repeats that follow as one record whose
+    repeat_count counts them.
     """
-    is_skip = remediations.c.outcome == SKIPPED
-    skips = case(
-        (and_(is_skip, remediations.c.repeat_count > 1), remediations.c.repeat_count),
-        (is_skip, 1),
+    is_outcome = remediations.c.outcome == outcome
+    events = case(
+        (
+            and_(is_outcome, remediations.c.repeat_count > 1),
+            remediations.c.repeat_count,
+        ),
+        (is_outcome, 1),
         else_=0,
     )
-    return func.coalesce(func.sum(skips), 0)
+    return func.coalesce(func.sum(events), 0)
 
 
 def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:

@@ -367,6 +367,8 @@ def test_repeated_skip_shows_count(
         "0",
         "0",
         "22",
+        "0",
+        "0",
         "-",
         "1",
         "0",
@@ -410,7 +412,8 @@ def test_policy_column_maps_versions(
     assert "  local  " in row_of(out, "under the local policy")
     assert (
         "POLICY: vN is version N of the current fleet policy, older an earlier "
-        "fleet policy or rule state, local the agent's built-in or local policy.\n"
+        "fleet policy or rule state, local the agent's built-in or local policy, "
+        "- an operator command, which runs under no policy.\n"
     ) in out
     records = json_output["remediations"]
     assert isinstance(records, list)
@@ -502,7 +505,9 @@ def test_rule_command_lists_command_records(
     assert "  command cmd-1  " in row_of(out, "first command")
     assert "rule ran" not in out
     # Commands have no condition, so two on one device do not recur.
-    assert summary_rows(out) == {"command": ["2", "2", "0", "0", "100%", "1", "0"]}
+    assert summary_rows(out) == {
+        "command": ["2", "2", "0", "0", "0", "0", "100%", "1", "0"]
+    }
     records = json_output["remediations"]
     assert isinstance(records, list)
     assert [item["record"]["command_id"] for item in records] == ["cmd-2", "cmd-1"]
@@ -589,7 +594,17 @@ def test_rules_show_dry_run(
 
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[1].split() == ["low-space-notice", "active", "-", "0", "0", "-", "0/-"]
+    assert lines[1].split() == [
+        "low-space-notice",
+        "active",
+        "-",
+        "0",
+        "0",
+        "-",
+        "0",
+        "(no",
+        "budget)",
+    ]
     assert lines[2].split() == [
         "preview-temp",
         "active,",
@@ -656,6 +671,7 @@ def test_act_waiting_and_mixed_devices(
                 *args,
                 "--device",
                 connected_id,
+                "--device",
                 offline_id,
             )
         finally:
@@ -668,7 +684,7 @@ def test_act_waiting_and_mixed_devices(
     )
     assert mixed[0] == 0, mixed[2]
     assert mixed[1].splitlines()[0] == (
-        "Sent notify to 2 devices: 1 connected now, 1 get it when they connect "
+        "Sent notify to 2 devices: 1 connected now, 1 gets it when it connects "
         "before the command expires."
     )
     assert mixed[1].splitlines()[-1] == (

@@ -520,7 +520,17 @@ def test_rules_table_and_states(
     devices = "1 device" if expected_canary == 1 else f"{expected_canary} devices"
     assert f"canary ({devices})" in lines[1]
     assert lines[1].split()[-4:] == ["3", "1", "67%", "3/10"]
-    disk_row = ["failing-disk-notice", "active", "-", "0", "0", "-", "0/-"]
+    disk_row = [
+        "failing-disk-notice",
+        "active",
+        "-",
+        "0",
+        "0",
+        "-",
+        "0",
+        "(no",
+        "budget)",
+    ]
     assert lines[2].split() == disk_row
 
 
@@ -575,7 +585,9 @@ def test_rules_pause_resume_promote(
     assert isinstance(promoted_rule, dict)
     assert promoted_rule["stage"] == "RULE_STAGE_ACTIVE"
     assert promoted_rule["reason"] == "promoted by operator-token"
-    assert again == promoted
+    assert again["rule"] == promoted["rule"]
+    assert promoted["changed"] is True
+    assert again["changed"] is False
 
 
 def test_paused_rule_reaches_agent(
@@ -759,7 +771,15 @@ def test_act_all_skips_revoked(
         "--all",
     )
     code, _, err = run(
-        collector, "operator", capsys, "act", "notify", "--device", revoked
+        collector,
+        "operator",
+        capsys,
+        "act",
+        "notify",
+        "--param",
+        "title=Restart today",
+        "--device",
+        revoked,
     )
 
     commands = shown["commands"]
@@ -773,7 +793,9 @@ def test_act_all_skips_revoked(
 def test_act_all_without_devices(
     collector: Collector, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(collector, "operator", capsys, "act", "notify", "--all")
+    code, out, err = run(
+        collector, "operator", capsys, "act", "notify", "--param", "title=t", "--all"
+    )
 
     assert code == 0, err
     assert out == (
@@ -790,7 +812,15 @@ def test_act_by_hostname(
     )
 
     shown = run_json(
-        collector, "operator", capsys, "act", "notify", "--device", "lab-07"
+        collector,
+        "operator",
+        capsys,
+        "act",
+        "notify",
+        "--param",
+        "title=t",
+        "--device",
+        "lab-07",
     )
 
     commands = shown["commands"]
@@ -805,7 +835,17 @@ def test_act_unknown_device(
     unknown = str(uuid.uuid4())
 
     code, out, err = run(
-        collector, "operator", capsys, "act", "notify", "--device", known, unknown
+        collector,
+        "operator",
+        capsys,
+        "act",
+        "notify",
+        "--param",
+        "title=t",
+        "--device",
+        known,
+        "--device",
+        unknown,
     )
     with Store.open(collector.database_url) as store:
         pending = store.pending_commands(known, datetime.now(UTC))
@@ -875,6 +915,8 @@ def test_act_ttl_range(
         capsys,
         "act",
         "notify",
+        "--param",
+        "title=t",
         "--device",
         device_id,
         "--ttl",
@@ -912,7 +954,15 @@ def test_viewer_cannot_act(
     device_id, _ = enroll(collector.address, collector.tls_dir, plaintext=False)
 
     code, out, err = run(
-        collector, "viewer", capsys, "act", "notify", "--device", device_id
+        collector,
+        "viewer",
+        capsys,
+        "act",
+        "notify",
+        "--param",
+        "title=t",
+        "--device",
+        device_id,
     )
     events = audit_events(collector, capsys)
 
@@ -965,7 +1015,7 @@ def test_build_action_types() -> None:
     assert action.WhichOneof("kind") == "throttle_process"
     assert action.throttle_process.app_id == "onedrive"
     assert action.throttle_process.restore_after.seconds == 7200
-    assert build_action("notify", []).HasField("notify")
+    assert build_action("notify", ["title=t"]).HasField("notify")
     assert parse_span("1d12h") == timedelta(hours=36)
     assert parse_span("0.5m") == timedelta(seconds=30)
 
@@ -1034,14 +1084,37 @@ def test_remediations_records_and_summary(
         "SUCCEEDED",
         "FAILED",
         "SKIPPED",
+        "REFUSED",
+        "DRY",
+        "RUN",
         "SUCCESS",
         "DEVICES",
         "RECURRING",
     ]
     by_rule = {row[0]: row[1:] for row in rows[1:]}
-    assert by_rule["clear-caches-low-space"] == ["3", "2", "1", "0", "67%", "2", "1"]
-    assert by_rule["failing-disk-notice"] == ["0", "0", "0", "1", "-", "1", "0"]
-    assert by_rule["command"] == ["1", "1", "0", "0", "100%", "1", "0"]
+    assert by_rule["clear-caches-low-space"] == [
+        "3",
+        "2",
+        "1",
+        "0",
+        "0",
+        "0",
+        "67%",
+        "2",
+        "1",
+    ]
+    assert by_rule["failing-disk-notice"] == [
+        "0",
+        "0",
+        "0",
+        "1",
+        "0",
+        "0",
+        "-",
+        "1",
+        "0",
+    ]
+    assert by_rule["command"] == ["1", "1", "0", "0", "0", "0", "100%", "1", "0"]
     assert len(rows) == 4
 
 

@@ -174,7 +174,7 @@ def test_rules_count_refusing_devices(
     code, out, err = run(collector, "viewer", capsys, "rules")
 
     cups = rules["restart-cups"]
-    assert cups["refusing_devices"] == "2"
+    assert cups["refusing_devices"] == 2
     # The example is the reason of the device with the lowest device id.
     assert cups["refused_reason_example"] == CUPS_REASON
     assert "refusing_devices" not in rules["low-space-notice"]
@@ -182,7 +182,8 @@ def test_rules_count_refusing_devices(
     assert code == 0, err
     assert refusal_lines(out) == [
         "restart-cups is refused on 2 devices, which run the policy's other "
-        f"rules; for example: {CUPS_REASON}"
+        f"rules; for example: {CUPS_REASON}; `fleetmend remediations --rule "
+        "restart-cups --outcome refused` lists them"
     ]
     table = out.splitlines()
     assert table[0].split()[0] == "NAME"
@@ -200,17 +201,18 @@ def test_rules_drop_device_without_refusal(
     first, second, _ = agents
     first.send_status(generation, {"restart-cups": CUPS_REASON})
     second.send_status(generation, {"restart-cups": CUPS_REASON})
-    assert rules_by_name(collector, capsys)["restart-cups"]["refusing_devices"] == "2"
+    assert rules_by_name(collector, capsys)["restart-cups"]["refusing_devices"] == 2
 
     # The operator allowed the service on the first laptop, which now runs it.
     first.send_status(generation)
 
     rules = rules_by_name(collector, capsys)
     _, out, _ = run(collector, "viewer", capsys, "rules")
-    assert rules["restart-cups"]["refusing_devices"] == "1"
+    assert rules["restart-cups"]["refusing_devices"] == 1
     assert refusal_lines(out) == [
         "restart-cups is refused on 1 device, which runs the policy's other "
-        f"rules; for example: {CUPS_REASON}"
+        f"rules; for example: {CUPS_REASON}; `fleetmend remediations --rule "
+        "restart-cups --outcome refused` lists them"
     ]
 
     second.send_status(generation)
@@ -241,7 +243,7 @@ def test_rules_skip_older_generation(
 
     rules = rules_by_name(collector, capsys)
 
-    assert rules["restart-cups"]["refusing_devices"] == "1"
+    assert rules["restart-cups"]["refusing_devices"] == 1
     assert rules["restart-cups"]["refused_reason_example"] == CUPS_REASON
 
 
@@ -260,7 +262,7 @@ def test_rules_skip_revoked_device(
     assert code == 0, err
 
     rules = rules_by_name(collector, capsys)
-    assert rules["restart-cups"]["refusing_devices"] == "1"
+    assert rules["restart-cups"]["refusing_devices"] == 1
 
 
 # fleetmend device show
