@@ -54,6 +54,7 @@ from agent.transport import is_loopback_target  # noqa: E402
 from fleetmend.v1 import remediation_pb2, report_pb2  # noqa: E402
 
 if TYPE_CHECKING:
+    from agent.healing.actions.base import LocalAllowlist
     from agent.healing.conditions import ConditionEvaluator
 
 log = logging.getLogger("agent")
@@ -85,33 +86,6 @@ def _common_options() -> argparse.ArgumentParser:
         "/var/lib/fleetmend as root on Linux, else the user state directory)",
     )
     common.add_argument(
-        "--collector",
-        metavar="HOST:PORT",
-        help="collector address; enroll needs it, and run uses the enrolled "
-        "collector without it",
-    )
-    common.add_argument(
-        "--insecure",
-        action="store_const",
-        const=True,
-        help="connect to the collector without TLS (loopback collectors only)",
-    )
-    common.add_argument(
-        "--usage",
-        dest="usage_enabled",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="collect catalogued application usage (default: on)",
-    )
-    common.add_argument(
-        "--resolve-hosts",
-        dest="resolve_hosts",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="look up the catalog's host names in DNS to recognize web "
-        "applications (default: on)",
-    )
-    common.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
         metavar="LEVEL",
@@ -119,6 +93,59 @@ def _common_options() -> argparse.ArgumentParser:
         "error (default: info)",
     )
     return common
+
+
+def _collector_options() -> argparse.ArgumentParser:
+    """Return the parent parser of the options that name the collector."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--collector",
+        metavar="HOST:PORT",
+        help="collector address; enroll needs it, and run uses the enrolled "
+        "collector without it",
+    )
+    options.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        help="connect to the collector without TLS (loopback collectors only)",
+    )
+    return options
+
+
+def _usage_options() -> argparse.ArgumentParser:
+    """Return the parent parser of the options of the usage section."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--usage",
+        dest="usage_enabled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="collect catalogued application usage (default: on)",
+    )
+    options.add_argument(
+        "--resolve-hosts",
+        dest="resolve_hosts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="look up the catalog's host names in DNS to recognize web "
+        "applications (default: on)",
+    )
+    return options
+
+
+# The option groups of each command besides the common ones. show and
+# diagnose take the collector and usage options so that they print what run
+# would do with the same options.
+COMMAND_OPTIONS = {
+    "collect": ("usage",),
+    "show": ("collector", "usage"),
+    "diagnose": ("collector", "usage"),
+    "rules": (),
+    "notices": (),
+    "run": ("collector", "usage"),
+    "enroll": ("collector",),
+}
 
 
 # Each command's one-line help in the command list and the description at the
@@ -174,6 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}"
     )
+    groups = {
+        "collector": _collector_options(),
+        "usage": _usage_options(),
+    }
     common = _common_options()
     commands = parser.add_subparsers(
         title="commands",
@@ -184,7 +215,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     subparsers = {
         name: commands.add_parser(
-            name, parents=[common], help=summary, description=description
+            name,
+            parents=[common, *(groups[group] for group in COMMAND_OPTIONS[name])],
+            help=summary,
+            description=description,
         )
         for name, (summary, description) in COMMANDS.items()
     }
@@ -225,12 +259,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
+    # A command without an option group leaves its settings to the
+    # environment, the config file and the defaults.
     flags = {
-        "collector": args.collector,
-        "insecure": args.insecure,
+        "collector": getattr(args, "collector", None),
+        "insecure": getattr(args, "insecure", None),
         "state_dir": args.state_dir,
-        "usage.enabled": args.usage_enabled,
-        "usage.resolve_hosts": args.resolve_hosts,
+        "usage.enabled": getattr(args, "usage_enabled", None),
+        "usage.resolve_hosts": getattr(args, "resolve_hosts", None),
         "log_level": args.log_level,
     }
     return load_config(flags=flags, config_file=args.config)
@@ -566,6 +602,95 @@ def _foreground_status(config: AgentConfig) -> str:
         foreground_log.setLevel(level)
 
 
+def _stored_policy_problem(
+    path: Path, in_force: remediation_pb2.Policy, allowlist: LocalAllowlist
+) -> str:
+    """Return why the stored fleet policy at path is not in force; "" if it is.
+
+    PolicyStore logs this at load and runs the local policy instead, so here
+    the reason is found again.
+    """
+    from google.protobuf.message import DecodeError
+
+    from agent.healing.bounds import MAX_LOG_CHARS, truncate
+    from agent.healing.policy import check_policy, policy_name
+
+    fallback = "; the local policy runs until the collector sends a valid one"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"stored fleet policy {path} cannot be read: {exc.strerror}{fallback}"
+    try:
+        stored = remediation_pb2.Policy.FromString(data)
+    except DecodeError:
+        return f"stored fleet policy {path} is damaged and cannot be decoded{fallback}"
+    if stored == in_force:
+        return ""
+    problems = check_policy(stored, allowlist).problems
+    if not problems:
+        # The collector replaced the file after PolicyStore read it.
+        return ""
+    reason = truncate("; ".join(problems), MAX_LOG_CHARS)
+    return (
+        f"{policy_name(stored)} stored in {path} is rejected on this laptop: "
+        f"{reason}{fallback}"
+    )
+
+
+def _diagnose_policy(config: AgentConfig) -> tuple[str, list[str]]:
+    """Return the line about the self-healing policy in force and its problems."""
+    from agent.healing.policy import (
+        PolicyError,
+        PolicyStore,
+        load_local_policy,
+        validate_policy,
+    )
+    from agent.runtime import describe_policy, local_allowlist, local_policy
+
+    allowlist = local_allowlist(config)
+    # local_policy and PolicyStore log what they leave out or reject, and
+    # diagnose lists the same as problems, so their logs are held back here.
+    loggers = [logging.getLogger(n) for n in ("agent.runtime", "agent.healing.policy")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        try:
+            local = local_policy(config, allowlist)
+        except PolicyError as exc:
+            return "self-healing policy: none, the local policy is invalid", [str(exc)]
+        store = PolicyStore(config.state_dir, local, allowlist)
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+    policy, refused = store.in_force()
+    problems: list[str] = []
+    if config.healing_policy_file is None:
+        # local_policy leaves these rules of the built-in policy out.
+        for problem in validate_policy(load_local_policy(None), allowlist):
+            problems.append(f"built-in policy: {problem}; the rule is left out")
+    stored_problem = _stored_policy_problem(store.path, policy, allowlist)
+    if stored_problem:
+        problems.append(stored_problem)
+    for name, reason in refused.items():
+        problems.append(
+            f"self-healing rule {name} is refused on this laptop and never runs: "
+            f"{reason}"
+        )
+
+    line = f"self-healing policy: {describe_policy(config, store)}"
+    if stored_problem:
+        line += ", because the stored fleet policy is rejected"
+    if refused:
+        line += " (fleetmend-agent rules shows why)"
+    if not config.healing_enabled:
+        line += "; self-healing is off (healing.enabled = false)"
+    return line, problems
+
+
 def cmd_diagnose(config: AgentConfig) -> int:
     from agent.render import wrap_line
 
@@ -586,10 +711,13 @@ def cmd_diagnose(config: AgentConfig) -> int:
     catalogs = ["built-in default catalog", *map(str, config.usage_catalogs)]
     print(f"usage catalogs: {', '.join(catalogs)}")
     print(f"foreground check for throttles: {_foreground_status(config)}")
+    policy_line, policy_problems = _diagnose_policy(config)
+    print(policy_line)
     _print_settings(config)
 
     trust_problems = _diagnose_trust(config)
     problems = _diagnose_problems(config, state, spool_problem, trust_problems)
+    problems += policy_problems
     if not problems:
         print("no problems found")
         return 0

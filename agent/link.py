@@ -61,7 +61,7 @@ from typing import Any
 import grpc
 
 from agent import clock as clock_module
-from agent.spool import Spool, SpooledRecord
+from agent.spool import Spool, SpooledRecord, counted
 from agent.transport import (
     explain_tls_failure,
     is_handshake_failure,
@@ -374,12 +374,12 @@ class Link:
             delay = self._backoff(self._fresh_rejections)
         log.error(
             "collector %s rejected report %d as invalid (%s); moved it from the "
-            "spool to its quarantine (%d reports there) and reconnecting in %.1f s "
+            "spool to its quarantine (%s there) and reconnecting in %.1f s "
             "so that the reports behind it are sent",
             self.target,
             sequence,
             reason,
-            self.spool.stats().quarantined,
+            counted(self.spool.stats().quarantined, "report"),
             delay,
         )
         return delay
@@ -409,11 +409,11 @@ class Link:
             # spreads them out on the next stream.
             self._window = max(1, self._window // 2)
             log.warning(
-                "collector %s is limiting this device (%s); %d reports stay "
-                "spooled, at most %d in flight next time; reconnecting in %.1f s",
+                "collector %s is limiting this device (%s); %s stay spooled, "
+                "at most %d in flight next time; reconnecting in %.1f s",
                 self.target,
                 details,
-                self.pending,
+                counted(self.pending, "report"),
                 self._window,
                 delay,
             )
@@ -526,12 +526,12 @@ class Link:
                 self.watchdog_cancels += 1
                 self._note_stall(stream)
                 log.warning(
-                    "no %s from collector %s for %.0f s with %d reports in flight; "
+                    "no %s from collector %s for %.0f s with %s in flight; "
                     "replacing the stream",
                     "ack" if stream.welcomed else "welcome",
                     self.target,
                     silent,
-                    in_flight,
+                    counted(in_flight, "report"),
                 )
                 if stream.call is not None:
                     stream.call.cancel()
@@ -614,10 +614,10 @@ class Link:
             self._logged_problem = ""
         log.info(
             "connected to collector %s; it has committed up to report %d; "
-            "%d reports waiting in the spool",
+            "%s waiting in the spool",
             self.target,
             committed,
-            self.pending,
+            counted(self.pending, "report"),
         )
         self._fill()
 

@@ -123,7 +123,12 @@ def test_disk_condition_counts_in_words() -> None:
     details = []
     for count in (0, 1, 2):
         section = report_pb2.DiskSection(
-            disks=[report_pb2.Disk(name=f"sd{i}") for i in range(count)]
+            disks=[
+                report_pb2.Disk(
+                    name=f"sd{i}", smart_state=report_pb2.SMART_STATE_AVAILABLE
+                )
+                for i in range(count)
+            ]
         )
         result = evaluator.evaluate(
             "disks", condition, Readings(disks=section), datetime.now(UTC), 0.0
@@ -132,8 +137,8 @@ def test_disk_condition_counts_in_words() -> None:
 
     assert details == [
         "no disk found",
-        "the one disk is not failing",
-        "none of the 2 disks is failing",
+        "the one disk that reports health data is not failing",
+        "none of the 2 disks that report health data is failing",
     ]
 
 

@@ -439,7 +439,7 @@ def test_read_stats_counts_quarantine(tmp_path: Path) -> None:
     assert stats.quarantined == 1
     assert stats.quarantine_dropped == 1
     line = describe(stats)
-    assert "1 reports quarantined because the collector rejected them" in line
+    assert "1 report quarantined because the collector rejected it" in line
     assert "1 more dropped by the quarantine cap" in line
 
 
