@@ -39,7 +39,9 @@ def set_policy(
 
     Rules without a state get one: "canary" when their fleet.canary_percent is
     1 to 99, else "active". States of rules that the policy no longer has are
-    deleted, so a rule that comes back later starts afresh.
+    deleted, so a rule that comes back later starts afresh. A rule whose
+    definition differs from the previous policy's rule of that name is rolled
+    out again: see _roll_out_again.
     """
     _check_aware("policy set time", now)
     names = [rule.name for rule in policy.rules]
@@ -58,6 +60,7 @@ def set_policy(
             {"key": _POSTGRES_POLICY_LOCK},
         )
 
+    previous = current_policy(connection)
     result = connection.execute(
         insert(policies).values(policy_pb=b"", set_by=set_by, set_time=now)
     )
@@ -82,17 +85,81 @@ def set_policy(
     new_states = [
         {
             "name": rule.name,
-            "stage": "canary" if 1 <= rule.fleet.canary_percent <= 99 else "active",
+            "stage": "canary" if _has_canary_set(rule) else "active",
             "reason": "",
             "changed_time": now,
             "changed_by": set_by,
+            "rollout_time": now,
         }
         for rule in policy.rules
         if rule.name not in known
     ]
     if new_states:
         connection.execute(insert(rule_states), new_states)
+
+    if previous is not None:
+        before = {rule.name: rule for rule in previous.policy.rules}
+        for rule in policy.rules:
+            old = before.get(rule.name)
+            if old is not None and rule.name in known and _redefined(old, rule):
+                _roll_out_again(connection, rule, int(version), set_by, now)
     return int(version)
+
+
+def _has_canary_set(rule: remediation_pb2.Rule) -> bool:
+    return 1 <= rule.fleet.canary_percent <= 99
+
+
+def _definition(rule: remediation_pb2.Rule) -> remediation_pb2.Rule:
+    """Return what the agents run of a rule: all but its name and fleet limits."""
+    definition = remediation_pb2.Rule()
+    definition.CopyFrom(rule)
+    definition.ClearField("name")
+    definition.ClearField("fleet")
+    definition.ClearField("paused")
+    definition.ClearField("paused_reason")
+    return definition
+
+
+def _redefined(old: remediation_pb2.Rule, new: remediation_pb2.Rule) -> bool:
+    return _definition(old) != _definition(new)
+
+
+def _roll_out_again(
+    connection: Connection,
+    rule: remediation_pb2.Rule,
+    version: int,
+    set_by: str,
+    now: datetime,
+) -> None:
+    """Start a redefined rule's rollout over, as for a new rule of that name.
+
+    Its runs before now no longer count for promotion or the circuit breaker.
+    A rule with a canary set goes back to canary, and any other to active.
+    A paused rule stays paused with its reason, and an operator's resume
+    then starts it in canary.
+    """
+    values: dict[str, object] = {"rollout_time": now}
+    paused = (
+        connection.execute(
+            select(rule_states.c.stage).where(rule_states.c.name == rule.name)
+        ).scalar_one()
+        == "paused"
+    )
+    if not paused:
+        if _has_canary_set(rule):
+            stage = "canary"
+            reason = (
+                f"changed in policy version {version}, so it runs on its canary "
+                "set again"
+            )
+        else:
+            stage = "active"
+            reason = f"changed in policy version {version}; its run counts restart"
+        values.update(stage=stage, reason=reason, changed_time=now, changed_by=set_by)
+    connection.execute(
+        update(rule_states).where(rule_states.c.name == rule.name).values(**values)
+    )
 
 
 def current_policy(connection: Connection) -> PolicyRecord | None:
@@ -280,6 +347,7 @@ def _rule_state_record(record: RowMapping) -> RuleStateRecord:
         reason=record["reason"],
         changed_time=record["changed_time"],
         changed_by=record["changed_by"],
+        rollout_time=record["rollout_time"],
     )
 
 

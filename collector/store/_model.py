@@ -154,15 +154,22 @@ class RuleStateRecord:
     changed_time: datetime
     # Operator name, or whatever the fleet limits pass, such as "fleet".
     changed_by: str
+    # When the rule's present definition was set by set_policy; None for a
+    # rule stored before the collector recorded it.
+    rollout_time: datetime | None = None
 
 
 @dataclass(frozen=True)
 class RuleStats:
     """Runs of a rule across the fleet; a run is a record that succeeded or failed.
 
-    Runs are ordered by the records' start time. The "since_change" values count
-    only runs that started at or after the rule state's changed_time, and equal
-    the lifetime values for a rule without a state.
+    Runs are ordered by the records' start time. runs, failures and
+    last_outcomes count the runs of the rule's present definition, those that
+    started at or after its state's rollout_time. runs_today counts every run
+    of the day, since the daily budget limits actions whatever their
+    definition. The "since_change" values count only runs that started at or
+    after the rule state's changed_time. For a rule without a state, or one
+    without a rollout_time, every run counts.
     """
 
     runs: int

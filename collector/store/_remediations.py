@@ -304,6 +304,10 @@ def rule_statistics(
         )
     is_run = remediations.c.outcome.in_(RUN_OUTCOMES)
     is_failure = remediations.c.outcome == FAILED
+    current = or_(
+        rule_states.c.rollout_time.is_(None),
+        remediations.c.start_time >= rule_states.c.rollout_time,
+    )
     since_change = or_(
         rule_states.c.changed_time.is_(None),
         remediations.c.start_time >= rule_states.c.changed_time,
@@ -311,8 +315,8 @@ def rule_statistics(
     totals = (
         select(
             remediations.c.rule,
-            func.count().label("runs"),
-            _count_if(is_failure).label("failures"),
+            _count_if(current).label("runs"),
+            _count_if(and_(current, is_failure)).label("failures"),
             _count_if(remediations.c.start_time >= since_day_start).label("today"),
             _count_if(since_change).label("runs_since_change"),
             _count_if(and_(since_change, is_failure)).label("failures_since_change"),
@@ -345,7 +349,11 @@ def rule_statistics(
 def _latest_outcomes(
     connection: Connection,
 ) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    """Return the latest run outcomes per rule, newest first, all and since change."""
+    """Return the latest run outcomes per rule, newest first, all and since change.
+
+    "All" means the runs of the rule's present definition, since its state's
+    rollout_time.
+    """
     rank = (
         func.row_number()
         .over(
@@ -376,6 +384,7 @@ def _latest_outcomes(
             ranked.c.outcome,
             ranked.c.start_time,
             rule_states.c.changed_time,
+            rule_states.c.rollout_time,
         )
         .select_from(ranked.outerjoin(rule_states, rule_states.c.name == ranked.c.rule))
         .where(ranked.c.rank <= RULE_STATS_OUTCOMES)
@@ -384,6 +393,9 @@ def _latest_outcomes(
     outcomes: dict[str, list[int]] = {}
     outcomes_since_change: dict[str, list[int]] = {}
     for row in connection.execute(query).mappings():
+        rollout_time = row["rollout_time"]
+        if rollout_time is not None and row["start_time"] < rollout_time:
+            continue
         outcomes.setdefault(row["rule"], []).append(int(row["outcome"]))
         changed_time = row["changed_time"]
         if changed_time is None or row["start_time"] >= changed_time:

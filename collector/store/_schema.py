@@ -281,6 +281,10 @@ rule_states = Table(
     Column("changed_time", UtcDateTime, nullable=False),
     # Operator name, or "fleet" for a change made by the fleet limits.
     Column("changed_by", String, nullable=False),
+    # When the rule's present definition (condition, action, limits, dry_run)
+    # was set; only its runs since then count for the fleet limits. NULL for
+    # rules stored before this column, whose runs all count.
+    Column("rollout_time", UtcDateTime, nullable=True),
 )
 
 # Operator commands, one row per device; action_pb is a serialized

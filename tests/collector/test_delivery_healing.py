@@ -505,6 +505,48 @@ def test_canary_not_promoted_while_failing(
     assert reader.rule_states()["gradual"].stage == fleet.CANARY
 
 
+def test_redefined_rule_canary_again(
+    agents: AgentClient,
+    admin: ops_pb2_grpc.OpsServiceStub,
+    clock: Clock,
+    reader: Store,
+) -> None:
+    limits = {"canary_percent": 50, "promote_after_runs": 3, "max_failure_ratio": 0.4}
+    rule = notify_rule("gradual", **limits)
+    set_policy(admin, clock, rule)
+    inside_id, outside_id = split_by_canary("gradual", 50)
+    inside = Agent(agents, inside_id)
+    inside.next_of("policy")
+    clock.now += timedelta(minutes=1)
+    for sequence in range(1, 4):
+        inside.ack_of(outcome_report(sequence, SUCCEEDED, clock, rule="gradual"))
+    inside.next_of("policy")
+    assert reader.rule_states()["gradual"].stage == fleet.ACTIVE
+
+    changed = notify_rule("gradual", **limits)
+    changed.action.notify.title = "Disk full: clean up now"
+    version = set_policy(admin, clock, changed)
+
+    state = reader.rule_states()["gradual"]
+    assert state.stage == fleet.CANARY
+    assert state.reason.startswith(f"changed in policy version {version}")
+    outside = Agent(agents, outside_id)
+    held_back = outside.next_of("policy").policy
+    assert held_back.rules[0].paused
+    assert held_back.rules[0].action.notify.title == "Disk full: clean up now"
+    assert not inside.next_of("policy").policy.rules[0].paused
+
+    clock.now += timedelta(minutes=1)
+    for sequence in range(4, 6):
+        inside.ack_of(outcome_report(sequence, SUCCEEDED, clock, rule="gradual"))
+    assert reader.rule_states()["gradual"].stage == fleet.CANARY
+    inside.ack_of(outcome_report(6, SUCCEEDED, clock, rule="gradual"))
+    assert not outside.next_of("policy").policy.rules[0].paused
+    assert reader.rule_states()["gradual"].stage == fleet.ACTIVE
+    for agent in (outside, inside):
+        agent.close()
+
+
 def test_budget_pauses_and_resumes_next_day(
     agents: AgentClient,
     admin: ops_pb2_grpc.OpsServiceStub,

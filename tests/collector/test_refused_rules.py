@@ -442,14 +442,14 @@ def migrate_to(database_url: str, revision: str) -> None:
 def test_migrate_from_0004_keeps_status(store: Store, database_url: str) -> None:
     store.ingest([IncomingReport(DEVICE, status_report(1, []), NOW)])
     migrate_to(database_url, "0004")
-    assert store.pending_migrations() == ["0005"]
+    assert store.pending_migrations() == ["0005", "0006"]
 
     applied = store.migrate()
     store.ingest(
         [IncomingReport(DEVICE, status_report(2, [("restart-cups", CUPS_REASON)]), NOW)]
     )
 
-    assert applied == ["0005"]
+    assert applied == ["0005", "0006"]
     assert store.count_reports(DEVICE) == 2
     assert store.rule_refusals(1) == {"restart-cups": (1, CUPS_REASON)}
 
@@ -460,9 +460,9 @@ def test_downgrade_0005_keeps_status(store: Store, database_url: str) -> None:
 
     migrate_to(database_url, "0004")
 
-    assert store.pending_migrations() == ["0005"]
+    assert store.pending_migrations() == ["0005", "0006"]
     assert store.count_reports(DEVICE) == 1
-    assert store.migrate() == ["0005"]
+    assert store.migrate() == ["0005", "0006"]
     status = store.device_policy_status(DEVICE)
     assert status is not None
     assert status.applied_version == 1

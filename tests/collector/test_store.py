@@ -152,9 +152,16 @@ def stored_device(store: Store, device_id: str = DEVICE) -> ops_pb2.Device:
 
 
 def test_migrate_empty_database(empty_store: Store) -> None:
-    assert empty_store.pending_migrations() == ["0001", "0002", "0003", "0004", "0005"]
+    assert empty_store.pending_migrations() == [
+        "0001",
+        "0002",
+        "0003",
+        "0004",
+        "0005",
+        "0006",
+    ]
 
-    assert empty_store.migrate() == ["0001", "0002", "0003", "0004", "0005"]
+    assert empty_store.migrate() == ["0001", "0002", "0003", "0004", "0005", "0006"]
 
     assert empty_store.pending_migrations() == []
     assert empty_store.count_reports() == 0
@@ -186,7 +193,7 @@ def test_migrate_concurrent(empty_store: Store, database_url: str) -> None:
     other.close()
 
     assert errors == []
-    assert sorted(results) == [[], ["0001", "0002", "0003", "0004", "0005"]]
+    assert sorted(results) == [[], ["0001", "0002", "0003", "0004", "0005", "0006"]]
 
 
 def test_migrate_unknown_revision(store: Store, database_url: str) -> None:
@@ -263,7 +270,7 @@ def test_migrate_from_0001_keeps_data(empty_store: Store, database_url: str) -> 
     applied = empty_store.migrate()
 
     device = stored_device(empty_store)
-    assert applied == ["0002", "0003", "0004", "0005"]
+    assert applied == ["0002", "0003", "0004", "0005", "0006"]
     assert empty_store.count_reports(DEVICE) == 2
     assert device.hostname == "pc-ops-017"
     assert device.committed_sequence == 2
@@ -319,7 +326,7 @@ def test_downgrade_0002_keeps_reports(store: Store, database_url: str) -> None:
 
     migrate_to(database_url, "0001")
 
-    assert store.pending_migrations() == ["0002", "0003", "0004", "0005"]
+    assert store.pending_migrations() == ["0002", "0003", "0004", "0005", "0006"]
     assert store.count_reports(DEVICE) == 2
 
 
@@ -331,7 +338,7 @@ def test_migrate_from_0002_keeps_data(empty_store: Store, database_url: str) -> 
     applied = empty_store.migrate()
 
     device = stored_device(empty_store)
-    assert applied == ["0003", "0004", "0005"]
+    assert applied == ["0003", "0004", "0005", "0006"]
     assert empty_store.count_reports(DEVICE) == 2
     assert device.committed_sequence == 2
     assert device.host == host_facts()
@@ -344,9 +351,9 @@ def test_downgrade_0003_keeps_reports(store: Store, database_url: str) -> None:
 
     migrate_to(database_url, "0002")
 
-    assert store.pending_migrations() == ["0003", "0004", "0005"]
+    assert store.pending_migrations() == ["0003", "0004", "0005", "0006"]
     assert store.count_reports(DEVICE) == 2
-    assert store.migrate() == ["0003", "0004", "0005"]
+    assert store.migrate() == ["0003", "0004", "0005", "0006"]
     assert store.list_audit(10) == []
 
 

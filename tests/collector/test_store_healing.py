@@ -150,9 +150,9 @@ def test_downgrade_0004_keeps_reports(store: Store, database_url: str) -> None:
 
     migrate_to(database_url, "0003")
 
-    assert store.pending_migrations() == ["0004", "0005"]
+    assert store.pending_migrations() == ["0004", "0005", "0006"]
     assert store.count_reports(DEVICE) == 1
-    assert store.migrate() == ["0004", "0005"]
+    assert store.migrate() == ["0004", "0005", "0006"]
     assert store.current_policy() is None
     assert store.list_remediations(10) == []
 
@@ -249,6 +249,113 @@ def test_set_policy_keeps_existing_state(store: Store) -> None:
     assert states["low-disk"].changed_time == NOW
     assert states["new-rule"].stage == "active"
     assert states["new-rule"].changed_by == "bob"
+
+
+def redefined(rule: remediation_pb2.Rule) -> remediation_pb2.Rule:
+    """Return rule with another action under the same name and fleet limits."""
+    changed = remediation_pb2.Rule()
+    changed.CopyFrom(rule)
+    changed.action.clear_cache.cache_sets[:] = ["thumbnails"]
+    return changed
+
+
+def test_redefined_rule_back_in_canary(store: Store) -> None:
+    rule = clear_cache_rule(canary_percent=10)
+    store.set_policy(policy_of(rule), "alice", NOW)
+    store.set_rule_state("low-disk", "active", "promoted by alice", "alice", NOW)
+    for sequence in range(1, 4):
+        ingest_records(store, DEVICE, sequence, record(start_time=NOW))
+    later = NOW + timedelta(hours=1)
+
+    version = store.set_policy(policy_of(redefined(rule)), "bob", later)
+
+    state = store.rule_states()["low-disk"]
+    assert state.stage == "canary"
+    assert state.reason == (
+        f"changed in policy version {version}, so it runs on its canary set again"
+    )
+    assert state.changed_by == "bob"
+    assert state.changed_time == later
+    assert state.rollout_time == later
+    stats = store.rule_statistics(NOW.replace(hour=0, minute=0))["low-disk"]
+    assert stats.runs == 0
+    assert stats.last_outcomes == ()
+    assert stats.runs_today == 3
+
+
+def test_redefined_rule_counts_new_runs(store: Store) -> None:
+    rule = clear_cache_rule(canary_percent=10)
+    store.set_policy(policy_of(rule), "alice", NOW)
+    ingest_records(store, DEVICE, 1, record(outcome=FAILED, start_time=NOW))
+    later = NOW + timedelta(hours=1)
+    store.set_policy(policy_of(redefined(rule)), "bob", later)
+
+    ingest_records(store, DEVICE, 2, record(start_time=later + timedelta(minutes=5)))
+
+    stats = store.rule_statistics(NOW.replace(hour=0, minute=0))["low-disk"]
+    assert stats.runs == 1
+    assert stats.failures == 0
+    assert stats.last_outcomes == (SUCCEEDED,)
+    assert stats.runs_today == 2
+
+
+def test_redefined_rule_without_canary_stays_active(store: Store) -> None:
+    store.set_policy(policy_of(clear_cache_rule()), "alice", NOW)
+    later = NOW + timedelta(hours=1)
+
+    version = store.set_policy(policy_of(redefined(clear_cache_rule())), "bob", later)
+
+    state = store.rule_states()["low-disk"]
+    assert state.stage == "active"
+    assert state.reason == (
+        f"changed in policy version {version}; its run counts restart"
+    )
+    assert state.rollout_time == later
+
+
+def test_redefined_paused_rule_stays_paused(store: Store) -> None:
+    rule = clear_cache_rule(canary_percent=10)
+    store.set_policy(policy_of(rule), "alice", NOW)
+    store.set_rule_state("low-disk", "paused", "breaker tripped", "fleet", NOW)
+    later = NOW + timedelta(hours=1)
+
+    store.set_policy(policy_of(redefined(rule)), "bob", later)
+
+    state = store.rule_states()["low-disk"]
+    assert state.stage == "paused"
+    assert state.reason == "breaker tripped"
+    assert state.changed_by == "fleet"
+    assert state.changed_time == NOW
+    assert state.rollout_time == later
+
+
+def test_fleet_limits_change_keeps_rollout(store: Store) -> None:
+    rule = clear_cache_rule(canary_percent=10)
+    store.set_policy(policy_of(rule), "alice", NOW)
+    store.set_rule_state("low-disk", "active", "promoted by alice", "alice", NOW)
+    ingest_records(store, DEVICE, 1, record(start_time=NOW))
+    wider = remediation_pb2.Rule()
+    wider.CopyFrom(rule)
+    wider.fleet.daily_budget = 50
+
+    store.set_policy(policy_of(wider), "bob", NOW + timedelta(hours=1))
+
+    state = store.rule_states()["low-disk"]
+    assert state.stage == "active"
+    assert state.reason == "promoted by alice"
+    assert state.rollout_time == NOW
+    assert store.rule_statistics(NOW.replace(hour=0))["low-disk"].runs == 1
+
+
+def test_migrate_from_0005_counts_all_runs(store: Store, database_url: str) -> None:
+    store.set_policy(policy_of(clear_cache_rule()), "alice", NOW)
+    ingest_records(store, DEVICE, 1, record(start_time=NOW - timedelta(days=1)))
+    migrate_to(database_url, "0005")
+
+    assert store.migrate() == ["0006"]
+
+    assert store.rule_states()["low-disk"].rollout_time is None
+    assert store.rule_statistics(NOW.replace(hour=0))["low-disk"].runs == 1
 
 
 def test_set_policy_drops_removed_rules(store: Store) -> None:
