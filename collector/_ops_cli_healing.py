@@ -334,6 +334,10 @@ def _since(text: str) -> datetime:
 
 # Self-healing input: policy files, action parameters, spans
 
+# Largest policy file that `policy set` reads. 200 rules, the agents' maximum,
+# take well under this, and the collector's default message limit is 4 MiB.
+MAX_POLICY_FILE_BYTES = 1024 * 1024
+
 
 def load_policy_file(path: Path, allow_empty: bool = False) -> remediation_pb2.Policy:
     """Read a policy TOML file into a Policy; raise CliError (exit 2).
@@ -344,11 +348,30 @@ def load_policy_file(path: Path, allow_empty: bool = False) -> remediation_pb2.P
     """
     try:
         with path.open("rb") as file:
-            data = tomllib.load(file)
+            # Reading one byte more than the limit distinguishes a file at the
+            # limit from a larger one, and stops early in an endless file such
+            # as /dev/zero.
+            raw = file.read(MAX_POLICY_FILE_BYTES + 1)
     except OSError as error:
         raise CliError(
             f"cannot read the policy file {path}: {error.strerror or error}", 2
         ) from None
+    if len(raw) > MAX_POLICY_FILE_BYTES:
+        raise CliError(
+            f"the policy file {path} is larger than {MAX_POLICY_FILE_BYTES} bytes; "
+            "a policy has at most 200 rules, so give it fewer or shorter rules",
+            2,
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CliError(
+            f"the policy file {path} is not UTF-8 text (invalid byte at offset "
+            f"{error.start}); save it as UTF-8",
+            2,
+        ) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise CliError(
             f"the policy file {path} is not valid TOML: {error}", 2

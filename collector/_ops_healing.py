@@ -22,6 +22,10 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
+from agent.healing.actions import validate_action
+from agent.healing.actions.base import LocalAllowlist
+from agent.healing.bounds import truncate
+from agent.healing.policy import allowlist_of, check_policy
 from collector import fleet
 from collector._authz import current_operator
 from collector._ops_cli_healing import check_required_parameters
@@ -65,6 +69,9 @@ RULE_NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
 # so a circuit breaker cannot look further back.
 MAX_BREAKER_WINDOW = 1000
 MAX_RULE_REASON_CHARS = 500
+# Bound on the agent's problems quoted in one INVALID_ARGUMENT message, which
+# gRPC carries in a header.
+MAX_AGENT_PROBLEMS_CHARS = 2000
 # Time to live of a command, as ops.proto states it.
 DEFAULT_COMMAND_TTL = timedelta(hours=24)
 MIN_COMMAND_TTL = timedelta(minutes=1)
@@ -425,8 +432,11 @@ def validate_policy(policy: remediation_pb2.Policy) -> None:
 
     Every rule needs a valid unique name, a condition and an action, fleet
     limits in range, and valid durations and numbers. The name "command" is
-    rejected, because it labels the records of operator commands. The agents
-    check each action's parameters against their local allowlists.
+    rejected, because it labels the records of operator commands. Last, the
+    policy goes through the agent's own check with a permissive allowlist, so
+    that a policy which every agent of this version would reject is rejected
+    here. What remains for each agent is its local allowlist of services and
+    cache sets, which refuses single rules.
     """
     first_index: dict[str, int] = {}
     for index, rule in enumerate(policy.rules):
@@ -462,6 +472,15 @@ def validate_policy(policy: remediation_pb2.Policy) -> None:
             )
         _check_fleet_limits(rule.fleet, where)
         _check_values(rule, where)
+    problems = check_policy(policy, LocalAllowlist()).problems
+    if problems:
+        raise ValueError(_agent_problems("policy", "reject", problems))
+
+
+def _agent_problems(subject: str, verb: str, problems: list[str]) -> str:
+    """Return the agent's problems with a subject, as one message for an operator."""
+    listed = truncate("; ".join(problems), MAX_AGENT_PROBLEMS_CHARS)
+    return f"agents would {verb} this {subject}: {listed}"
 
 
 def check_action(action: remediation_pb2.Action, where: str) -> None:
@@ -613,6 +632,9 @@ def _parse_command_request(request: ops_pb2.SendCommandRequest) -> timedelta:
     """
     check_action(request.action, "the command")
     check_required_parameters(request.action)
+    problems = validate_action(request.action, allowlist_of(request.action))
+    if problems:
+        raise ValueError(_agent_problems("command", "refuse", problems))
     if request.all_devices and request.device_ids:
         raise ValueError("give device_ids or all_devices, not both")
     if not request.all_devices and not request.device_ids:

@@ -53,7 +53,7 @@ action.notify = { title = "Disk almost full" }
 name = "preview-temp"
 dry_run = true
 condition.free_space_below = { mount_point = "/", ratio = 0.10 }
-action.clear_cache = { cache_sets = ["user_temp"] }
+action.clear_cache = { cache_sets = ["user_temp"], older_than_days = 7 }
 fleet = { daily_budget = 5 }
 """
 

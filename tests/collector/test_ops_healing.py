@@ -613,6 +613,57 @@ def test_paused_rule_reaches_agent(
     assert second.version != first.version
 
 
+def test_policy_set_agent_check_keeps_previous(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_policy(collector, capsys)
+    bad = POLICY_TOML.replace('"browser", "thumbnails"', '"/etc"')
+    path = collector.write("bad-policy.toml", bad)
+
+    code, out, err = run(collector, "admin", capsys, "policy", "set", str(path))
+    shown = run_json(collector, "viewer", capsys, "policy", "show")
+
+    assert code == 1
+    assert out == ""
+    assert "agents would reject this policy: " in err
+    assert "rule 'clear-caches-low-space': action: clear_cache: unknown " in err
+    assert "cache set '/etc'" in err
+    policy = shown["policy"]
+    assert isinstance(policy, dict)
+    assert policy["version"] == "1"
+
+
+def test_policy_file_not_utf8(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = collector.write("latin1.toml", "")
+    path.write_bytes(POLICY_TOML.encode("utf-8") + b"# caf\xe9\n")
+
+    code, out, err = run(collector, "admin", capsys, "policy", "set", str(path))
+
+    assert code == 2
+    assert out == ""
+    assert f"the policy file {path} is not UTF-8 text" in err
+    assert "save it as UTF-8" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("source", ["large", "/dev/zero"])
+def test_policy_file_too_large(
+    collector: Collector, capsys: pytest.CaptureFixture[str], source: str
+) -> None:
+    if source == "large":
+        path = collector.write("large.toml", "# padding\n" * 120_000)
+    else:
+        path = Path(source)
+
+    code, out, err = run(collector, "admin", capsys, "policy", "set", str(path))
+
+    assert code == 2
+    assert out == ""
+    assert f"the policy file {path} is larger than 1048576 bytes" in err
+
+
 def test_rules_change_unknown_rule(
     collector: Collector, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1007,6 +1058,31 @@ def test_send_command_server_checks(collector: Collector) -> None:
                 stub.SendCommand(request, metadata=metadata, timeout=10)
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert reason in (raised.value.details() or "")
+
+
+def test_send_command_agent_checks(collector: Collector) -> None:
+    device_id, _ = enroll(collector.address, collector.tls_dir, plaintext=False)
+    long_title = remediation_pb2.Action(
+        notify=remediation_pb2.Notify(title="Disk full " * 10)
+    )
+    outside_root = remediation_pb2.Action(
+        clear_cache=remediation_pb2.ClearCache(cache_sets=["/etc"])
+    )
+    requests = [
+        (long_title, "notify: title has 100 characters, more than the maximum 80"),
+        (outside_root, "clear_cache: unknown cache set '/etc'"),
+    ]
+    metadata = bearer(collector.tokens["operator"])
+    with channel_to(collector.address, collector.tls_dir) as channel:
+        stub = ops_pb2_grpc.OpsServiceStub(channel)
+        for action, reason in requests:
+            request = ops_pb2.SendCommandRequest(action=action, device_ids=[device_id])
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.SendCommand(request, metadata=metadata, timeout=10)
+            details = raised.value.details() or ""
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert details.startswith("agents would refuse this command: ")
+            assert reason in details
 
 
 def test_build_action_types() -> None:

@@ -362,12 +362,13 @@ def cli_environment() -> dict[str, str]:
 def test_pipe_to_head_exits_quietly(
     collector: Collector, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # About 800 kB of JSON, far more than a pipe's buffer and what head reads
-    # before it exits, so the CLI is still writing when head closes the pipe.
+    # The largest policy that agents take, 200 rules with the longest notice
+    # texts, prints about 160 kB of JSON: more than twice a Linux pipe's 64 KiB
+    # buffer, so the CLI is still writing when head closes the pipe.
     rules = "".join(
         f'[[rules]]\nname = "rule-{index}"\ncondition.disk_failing = {{}}\n'
-        f'action.notify = {{ title = "{"t" * 2000}" }}\n'
-        for index in range(400)
+        f'action.notify = {{ title = "{"t" * 80}", body = "{"b" * 500}" }}\n'
+        for index in range(200)
     )
     set_policy(collector, capsys, rules)
 

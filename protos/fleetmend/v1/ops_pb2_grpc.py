@@ -227,7 +227,10 @@ class OpsServiceServicer:
 
         Status codes: INVALID_ARGUMENT for a rule without a name, condition or
         action, a rule named "command" (the label of operator commands in
-        ListRemediations), a duplicate rule name, or a fleet limit out of range.
+        ListRemediations), a duplicate rule name, a fleet limit out of range, or
+        anything that the agent's own policy check rejects whatever the device's
+        allowlist (an unknown cache set, a parameter out of range, more than 200
+        rules); the message then starts with "agents would reject this policy:".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,8 +270,10 @@ class OpsServiceServicer:
         Status codes: INVALID_ARGUMENT for a missing action, an empty required
         parameter (clear_cache.cache_sets, restart_service.service,
         throttle_process.app_id, notify.title or
-        prompt_password_change.self_service_url), no devices, a time to live
-        outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+        prompt_password_change.self_service_url), a parameter that the agent's
+        own check refuses whatever the device's allowlist ("agents would refuse
+        this command: ..."), no devices, a time to live outside 1 minute to 7
+        days; NOT_FOUND for an unknown device id;
         FAILED_PRECONDITION for a revoked device id, which cannot receive
         commands until it enrolls again.
         """

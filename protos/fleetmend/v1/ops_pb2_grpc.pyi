@@ -99,7 +99,10 @@ class OpsServiceStub:
 
     Status codes: INVALID_ARGUMENT for a rule without a name, condition or
     action, a rule named "command" (the label of operator commands in
-    ListRemediations), a duplicate rule name, or a fleet limit out of range.
+    ListRemediations), a duplicate rule name, a fleet limit out of range, or
+    anything that the agent's own policy check rejects whatever the device's
+    allowlist (an unknown cache set, a parameter out of range, more than 200
+    rules); the message then starts with "agents would reject this policy:".
     """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetPolicyRequest, _ops_pb2.GetPolicyResponse]
     """Return the fleet's current policy as operators set it. Role: viewer."""
@@ -121,8 +124,10 @@ class OpsServiceStub:
     Status codes: INVALID_ARGUMENT for a missing action, an empty required
     parameter (clear_cache.cache_sets, restart_service.service,
     throttle_process.app_id, notify.title or
-    prompt_password_change.self_service_url), no devices, a time to live
-    outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+    prompt_password_change.self_service_url), a parameter that the agent's
+    own check refuses whatever the device's allowlist ("agents would refuse
+    this command: ..."), no devices, a time to live outside 1 minute to 7
+    days; NOT_FOUND for an unknown device id;
     FAILED_PRECONDITION for a revoked device id, which cannot receive
     commands until it enrolls again.
     """
@@ -202,7 +207,10 @@ class OpsServiceAsyncStub(OpsServiceStub):
 
     Status codes: INVALID_ARGUMENT for a rule without a name, condition or
     action, a rule named "command" (the label of operator commands in
-    ListRemediations), a duplicate rule name, or a fleet limit out of range.
+    ListRemediations), a duplicate rule name, a fleet limit out of range, or
+    anything that the agent's own policy check rejects whatever the device's
+    allowlist (an unknown cache set, a parameter out of range, more than 200
+    rules); the message then starts with "agents would reject this policy:".
     """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetPolicyRequest, _ops_pb2.GetPolicyResponse]  # type: ignore[assignment]
     """Return the fleet's current policy as operators set it. Role: viewer."""
@@ -224,8 +232,10 @@ class OpsServiceAsyncStub(OpsServiceStub):
     Status codes: INVALID_ARGUMENT for a missing action, an empty required
     parameter (clear_cache.cache_sets, restart_service.service,
     throttle_process.app_id, notify.title or
-    prompt_password_change.self_service_url), no devices, a time to live
-    outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+    prompt_password_change.self_service_url), a parameter that the agent's
+    own check refuses whatever the device's allowlist ("agents would refuse
+    this command: ..."), no devices, a time to live outside 1 minute to 7
+    days; NOT_FOUND for an unknown device id;
     FAILED_PRECONDITION for a revoked device id, which cannot receive
     commands until it enrolls again.
     """
@@ -362,7 +372,10 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Status codes: INVALID_ARGUMENT for a rule without a name, condition or
         action, a rule named "command" (the label of operator commands in
-        ListRemediations), a duplicate rule name, or a fleet limit out of range.
+        ListRemediations), a duplicate rule name, a fleet limit out of range, or
+        anything that the agent's own policy check rejects whatever the device's
+        allowlist (an unknown cache set, a parameter out of range, more than 200
+        rules); the message then starts with "agents would reject this policy:".
         """
 
     @_abc_1.abstractmethod
@@ -408,8 +421,10 @@ class OpsServiceServicer(metaclass=_abc_1.ABCMeta):
         Status codes: INVALID_ARGUMENT for a missing action, an empty required
         parameter (clear_cache.cache_sets, restart_service.service,
         throttle_process.app_id, notify.title or
-        prompt_password_change.self_service_url), no devices, a time to live
-        outside 1 minute to 7 days; NOT_FOUND for an unknown device id;
+        prompt_password_change.self_service_url), a parameter that the agent's
+        own check refuses whatever the device's allowlist ("agents would refuse
+        this command: ..."), no devices, a time to live outside 1 minute to 7
+        days; NOT_FOUND for an unknown device id;
         FAILED_PRECONDITION for a revoked device id, which cannot receive
         commands until it enrolls again.
         """
