@@ -11,13 +11,14 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import FrameType  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -418,7 +419,10 @@ def cmd_rules(config: AgentConfig) -> int:
     if config.healing_policy_file is not None:
         local = f"Local policy {config.healing_policy_file}"
     _start_cpu_samples(engine.evaluator, engine.policies.policy)
-    previews = engine.preview(engine.readings())
+    # Each rule's detail carries what the conditions would log as a warning,
+    # such as a service status that cannot be read, so the log stays quiet.
+    with _held_back("agent.healing.conditions"):
+        previews = engine.preview(engine.readings())
     sys.stdout.write(render_rules(previews, engine.policies.status, local))
     if not config.healing_enabled:
         print(
@@ -639,6 +643,20 @@ def _stored_policy_problem(
     )
 
 
+@contextlib.contextmanager
+def _held_back(*names: str) -> Iterator[None]:
+    """Hold back all but critical messages of the named loggers for a while."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _diagnose_policy(config: AgentConfig) -> tuple[str, list[str]]:
     """Return the line about the self-healing policy in force and its problems."""
     from agent.healing.policy import (
@@ -652,19 +670,12 @@ def _diagnose_policy(config: AgentConfig) -> tuple[str, list[str]]:
     allowlist = local_allowlist(config)
     # local_policy and PolicyStore log what they leave out or reject, and
     # diagnose lists the same as problems, so their logs are held back here.
-    loggers = [logging.getLogger(n) for n in ("agent.runtime", "agent.healing.policy")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
+    with _held_back("agent.runtime", "agent.healing.policy"):
         try:
             local = local_policy(config, allowlist)
         except PolicyError as exc:
             return "self-healing policy: none, the local policy is invalid", [str(exc)]
         store = PolicyStore(config.state_dir, local, allowlist)
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
     policy, refused = store.in_force()
     problems: list[str] = []

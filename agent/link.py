@@ -61,6 +61,7 @@ from typing import Any
 import grpc
 
 from agent import clock as clock_module
+from agent.healing.policy import policy_name
 from agent.spool import Spool, SpooledRecord, counted
 from agent.transport import (
     explain_tls_failure,
@@ -567,12 +568,11 @@ class Link:
                 self._acknowledge(response.ack, stream)
             elif kind == "policy":
                 self._deliver(
-                    "policy", response.policy.version, self._on_policy, response.policy
+                    policy_name(response.policy), self._on_policy, response.policy
                 )
             elif kind == "command":
                 self._deliver(
-                    "command",
-                    response.command.command_id,
+                    f"command {response.command.command_id}",
                     self._on_command,
                     response.command,
                 )
@@ -581,15 +581,13 @@ class Link:
         log.info("collector %s closed the stream", self.target)
 
     @staticmethod
-    def _deliver(
-        kind: str, name: object, callback: Callable[[Any], object], message: Any
-    ) -> None:
+    def _deliver(name: str, callback: Callable[[Any], object], message: Any) -> None:
         """Pass a policy or command to its callback; its failure keeps the stream."""
-        log.info("received %s %s from the collector", kind, name)
+        log.info("received %s from the collector", name)
         try:
             callback(message)
         except Exception:
-            log.exception("handling %s %s from the collector failed", kind, name)
+            log.exception("handling %s from the collector failed", name)
 
     def _welcome(self, committed: int, stream: _Stream) -> None:
         self.committed_sequence = max(self.committed_sequence, committed)

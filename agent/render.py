@@ -377,11 +377,13 @@ def _rule_state(preview: RulePreview, refusal: str | None = None) -> str:
     """Return what the rule would do at the next evaluation, in words.
 
     refusal is the reason the device refuses the rule, None when it runs. A
-    refused rule never acts, so it is shown as refused whatever its condition.
-    The reason itself is printed once, at the top.
+    refused or paused rule never acts, so it is shown as such whatever its
+    condition. A refusal's reason is printed once, at the top.
     """
     if refusal is not None:
         return "refused on this device (see above); its action does not run"
+    if preview.rule.paused:
+        return f"{preview.skip_reason}; it is not evaluated while paused"
     if not preview.condition.holds:
         return "nothing to do"
     if preview.skip_reason:
@@ -440,7 +442,12 @@ def render_rules(
         )
     for preview in previews:
         rule = preview.rule
-        suffix = " (dry-run rule)" if rule.dry_run else ""
+        tags = [
+            tag
+            for tag, on in (("paused", rule.paused), ("dry-run rule", rule.dry_run))
+            if on
+        ]
+        suffix = f" ({', '.join(tags)})" if tags else ""
         met = "met" if preview.condition.holds else "not met"
         lines.append("")
         lines.append(f"Rule {rule.name}{suffix}")

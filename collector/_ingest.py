@@ -675,8 +675,8 @@ class AgentServicer:
                     queued += 1
             if queued:
                 logger.info(
-                    "sending policy %d as effective version %d to %d of %d open "
-                    "streams",
+                    "sending fleet policy version %d (generation %d) to %d of %d "
+                    "open streams",
                     record.version,
                     version,
                     queued,
@@ -723,8 +723,8 @@ class AgentServicer:
                     stream.policy_sent = policy.SerializeToString(deterministic=True)
                 elif stream.queue_policy(policy):
                     logger.info(
-                        "sending policy %d as effective version %d to device %s, "
-                        "which runs version %d",
+                        "sending fleet policy version %d (generation %d) to device "
+                        "%s, which runs generation %d",
                         record.version,
                         policy.version,
                         stream.device_id,

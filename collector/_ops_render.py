@@ -776,8 +776,10 @@ def render_rules_table(
             ]
         )
     headers = ["NAME", "STAGE", "REASON", "RUNS", "FAILURES", "SUCCESS", "TODAY"]
-    refusals = "".join(_render_refusals(rule) for rule in rules)
-    return render_table(headers, rows) + refusals + rejections
+    notes = "".join(
+        _render_empty_canary(rule) + _render_refusals(rule) for rule in rules
+    )
+    return render_table(headers, rows) + notes + rejections
 
 
 def _stage_text(rule: ops_pb2.RuleState, *, dry_run: bool) -> str:
@@ -790,6 +792,25 @@ def _stage_text(rule: ops_pb2.RuleState, *, dry_run: bool) -> str:
 
 def _count_text(count: int, noun: str) -> str:
     return f"1 {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _has_empty_canary(rule: ops_pb2.RuleState) -> bool:
+    return rule.stage == ops_pb2.RULE_STAGE_CANARY and rule.canary_devices == 0
+
+
+def _empty_canary_advice(name: str) -> str:
+    return (
+        f"it gets no runs towards its promotion; `fleetmend rules promote {name}` "
+        "gives it to the whole fleet, or raise fleet.canary_percent in the policy"
+    )
+
+
+def _render_empty_canary(rule: ops_pb2.RuleState) -> str:
+    """Explain a canary rule whose canary set has no device, so no canary runs."""
+    if not _has_empty_canary(rule):
+        return ""
+    name = escape_controls(rule.name)
+    return f"{name} is in canary on no device, so {_empty_canary_advice(name)}\n"
 
 
 def _render_refusals(rule: ops_pb2.RuleState) -> str:
@@ -812,9 +833,10 @@ def _render_rejections(
     if response is None or response.rejecting_devices == 0:
         return ""
     devices = _count_text(response.rejecting_devices, "device")
+    runs = "runs its" if response.rejecting_devices == 1 else "run their"
     reason = escape_controls(response.rejected_reason_example or "no reason given")
     return (
-        f"{devices} rejected policy version {policy_version} and run their "
+        f"{devices} rejected policy version {policy_version} and {runs} "
         f"previous policy instead; for example: {reason}\n"
     )
 
@@ -845,6 +867,8 @@ def render_rule_state(
         text = f"Rule {name} is {label}."
     if rule.reason:
         text += f" Reason: {escape_controls(rule.reason)}."
+    if _has_empty_canary(rule):
+        text += f" No device is in its canary set, so {_empty_canary_advice(name)}."
     if not changed:
         expected = {"promote": "a canary", "resume": "paused"}.get(command)
         if expected is None:

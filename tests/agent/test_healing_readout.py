@@ -444,18 +444,66 @@ action.clear_cache = { cache_sets = ["browser"] }
 
 
 def test_rules_preview_logs_no_refusal_warning(
-    tmp_path: Path, agent_config: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    agent_config: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     state_dir = tmp_path / "state"
     store_policy(state_dir, fleet_policy(THUMBNAILS_RULE + REFUSED_RULE, 5))
     capsys.readouterr()
+    caplog.set_level(logging.WARNING)
+    caplog.clear()
 
     status, out, err = run_rules(state_dir, capsys)
 
     assert status == 0, err
-    assert "WARNING" not in err
-    assert "refused" not in err
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    refusals = [r.getMessage() for r in warnings if "refused" in r.getMessage()]
+    assert refusals == []
     assert "  ! rule browser-always is refused on this device: cache set " in out
+
+
+def test_rules_paused_rule_shown_paused(
+    tmp_path: Path, agent_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = tmp_path / "state"
+    never_met = THUMBNAILS_RULE.replace("ratio = 1.0", "bytes = 1")
+    policy = fleet_policy(never_met, 5)
+    policy.rules[0].paused = True
+    policy.rules[0].paused_reason = "canary: not in the first 10%"
+    store_policy(state_dir, policy)
+
+    status, out, err = run_rules(state_dir, capsys)
+
+    assert status == 0, err
+    assert "Rule thumbnails-always (paused)\n" in out
+    words = " ".join(out.split())
+    assert (
+        "now: paused by the collector: canary: not in the first 10%; it is not "
+        "evaluated while paused action:"
+    ) in words
+    assert "nothing to do" not in out
+
+
+def test_rules_unreadable_status_no_warning(
+    tmp_path: Path,
+    agent_config: Path,
+    fake_services: FakeServices,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No state for cron.service: the fake systemctl exits 99 for its status.
+    state_dir = tmp_path / "state"
+    store_policy(state_dir, fleet_policy(RESTART_CUPS.replace(CUPS, "cron.service")))
+    caplog.set_level(logging.WARNING)
+
+    status, out, err = run_rules(state_dir, capsys)
+
+    assert status == 0, err
+    assert "service cron.service: status unknown: " in " ".join(out.split())
+    unknown = [m for m in caplog.messages if "status unknown" in m]
+    assert unknown == []
 
 
 def test_rules_dry_run_bytes_once(

@@ -869,8 +869,12 @@ def healing_server(
         server.stop(grace=None)
 
 
-def test_policy_and_command_reach_callbacks(tmp_path: Path, device_id: str) -> None:
+def test_policy_and_command_reach_callbacks(
+    tmp_path: Path, device_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.link")
     policy = restart_policy(3, "cups.service")
+    policy.fleet_version = 2
     command = command_for("cups.service", "c-1")
     messages = [
         agent_pb2.ConnectResponse(policy=policy),
@@ -899,6 +903,12 @@ def test_policy_and_command_reach_callbacks(tmp_path: Path, device_id: str) -> N
     assert policies == [policy]
     assert commands == [command]
     assert servicer.hellos[0].policy_version == 7
+    messages_logged = [record.getMessage() for record in caplog.records]
+    assert (
+        "received fleet policy version 2 (generation 3) from the collector"
+        in messages_logged
+    )
+    assert "received command c-1 from the collector" in messages_logged
 
 
 def test_callback_error_keeps_stream(tmp_path: Path, device_id: str) -> None:

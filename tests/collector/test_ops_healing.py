@@ -664,6 +664,39 @@ def test_policy_file_too_large(
     assert f"the policy file {path} is larger than 1048576 bytes" in err
 
 
+def test_rules_empty_canary_advice(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No device is enrolled, so the canary set of clear-caches-low-space is empty.
+    set_policy(collector, capsys)
+
+    code, out, err = run(collector, "viewer", capsys, "rules")
+    paused = run(
+        collector, "operator", capsys, "rules", "pause", "clear-caches-low-space"
+    )
+    resumed = run(
+        collector, "operator", capsys, "rules", "resume", "clear-caches-low-space"
+    )
+
+    assert code == 0, err
+    assert (
+        "clear-caches-low-space is in canary on no device, so it gets no runs "
+        "towards its promotion; `fleetmend rules promote clear-caches-low-space` "
+        "gives it to the whole fleet, or raise fleet.canary_percent in the policy\n"
+    ) in out
+    assert "failing-disk-notice is in canary" not in out
+    assert paused[0] == 0, paused[2]
+    assert "No device is in its canary set" not in paused[1]
+    assert resumed[0] == 0, resumed[2]
+    assert resumed[1].startswith(
+        "Rule clear-caches-low-space is in canary on 0 devices."
+    )
+    assert (
+        " No device is in its canary set, so it gets no runs towards its "
+        in (resumed[1])
+    )
+
+
 def test_rules_change_unknown_rule(
     collector: Collector, capsys: pytest.CaptureFixture[str]
 ) -> None:
