@@ -473,8 +473,10 @@ def _check_field_value(
         json_format.ParseDict(
             {field.name: item}, message_factory.GetMessageClass(container)()
         )
-    except json_format.ParseError as error:
-        raise ValueError(f"{path}: {_parse_error_text(error)}") from None
+    except (json_format.ParseError, OverflowError) as error:
+        # json_format (protobuf 7.36) lets OverflowError through for an
+        # integer too large for a double, such as a TOML integer of 400 digits.
+        raise ValueError(f"{path}: {_parse_error_text(error, field, value)}") from None
     return value
 
 
@@ -503,10 +505,46 @@ def _is_well_known(message_type: Descriptor) -> bool:
     return message_type.full_name.startswith("google.protobuf.")
 
 
-def _parse_error_text(error: json_format.ParseError) -> str:
+def _parse_error_text(
+    error: Exception, field: FieldDescriptor | None = None, value: object = None
+) -> str:
+    """Return json_format's error as one line, without its field path.
+
+    Given the field and the value that json_format rejected, the text also
+    names what the field takes, such as a whole number from 0 to 4294967295 for
+    a uint32, and how to write it. json_format's own text, such as "Couldn't
+    parse float: ten percent", gives neither.
+    """
     text = " ".join(str(error).split())
     text = re.sub(r"^(Failed to parse \w+ field: )+", "", text)
-    return re.sub(r"\s+at \S+$", "", text).rstrip(".")
+    text = re.sub(r"\s+at \S+$", "", text).rstrip(".")
+    if field is None or field.message_type is not None:
+        return text
+    # The value as TOML writes it: booleans in lower case, dates as ISO 8601.
+    if isinstance(value, bool):
+        value_text = str(value).lower()
+    elif isinstance(value, str):
+        value_text = repr(value)
+    else:
+        value_text = str(value)
+    if field.type in _INTEGER_RANGES:
+        low, high = _INTEGER_RANGES[field.type]
+        expected = f"give a whole number from {low} to {high}"
+        # json_format's text, such as "Value out of range: -1", names the value.
+        if text.startswith("Value out of range"):
+            return f"{text}; {expected}"
+        return f"invalid whole number {value_text}; {expected}"
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        expected = "give a number such as 0.25"
+        # json_format rejects TOML's inf and nan, and integers beyond a double.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return f"{value_text} is not a finite number; {expected}"
+        return f"invalid number {value_text}; {expected}"
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return f"invalid boolean {value_text}; give true or false without quotes"
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return f"invalid string {value_text}; give the text in double quotes"
+    return text
 
 
 def action_names() -> list[str]:

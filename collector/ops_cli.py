@@ -37,6 +37,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import argparse  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from datetime import datetime  # noqa: E402
@@ -91,6 +92,12 @@ from collector._ops_transport import (  # noqa: E402
 from fleetmend.v1 import ops_pb2, ops_pb2_grpc  # noqa: E402
 
 DEFAULT_AUDIT_LIMIT = 50
+# Options that take a span, a time or seconds, whose value can start with "-"
+# and a digit, such as --ttl -1h. argparse takes such a value for an option
+# and fails with "expected one argument" before the option's type function
+# can name the value, so _attach_dash_values rewrites it as --ttl=-1h.
+DASH_VALUE_OPTIONS = frozenset({"--ttl", "--since", "--from", "--to", "--timeout"})
+_DASH_DIGIT = re.compile(r"-\d")
 
 
 # Argument parsing
@@ -338,6 +345,32 @@ def _time_zone(text: str) -> str:
     return text
 
 
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """Rewrite "--ttl -1h" in argv as "--ttl=-1h", for DASH_VALUE_OPTIONS only.
+
+    Only a value that starts with "-" and a digit is attached, and nothing
+    after "--", which ends the options. The option's type function then
+    rejects the value with its own message, as it does for --ttl=-1h.
+    """
+    # NOTE: an abbreviated option, such as --tt -1h, is not rewritten, so
+    # argparse still reports "expected one argument" for it.
+    rewritten: list[str] = []
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        if argument == "--":
+            rewritten.extend(argv[index:])
+            break
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if argument in DASH_VALUE_OPTIONS and _DASH_DIGIT.match(following):
+            rewritten.append(f"{argument}={following}")
+            index += 2
+            continue
+        rewritten.append(argument)
+        index += 1
+    return rewritten
+
+
 # Entry point
 
 
@@ -366,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(_attach_dash_values(arguments))
     try:
         connection = resolve_connection(args, os.environ)
     except CliError as error:
