@@ -279,18 +279,30 @@ def policy_status_text(
     """Return the device's policy status in words, such as "applied version 3".
 
     Agents report effective policy generations. A generation equal to the
-    current policy's is shown as that policy's version, an older one as
-    "generation N".
+    current policy's is shown as that policy's version, an older one by the
+    fleet version that the agent reported with it, or as "generation N". A
+    rejection also names the policy that the device runs instead.
     """
     if not device.HasField("policy_status"):
         return "not reported yet"
     status = device.policy_status
     if status.rejected_version:
-        version = _policy_version_text(status.rejected_version, policy)
-        return f"{version} rejected: {status.rejected_reason or 'no reason given'}"
+        rejected = _policy_version_text(
+            status.rejected_version, status.rejected_fleet_version, policy
+        )
+        if status.applied_version:
+            running = _policy_version_text(
+                status.applied_version, status.applied_fleet_version, policy
+            )
+        else:
+            running = "its built-in or local policy"
+        reason = status.rejected_reason or "no reason given"
+        return f"{rejected} rejected: {reason}; the device runs {running}"
     if status.applied_version == 0:
         return "built-in default (no fleet policy applied)"
-    text = "applied " + _policy_version_text(status.applied_version, policy)
+    text = "applied " + _policy_version_text(
+        status.applied_version, status.applied_fleet_version, policy
+    )
     refused = len(status.refused_rules)
     if refused:
         rules = "1 rule" if refused == 1 else f"{refused} rules"
@@ -310,9 +322,13 @@ def refused_rule_pairs(device: ops_pb2.Device) -> list[tuple[str, str]]:
     ]
 
 
-def _policy_version_text(generation: int, policy: ops_pb2.GetPolicyResponse) -> str:
+def _policy_version_text(
+    generation: int, fleet_version: int, policy: ops_pb2.GetPolicyResponse
+) -> str:
     if policy.HasField("policy") and generation == policy.generation:
         return f"version {policy.policy.version}"
+    if fleet_version:
+        return f"version {fleet_version} (generation {generation}, not the current one)"
     return f"generation {generation} (not the current policy)"
 
 

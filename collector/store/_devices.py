@@ -36,6 +36,8 @@ _SUMMARY_COLUMNS = (
     "policy_applied_version",
     "policy_rejected_version",
     "policy_rejected_reason",
+    "policy_applied_fleet_version",
+    "policy_rejected_fleet_version",
     "policy_status_sequence",
 )
 
@@ -228,6 +230,8 @@ def _device_message(
                 applied_version=record["policy_applied_version"],
                 rejected_version=record["policy_rejected_version"],
                 rejected_reason=record["policy_rejected_reason"],
+                applied_fleet_version=record["policy_applied_fleet_version"],
+                rejected_fleet_version=record["policy_rejected_fleet_version"],
                 refused_rules=refusals,
             )
         )

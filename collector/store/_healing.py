@@ -327,6 +327,8 @@ def device_policy_status(
         devices.c.policy_applied_version,
         devices.c.policy_rejected_version,
         devices.c.policy_rejected_reason,
+        devices.c.policy_applied_fleet_version,
+        devices.c.policy_rejected_fleet_version,
         devices.c.policy_status_sequence,
     ).where(devices.c.device_id == device_id)
     record = connection.execute(query).mappings().first()
@@ -336,6 +338,8 @@ def device_policy_status(
         applied_version=record["policy_applied_version"],
         rejected_version=record["policy_rejected_version"],
         rejected_reason=record["policy_rejected_reason"],
+        applied_fleet_version=record["policy_applied_fleet_version"],
+        rejected_fleet_version=record["policy_rejected_fleet_version"],
         refused_rules=refused_rules_of(connection, device_id),
     )
 

@@ -29,6 +29,8 @@ _POLICY_STATUS_COLUMNS = [
     "policy_applied_version",
     "policy_rejected_version",
     "policy_rejected_reason",
+    "policy_applied_fleet_version",
+    "policy_rejected_fleet_version",
     "policy_status_sequence",
 ]
 
@@ -504,6 +506,12 @@ def _device_values(state: _DeviceState) -> dict[str, Any]:
         values["new_policy_applied_version"] = min(status.applied_version, MAX_BIGINT)
         values["new_policy_rejected_version"] = min(status.rejected_version, MAX_BIGINT)
         values["new_policy_rejected_reason"] = status.rejected_reason
+        values["new_policy_applied_fleet_version"] = min(
+            status.applied_fleet_version, MAX_BIGINT
+        )
+        values["new_policy_rejected_fleet_version"] = min(
+            status.rejected_fleet_version, MAX_BIGINT
+        )
         values["new_policy_status_sequence"] = state.policy_status_sequence
     return values
 

@@ -142,6 +142,14 @@ devices = Table(
     Column("policy_applied_version", BigInteger, nullable=False, server_default="0"),
     Column("policy_rejected_version", BigInteger, nullable=False, server_default="0"),
     Column("policy_rejected_reason", Text, nullable=False, server_default=""),
+    # PolicyStatus.applied_fleet_version and rejected_fleet_version: the
+    # operator-visible numbers of those two policies, 0 when not reported.
+    Column(
+        "policy_applied_fleet_version", BigInteger, nullable=False, server_default="0"
+    ),
+    Column(
+        "policy_rejected_fleet_version", BigInteger, nullable=False, server_default="0"
+    ),
     # Sequence number of the report that set the policy status, 0 before.
     Column("policy_status_sequence", BigInteger, nullable=False, server_default="0"),
 )

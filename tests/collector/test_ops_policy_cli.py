@@ -112,7 +112,51 @@ def test_device_show_policy_rejected(
     code, out, err = run(collector, "viewer", capsys, "device", "show", device_id)
 
     assert code == 0, err
-    assert "policy              version 2 rejected: rule 'r': unknown action\n" in out
+    assert (
+        "policy              version 2 rejected: rule 'r': unknown action; the "
+        f"device runs generation {policy.generation - 1} (not the current policy)\n"
+    ) in out
+
+
+def test_device_show_rejected_names_running(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    set_policy(collector, capsys)
+    old = current_generation(collector)
+    set_policy(collector, capsys, ONE_RULE)
+    policy = current_generation(collector)
+    first, _ = enroll(collector.address, collector.tls_dir, plaintext=False)
+    second, _ = enroll(collector.address, collector.tls_dir, plaintext=False)
+    on_version_1 = remediation_pb2.PolicyStatus(
+        applied_version=old.generation,
+        applied_fleet_version=1,
+        rejected_version=policy.generation,
+        rejected_fleet_version=2,
+        rejected_reason="rule 'r': unknown action",
+    )
+    on_built_in = remediation_pb2.PolicyStatus(
+        rejected_version=policy.generation,
+        rejected_fleet_version=2,
+        rejected_reason="rule 'r': unknown action",
+    )
+    report_status(collector, first, on_version_1, hostname="desk-1")
+    report_status(collector, second, on_built_in, hostname="desk-2")
+
+    code, out, err = run(collector, "viewer", capsys, "device", "show", first)
+    code_built_in, out_built_in, _ = run(
+        collector, "viewer", capsys, "device", "show", second
+    )
+
+    assert code == 0, err
+    assert (
+        "version 2 rejected: rule 'r': unknown action; the device runs version 1 "
+        f"(generation {old.generation}, not the current one)\n"
+    ) in out
+    assert code_built_in == 0
+    assert (
+        "version 2 rejected: rule 'r': unknown action; the device runs its "
+        "built-in or local policy\n"
+    ) in out_built_in
 
 
 def test_device_show_older_generation(

@@ -1,4 +1,4 @@
-"""Add the time since which each rule's present definition runs.
+"""Add each rule's rollout time and the fleet versions in device policy status.
 
 Revision ID: 0006
 Revises: 0005
@@ -25,8 +25,16 @@ def upgrade() -> None:
         "rule_states",
         sa.Column("rollout_time", sa.DateTime(timezone=True), nullable=True),
     )
+    # Devices keep 0, "not reported", until their next policy status.
+    for name in ("policy_applied_fleet_version", "policy_rejected_fleet_version"):
+        op.add_column(
+            "devices",
+            sa.Column(name, sa.BigInteger, nullable=False, server_default="0"),
+        )
 
 
 def downgrade() -> None:
     # DROP COLUMN needs SQLite 3.35 or later.
+    op.drop_column("devices", "policy_rejected_fleet_version")
+    op.drop_column("devices", "policy_applied_fleet_version")
     op.drop_column("rule_states", "rollout_time")
