@@ -25,17 +25,10 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+# The agent's disk_failing condition tests the same attributes, so a device
+# with this finding meets it.
+from agent.healing.conditions import FAILURE_ATTRIBUTES
 from fleetmend.v1 import ops_pb2, report_pb2
-
-# ATA attributes whose raw value counts bad sectors, uncorrectable errors or
-# command timeouts. A raw value above 0 marks the disk as failing.
-FAILURE_ATTRIBUTES = {
-    5: "Reallocated_Sector_Ct",
-    187: "Reported_Uncorrect",
-    188: "Command_Timeout",
-    197: "Current_Pending_Sector",
-    198: "Offline_Uncorrectable",
-}
 
 # Bits of the Critical Warning byte of the NVMe SMART / Health log, as libnvme's
 # enum nvme_smart_crit defines them; bits 6 and 7 are reserved.

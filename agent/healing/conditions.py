@@ -31,7 +31,7 @@ FAILING_NOW = "FAILING_NOW"
 
 # ATA attributes whose raw value counts reallocated or pending sectors,
 # uncorrectable errors or command timeouts: a raw value above 0 marks the disk
-# as failing. The collector's "disk failing" finding uses the same list.
+# as failing. The collector's "disk failing" finding imports this list.
 FAILURE_ATTRIBUTES = {
     5: "Reallocated_Sector_Ct",
     187: "Reported_Uncorrect",
