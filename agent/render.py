@@ -26,18 +26,45 @@ LINE_WIDTH = 88
 DISCLOSURE_WIDTH = 78
 
 
+# C0 controls, DEL and C1 controls, which terminals act on (ESC and CSI start
+# escape sequences, CR and LF move the cursor), and U+2028 and U+2029, on which
+# str.splitlines breaks the lines of a report.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
 def wrap_line(text: str, indent: str, width: int = LINE_WIDTH) -> str:
     """Wrap one line at width, indenting continuation lines by indent.
 
-    Words longer than a line, such as paths, are kept whole.
+    Words longer than a line, such as paths, are kept whole. Control
+    characters, such as the ESC of a terminal escape sequence in a reason
+    from the collector, are printed as escapes (see escape_controls).
     """
     return textwrap.fill(
-        text,
+        escape_controls(text),
         width,
         subsequent_indent=indent,
         break_long_words=False,
         break_on_hyphens=False,
     )
+
+
+def escape_controls(text: str) -> str:
+    """Replace each control character in text with a visible escape.
+
+    Tab, LF and CR become \\t, \\n and \\r, and the others \\x1b or \\u2028 as
+    Python writes them. A backslash stays as it is, so text that contains
+    such an escape literally prints the same.
+    """
+    return CONTROL_CHARACTERS.sub(_visible_escape, text)
+
+
+def _visible_escape(match: re.Match[str]) -> str:
+    character = match.group()
+    if character in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[character]
+    code = ord(character)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def _bytes(count: int) -> str:

@@ -321,7 +321,14 @@ def _outcome(text: str) -> int:
 def _since(text: str) -> datetime:
     stripped = text.strip()
     if SPAN_PATTERN.fullmatch(stripped):
-        return _utc_now() - parse_span(stripped)
+        try:
+            return _utc_now() - parse_span(stripped)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        except OverflowError:
+            raise argparse.ArgumentTypeError(
+                f"span {text!r} reaches back before the year 1; give a shorter span"
+            ) from None
     try:
         moment = datetime.fromisoformat(stripped)
     except ValueError:
@@ -488,8 +495,12 @@ def _duration_json(value: object, path: str) -> str:
     """
     text = value.strip() if isinstance(value, str) else ""
     if SPAN_PATTERN.fullmatch(text):
+        try:
+            span = parse_span(text)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
         duration = Duration()
-        duration.FromTimedelta(parse_span(text))
+        duration.FromTimedelta(span)
         return duration.ToJsonString()
     try:
         Duration().FromJsonString(text)
@@ -772,20 +783,32 @@ def _scalar_value(field: FieldDescriptor, text: str) -> object:
 
 # A span: one or more numbers, each with a unit of s, m, h or d, such as 1h30m.
 SPAN_PATTERN = re.compile(r"(?:\d+(?:\.\d+)?[smhd])+")
+# The largest span a google.protobuf.Duration holds, in seconds.
+MAX_SPAN_SECONDS = 315_576_000_000
 _SPAN_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_span(text: str) -> timedelta:
-    """Parse a span such as 30s, 10m, 1h, 2d or 1h30m; raise ValueError."""
+    """Parse a span such as 30s, 10m, 1h, 2d or 1h30m; raise ValueError.
+
+    A span longer than a protobuf Duration can hold, about 10,000 years, is
+    rejected too, since every span ends up in one.
+    """
     if not SPAN_PATTERN.fullmatch(text):
         raise ValueError(
             f"invalid span {text!r}; give a number with a unit of s, m, h or d, "
             "such as 30s, 10m or 1h"
         )
+    # A number of hundreds of digits becomes inf here, not an OverflowError.
     seconds = sum(
         float(number) * _SPAN_UNITS[unit] for number, unit in _SPAN_PART.findall(text)
     )
+    if seconds > MAX_SPAN_SECONDS:
+        raise ValueError(
+            f"span {text!r} is longer than the maximum of {MAX_SPAN_SECONDS} s "
+            "(about 10,000 years); give a shorter span"
+        )
     return timedelta(seconds=seconds)
 
 

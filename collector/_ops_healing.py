@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from agent.healing.actions import validate_action
 from agent.healing.actions.base import LocalAllowlist
-from agent.healing.bounds import truncate
+from agent.healing.bounds import is_control, is_layout_character, truncate
 from agent.healing.policy import allowlist_of, check_policy
 from collector import fleet
 from collector._authz import current_operator
@@ -224,6 +224,15 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
                 "ChangeRuleState",
                 f"reason has {len(request.reason)} characters, more than the "
                 f"maximum of {MAX_RULE_REASON_CHARS}",
+            )
+        if any(is_control(c) or is_layout_character(c) for c in request.reason):
+            # Agents and the CLI print the reason on terminals, where an ESC
+            # would start an escape sequence.
+            raise _invalid(
+                context,
+                "ChangeRuleState",
+                "reason contains a control or line break character; write it as "
+                "one line of plain text",
             )
         changed_by = current_operator().name
         try:

@@ -23,6 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent.render import CONTROL_CHARACTERS, escape_controls
 from fleetmend.v1 import ops_pb2, remediation_pb2, report_pb2
 
 # ATA attributes that predict failure or describe wear, shown by `device show`:
@@ -32,13 +33,6 @@ KEY_ATA_ATTRIBUTES = (5, 9, 187, 188, 194, 197, 198, 199)
 DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 DURATION_TYPE = "google.protobuf.Duration"
 DRY_RUN = remediation_pb2.REMEDIATION_OUTCOME_DRY_RUN
-
-# C0 controls, DEL and C1 controls, which terminals act on (ESC and CSI start
-# escape sequences, CR and LF move the cursor), and U+2028 and U+2029, on which
-# str.splitlines breaks the lines of a report.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-
 
 # JSON for scripts
 
@@ -59,24 +53,6 @@ def to_dicts(messages: Sequence[Message]) -> list[dict[str, Any]]:
 
 
 # Rendering for people
-
-
-def escape_controls(text: str) -> str:
-    """Replace each control character in text with a visible escape.
-
-    Tab, LF and CR become \\t, \\n and \\r, and the others \\x1b or \\u2028 as
-    Python writes them. A backslash stays as it is, so text that contains
-    such an escape literally prints the same.
-    """
-    return _CONTROL_CHARACTERS.sub(_visible_escape, text)
-
-
-def _visible_escape(match: re.Match[str]) -> str:
-    character = match.group()
-    if character in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[character]
-    code = ord(character)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -735,7 +711,7 @@ def _toml_string(text: str) -> str:
             escaped.append("\\n")
         elif character == "\t":
             escaped.append("\\t")
-        elif _CONTROL_CHARACTERS.fullmatch(character):
+        elif CONTROL_CHARACTERS.fullmatch(character):
             escaped.append(f"\\u{ord(character):04x}")
         else:
             escaped.append(character)

@@ -8,10 +8,16 @@ report grows past the link's message limit.
 
 from __future__ import annotations
 
+import re
+
 from google.protobuf import duration_pb2
 
 # Longest accepted values of names and paths in policies and commands.
 MAX_SERVICE_NAME = 256
+# A service name as systemd, launchd and the Windows service manager use
+# them, and as healing.services in agent.toml accepts them.
+SERVICE_NAME = re.compile(r"[A-Za-z0-9@._:\\-]{1,256}")
+SERVICE_NAME_TEXT = "1 to 256 letters, digits and @._:-"
 MAX_COMMAND_ID = 128
 MAX_NAME = 256
 MAX_PATH = 4096

@@ -36,6 +36,8 @@ from agent.healing.bounds import (
     MAX_PATH,
     MAX_REASON_CHARS,
     MAX_RULES,
+    SERVICE_NAME,
+    SERVICE_NAME_TEXT,
     check_duration_range,
     check_text,
     quote,
@@ -52,7 +54,6 @@ RULE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 # The collector lists the records of operator commands under this rule name,
 # so a rule may not use it.
 COMMAND_RULE_NAME = "command"
-SERVICE_NAME = re.compile(r"[A-Za-z0-9@._:\\-]{1,256}")
 
 DAY_SECONDS = 86_400
 # Upper bounds of durations, so that a typing error such as "36000000s" is
@@ -214,7 +215,7 @@ def validate_condition(condition: remediation_pb2.Condition) -> list[str]:
         if not SERVICE_NAME.fullmatch(service):
             problems.append(
                 f"service_not_running.service {quote(service)} is not a service name "
-                "(1 to 256 letters, digits and @._:-)"
+                f"({SERVICE_NAME_TEXT})"
             )
     elif kind == "process_cpu_above":
         cpu = condition.process_cpu_above

@@ -486,6 +486,22 @@ def test_rules_paused_rule_shown_paused(
     assert "nothing to do" not in out
 
 
+def test_rules_escapes_collector_text(
+    tmp_path: Path, agent_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = tmp_path / "state"
+    policy = fleet_policy(THUMBNAILS_RULE, 5)
+    policy.rules[0].paused = True
+    policy.rules[0].paused_reason = "bad\x1b[31mred\nline"
+    store_policy(state_dir, policy)
+
+    status, out, err = run_rules(state_dir, capsys)
+
+    assert status == 0, err
+    assert "\x1b" not in out
+    assert "paused by the collector: bad\\x1b[31mred\\nline;" in out
+
+
 def test_rules_unreadable_status_no_warning(
     tmp_path: Path,
     agent_config: Path,

@@ -87,6 +87,17 @@ def test_validate_rejects_service_not_allowlisted() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["-H evil", "cups service", "cups;reboot"])
+def test_validate_rejects_non_service_name(name: str) -> None:
+    # Even an allowlist that names it permits no such service.
+    problems = restart_service.validate(params(name), LocalAllowlist(frozenset({name})))
+
+    assert problems == [
+        f"service '{name}' is not a service name (1 to 256 letters, digits and "
+        "@._:-), so no allowlist can permit it"
+    ]
+
+
 def test_validate_rejects_empty_service() -> None:
     problems = restart_service.validate(params(""), LocalAllowlist())
     assert problems == ["service is empty; name the service"]

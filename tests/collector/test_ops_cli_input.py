@@ -157,9 +157,78 @@ NOTIFY = 'condition.disk_failing = {}\naction.notify = { title = "t" }\n'
 HUGE = "9" * 400
 
 
+HUGE_SPAN_MESSAGE = (
+    "span '99999999999999999999d' is longer than the maximum of 315576000000 s "
+    "(about 10,000 years); give a shorter span"
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "act",
+            "notify",
+            "--param",
+            "title=x",
+            "--all",
+            "--ttl",
+            "99999999999999999999d",
+        ],
+        ["remediations", "--since", "99999999999999999999d"],
+    ],
+    ids=["ttl", "since"],
+)
+def test_huge_span_option_rejected(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    err = run_parse_error(capsys, argv)
+
+    assert f"argument {argv[-2]}: {HUGE_SPAN_MESSAGE}\n" in err
+    assert "Traceback" not in err
+
+
+def test_since_before_year_one_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    # 3,000,000 days is about 8,200 years: a valid span, but not before now.
+    err = run_parse_error(capsys, ["remediations", "--since", "3000000d"])
+
+    assert (
+        "argument --since: span '3000000d' reaches back before the year 1; give a "
+        "shorter span\n"
+    ) in err
+
+
+def test_huge_span_param_rejected(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        collector,
+        "operator",
+        capsys,
+        "act",
+        "restart_service",
+        "--param",
+        "service=cron.service",
+        "--param",
+        "settle=99999999999999999999d",
+        "--all",
+    )
+
+    assert code == 2
+    assert out == ""
+    assert err == (
+        f"{PROG}: error: invalid --param settle='99999999999999999999d': "
+        f"{HUGE_SPAN_MESSAGE}\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
+        (
+            RULE + NOTIFY + 'limits = { cooldown = "99999999999999999999d" }\n',
+            f"rule 'r': rules[0].limits.cooldown: {HUGE_SPAN_MESSAGE}",
+        ),
         (
             RULE + NOTIFY + "limits = { max_runs_per_day = -1 }\n",
             "rule 'r': rules[0].limits.max_runs_per_day: Value out of range: -1; "
@@ -233,6 +302,7 @@ HUGE = "9" * 400
         ),
     ],
     ids=[
+        "cooldown-huge",
         "max-runs-per-day-negative",
         "max-failures-negative",
         "bytes-negative",

@@ -741,6 +741,12 @@ def test_change_rule_state_server_checks(collector: Collector) -> None:
             ),
             "more than the maximum of 500",
         ),
+        (
+            ops_pb2.ChangeRuleStateRequest(
+                name="r", change=ops_pb2.RULE_CHANGE_PAUSE, reason="bad\x1b[31mred"
+            ),
+            "reason contains a control or line break character",
+        ),
     ]
     with channel_to(collector.address, collector.tls_dir) as channel:
         stub = ops_pb2_grpc.OpsServiceStub(channel)
@@ -1101,9 +1107,13 @@ def test_send_command_agent_checks(collector: Collector) -> None:
     outside_root = remediation_pb2.Action(
         clear_cache=remediation_pb2.ClearCache(cache_sets=["/etc"])
     )
+    not_a_service = remediation_pb2.Action(
+        restart_service=remediation_pb2.RestartService(service="-H evil")
+    )
     requests = [
         (long_title, "notify: title has 100 characters, more than the maximum 80"),
         (outside_root, "clear_cache: unknown cache set '/etc'"),
+        (not_a_service, "restart_service: service '-H evil' is not a service name"),
     ]
     metadata = bearer(collector.tokens["operator"])
     with channel_to(collector.address, collector.tls_dir) as channel:

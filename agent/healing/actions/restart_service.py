@@ -31,8 +31,11 @@ from agent.healing.actions.base import (
 )
 from agent.healing.bounds import (
     MAX_SERVICE_NAME,
+    SERVICE_NAME,
+    SERVICE_NAME_TEXT,
     check_duration_range,
     check_text,
+    quote,
 )
 from agent.healing.services import (
     LaunchdBackend,
@@ -76,6 +79,11 @@ def validate(
         problems.append("service is empty; name the service")
     elif bad_name:
         problems += bad_name
+    elif not SERVICE_NAME.fullmatch(params.service):
+        problems.append(
+            f"service {quote(params.service)} is not a service name "
+            f"({SERVICE_NAME_TEXT}), so no allowlist can permit it"
+        )
     elif params.service not in allowlist.services:
         problems.append(
             allowlist_refusal_text(
