@@ -410,7 +410,10 @@ def _rule_state(preview: RulePreview, refusal: str | None = None) -> str:
     if refusal is not None:
         return "refused on this device (see above); its action does not run"
     if preview.rule.paused:
-        return f"{preview.skip_reason}; it is not evaluated while paused"
+        return (
+            f"{preview.skip_reason}; the running agent skips it until the "
+            "collector resumes it"
+        )
     if not preview.condition.holds:
         return "nothing to do"
     if preview.skip_reason:

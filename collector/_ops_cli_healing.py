@@ -370,7 +370,8 @@ def load_policy_file(path: Path, allow_empty: bool = False) -> remediation_pb2.P
             2,
         )
     try:
-        text = raw.decode("utf-8")
+        # utf-8-sig drops the byte order mark that some Windows editors write.
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise CliError(
             f"the policy file {path} is not UTF-8 text (invalid byte at offset "

@@ -480,8 +480,8 @@ def test_rules_paused_rule_shown_paused(
     assert "Rule thumbnails-always (paused)\n" in out
     words = " ".join(out.split())
     assert (
-        "now: paused by the collector: canary: not in the first 10%; it is not "
-        "evaluated while paused action:"
+        "now: paused by the collector: canary: not in the first 10%; the running "
+        "agent skips it until the collector resumes it action:"
     ) in words
     assert "nothing to do" not in out
 

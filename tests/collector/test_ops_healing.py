@@ -633,6 +633,17 @@ def test_policy_set_agent_check_keeps_previous(
     assert policy["version"] == "1"
 
 
+def test_policy_file_byte_order_mark(
+    collector: Collector, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = collector.write("notepad.toml", "")
+    path.write_bytes(b"\xef\xbb\xbf" + POLICY_TOML.encode("utf-8"))
+
+    code, _, err = run(collector, "admin", capsys, "policy", "set", str(path))
+
+    assert code == 0, err
+
+
 def test_policy_file_not_utf8(
     collector: Collector, capsys: pytest.CaptureFixture[str]
 ) -> None:
