@@ -596,14 +596,10 @@ def _foreground_status(config: AgentConfig) -> str:
             # diagnose reports the catalog error among its problems.
             return None
 
-    # The detector logs why it is unavailable; here the line below says it.
-    foreground_log = logging.getLogger("agent.foreground")
-    level = foreground_log.level
-    foreground_log.setLevel(logging.ERROR)
-    try:
+    # The detector logs why it is unavailable, and diagnose prints the same
+    # reason in its foreground line.
+    with _held_back("agent.foreground", level=logging.ERROR):
         return ForegroundDetector(catalog).status()
-    finally:
-        foreground_log.setLevel(level)
 
 
 def _stored_policy_problem(
@@ -644,12 +640,12 @@ def _stored_policy_problem(
 
 
 @contextlib.contextmanager
-def _held_back(*names: str) -> Iterator[None]:
-    """Hold back all but critical messages of the named loggers for a while."""
+def _held_back(*names: str, level: int = logging.CRITICAL) -> Iterator[None]:
+    """Drop the named loggers' messages below level while the block runs."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
+        logger.setLevel(level)
     try:
         yield
     finally:

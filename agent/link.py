@@ -62,7 +62,8 @@ import grpc
 
 from agent import clock as clock_module
 from agent.healing.policy import policy_name
-from agent.spool import Spool, SpooledRecord, counted
+from agent.spool import Spool, SpooledRecord
+from agent.text import count_text
 from agent.transport import (
     explain_tls_failure,
     is_handshake_failure,
@@ -380,7 +381,7 @@ class Link:
             self.target,
             sequence,
             reason,
-            counted(self.spool.stats().quarantined, "report"),
+            count_text(self.spool.stats().quarantined, "report"),
             delay,
         )
         return delay
@@ -414,7 +415,7 @@ class Link:
                 "at most %d in flight next time; reconnecting in %.1f s",
                 self.target,
                 details,
-                counted(self.pending, "report"),
+                count_text(self.pending, "report"),
                 self._window,
                 delay,
             )
@@ -532,7 +533,7 @@ class Link:
                     "ack" if stream.welcomed else "welcome",
                     self.target,
                     silent,
-                    counted(in_flight, "report"),
+                    count_text(in_flight, "report"),
                 )
                 if stream.call is not None:
                     stream.call.cancel()
@@ -615,7 +616,7 @@ class Link:
             "%s waiting in the spool",
             self.target,
             committed,
-            counted(self.pending, "report"),
+            count_text(self.pending, "report"),
         )
         self._fill()
 

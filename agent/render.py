@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 from agent.config import AgentConfig
 from agent.spool import SPOOL_FILE, SpoolStats
+from agent.text import count_text, escape_controls, format_bytes
 from fleetmend.v1 import remediation_pb2, report_pb2
 
 if TYPE_CHECKING:
@@ -24,13 +25,6 @@ if TYPE_CHECKING:
 # as prose for people to read.
 LINE_WIDTH = 88
 DISCLOSURE_WIDTH = 78
-
-
-# C0 controls, DEL and C1 controls, which terminals act on (ESC and CSI start
-# escape sequences, CR and LF move the cursor), and U+2028 and U+2029, on which
-# str.splitlines breaks the lines of a report.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 
 
 def wrap_line(text: str, indent: str, width: int = LINE_WIDTH) -> str:
@@ -49,33 +43,6 @@ def wrap_line(text: str, indent: str, width: int = LINE_WIDTH) -> str:
     )
 
 
-def escape_controls(text: str) -> str:
-    """Replace each control character in text with a visible escape.
-
-    Tab, LF and CR become \\t, \\n and \\r, and the others \\x1b or \\u2028 as
-    Python writes them. A backslash stays as it is, so text that contains
-    such an escape literally prints the same.
-    """
-    return CONTROL_CHARACTERS.sub(_visible_escape, text)
-
-
-def _visible_escape(match: re.Match[str]) -> str:
-    character = match.group()
-    if character in _SHORT_ESCAPES:
-        return _SHORT_ESCAPES[character]
-    code = ord(character)
-    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
-
-
-def _bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def _duration(span: timedelta) -> str:
     """Return a span as "3d 4h", "5h 12m" or "7m"; a negative span as "0m"."""
     minutes = max(0, int(span.total_seconds() // 60))
@@ -86,10 +53,6 @@ def _duration(span: timedelta) -> str:
     if hours:
         return f"{hours}h {minutes}m"
     return f"{minutes}m"
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _enum(enum_type: object, value: int, prefix: str) -> str:
@@ -117,11 +80,14 @@ def render_host(lines: list[str], host: report_pb2.HostFacts, now: datetime) -> 
     lines.append(f"  model: {model}, serial: {serial}")
     if host.HasField("boot_time"):
         uptime = now - host.boot_time.ToDatetime(UTC)
-        lines.append(f"  up {_duration(uptime)}, memory {_bytes(host.memory_bytes)}")
+        lines.append(
+            f"  up {_duration(uptime)}, memory {format_bytes(host.memory_bytes)}"
+        )
     for volume in host.volumes:
         lines.append(
             f"  volume {volume.mount_point} ({volume.filesystem}): "
-            f"{_bytes(volume.free_bytes)} free of {_bytes(volume.total_bytes)}"
+            f"{format_bytes(volume.free_bytes)} free of "
+            f"{format_bytes(volume.total_bytes)}"
         )
     _errors(lines, host.errors)
 
@@ -133,7 +99,8 @@ def render_disks(lines: list[str], section: report_pb2.DiskSection) -> None:
         state = _enum(report_pb2.SmartState, disk.smart_state, "SMART_STATE_")
         lines.append(
             f"  {disk.name}: {disk.model or 'unknown model'} ({interface}, "
-            f"{_bytes(disk.capacity_bytes)}), serial {disk.serial_number or 'unknown'}"
+            f"{format_bytes(disk.capacity_bytes)}), "
+            f"serial {disk.serial_number or 'unknown'}"
         )
         detail = f"    SMART {state}"
         if disk.smart_state_reason:
@@ -203,15 +170,15 @@ def render_usage(lines: list[str], section: report_pb2.UsageSection) -> None:
         lines.append("Usage: collection switched off")
         return
     lines.append(
-        f"Usage over {_plural(section.window_days, 'day')}: "
-        f"{_plural(len(section.apps), 'application')}"
+        f"Usage over {count_text(section.window_days, 'day')}: "
+        f"{count_text(len(section.apps), 'application')}"
     )
 
     for app in section.apps:
         total = sum(app.minutes)
         lines.append(
-            f"  {app.app_id}: {_plural(total, 'minute')} in "
-            f"{_plural(len(app.hours_of_week), 'hour')} of the week"
+            f"  {app.app_id}: {count_text(total, 'minute')} in "
+            f"{count_text(len(app.hours_of_week), 'hour')} of the week"
         )
 
 
@@ -241,7 +208,7 @@ def render_spool(stats: SpoolStats | None, path: Path, max_bytes: int) -> list[s
     """Describe where reports wait before the collector stores them."""
     lines = [
         "",
-        f"Reports wait in {path} (at most {_bytes(max_bytes)}) until the",
+        f"Reports wait in {path} (at most {format_bytes(max_bytes)}) until the",
         "collector confirms that it stored them. When the cap is reached, the",
         "oldest routine reports are dropped and the collector is told how many.",
     ]
@@ -249,15 +216,15 @@ def render_spool(stats: SpoolStats | None, path: Path, max_bytes: int) -> list[s
         lines.append("The spool is not created yet.")
     else:
         lines.append(
-            f"Now: {_plural(stats.pending_reports, 'report')} waiting, "
-            f"{_bytes(stats.file_bytes)} on disk, "
-            f"{_plural(stats.dropped_reports, 'report')} dropped and not yet "
+            f"Now: {count_text(stats.pending_reports, 'report')} waiting, "
+            f"{format_bytes(stats.file_bytes)} on disk, "
+            f"{count_text(stats.dropped_reports, 'report')} dropped and not yet "
             "reported."
         )
         if stats.quarantined:
             verb = "is" if stats.quarantined == 1 else "are"
             lines.append(
-                f"{_plural(stats.quarantined, 'report')} that the collector "
+                f"{count_text(stats.quarantined, 'report')} that the collector "
                 f"rejected as invalid {verb} kept aside in the same file and "
                 "not sent again."
             )
@@ -454,7 +421,7 @@ def render_rules(
     else:
         title = local_policy
     lines = [
-        f"{title}, {_plural(len(previews), 'rule')}. A dry run: nothing was changed."
+        f"{title}, {count_text(len(previews), 'rule')}. A dry run: nothing was changed."
     ]
     if status.rejected_version:
         rejected = version_name(status.rejected_fleet_version, status.rejected_version)

@@ -36,8 +36,9 @@ from agent.link import Link
 from agent.priority import release_free_heap
 from agent.report import ReportBuilder
 from agent.sections import SectionSource, UsageSource, read_safely
-from agent.spool import SPOOL_FILE, Spool, counted, describe
+from agent.spool import SPOOL_FILE, Spool, describe
 from agent.state import StateStore
+from agent.text import count_text
 from agent.usage.catalog import Catalog, CatalogError
 from fleetmend.v1 import agent_pb2, remediation_pb2, report_pb2
 
@@ -126,7 +127,7 @@ def policy_source(config: AgentConfig, policies: PolicyStore) -> str:
 def describe_policy(config: AgentConfig, policies: PolicyStore) -> str:
     """Return the policy in force, its number of rules and of refused rules."""
     policy, refused = policies.in_force()
-    line = f"{policy_source(config, policies)}, {counted(len(policy.rules), 'rule')}"
+    line = f"{policy_source(config, policies)}, {count_text(len(policy.rules), 'rule')}"
     if refused:
         line += f", {len(refused)} of them refused on this laptop"
     return line
@@ -375,8 +376,8 @@ class Agent:
                     log.info(
                         "%s and %s of remediation records acknowledged; exiting "
                         "because --exit-after %d counts routine reports",
-                        counted(self.link.acked_reports, "routine report"),
-                        counted(self.link.acked_remediations, "report"),
+                        count_text(self.link.acked_reports, "routine report"),
+                        count_text(self.link.acked_remediations, "report"),
                         exit_after_acks,
                     )
                     break
@@ -522,7 +523,7 @@ class Agent:
             log.info(
                 "waiting up to %.0f s for %s to be acknowledged",
                 DRAIN_SECONDS,
-                counted(self.link.pending, "report"),
+                count_text(self.link.pending, "report"),
             )
             self.link.wait_drained(DRAIN_SECONDS)
         stop.set()
@@ -541,13 +542,13 @@ class Agent:
         if stats.pending_reports:
             log.warning(
                 "stopping with %s in spool %s; they are sent after the next start",
-                counted(stats.pending_reports, "unacknowledged report"),
+                count_text(stats.pending_reports, "unacknowledged report"),
                 stats.path,
             )
         if stats.unspooled:
             log.error(
                 "lost %s held in memory because the disk is full",
-                counted(stats.unspooled, "record"),
+                count_text(stats.unspooled, "record"),
             )
         if not link_thread.is_alive() and not healing_thread.is_alive():
             self.spool.close()

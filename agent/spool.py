@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent import clock as clock_module
+from agent.text import count_text
 from fleetmend.v1 import report_pb2
 
 log = logging.getLogger(__name__)
@@ -787,30 +788,24 @@ def _file_bytes(path: Path) -> int:
     return total
 
 
-def counted(count: int, singular: str, plural: str | None = None) -> str:
-    """Return count with the noun in singular or plural, as in "1 report"."""
-    noun = singular if count == 1 else (plural or f"{singular}s")
-    return f"{count} {noun}"
-
-
 def describe(stats: SpoolStats) -> str:
     """Return one line about the spool for logs and the CLI."""
     line = (
-        f"spool {stats.path}: {counted(stats.file_bytes, 'byte')} on disk, "
-        f"{counted(stats.pending_reports, 'report')} and "
-        f"{counted(stats.pending_remediations, 'remediation record')} waiting, "
-        f"{counted(stats.dropped_reports, 'report')} dropped by the cap of "
+        f"spool {stats.path}: {count_text(stats.file_bytes, 'byte')} on disk, "
+        f"{count_text(stats.pending_reports, 'report')} and "
+        f"{count_text(stats.pending_remediations, 'remediation record')} waiting, "
+        f"{count_text(stats.dropped_reports, 'report')} dropped by the cap of "
         f"{stats.max_bytes} bytes"
     )
     if stats.unspooled:
         line += (
-            f", {counted(stats.unspooled, 'record')} held in memory because the "
+            f", {count_text(stats.unspooled, 'record')} held in memory because the "
             "disk is full"
         )
     if stats.quarantined or stats.quarantine_dropped:
         them = "it" if stats.quarantined == 1 else "them"
         line += (
-            f", {counted(stats.quarantined, 'report')} quarantined because the "
+            f", {count_text(stats.quarantined, 'report')} quarantined because the "
             f"collector rejected {them} as invalid"
         )
         if stats.quarantine_dropped:

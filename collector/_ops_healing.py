@@ -26,6 +26,7 @@ from agent.healing.actions import validate_action
 from agent.healing.actions.base import LocalAllowlist
 from agent.healing.bounds import is_control, is_layout_character, truncate
 from agent.healing.policy import allowlist_of, check_policy
+from agent.text import count_text
 from collector import fleet
 from collector._authz import current_operator
 from collector._ops_cli_healing import check_required_parameters
@@ -108,7 +109,7 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
         logger.info(
             "policy version %d with %s set by %s",
             version,
-            _count_text(len(policy.rules), "rule"),
+            count_text(len(policy.rules), "rule"),
             set_by,
         )
         self._streams.notify_policy_changed()
@@ -324,7 +325,7 @@ class HealingHandlers(ops_pb2_grpc.OpsServiceServicer):
         logger.info(
             "command %s for %s created by %s, %d sent at once",
             action_name,
-            _count_text(len(records), "device"),
+            count_text(len(records), "device"),
             created_by,
             len(sent),
         )
@@ -564,10 +565,6 @@ def _is_remediation_position(value: Any) -> bool:
         isinstance(item, kind) and not isinstance(item, bool)
         for item, kind in zip(value, types, strict=True)
     )
-
-
-def _count_text(count: int, noun: str) -> str:
-    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _oneof_names(message_type: type[Message]) -> list[str]:

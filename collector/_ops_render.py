@@ -23,7 +23,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.render import CONTROL_CHARACTERS, escape_controls
+from agent.text import (
+    CONTROL_CHARACTERS,
+    count_text,
+    escape_controls,
+    format_bytes,
+)
 from fleetmend.v1 import ops_pb2, remediation_pb2, report_pb2
 
 # ATA attributes that predict failure or describe wear, shown by `device show`:
@@ -112,16 +117,6 @@ def format_duration(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
-
-
-def format_bytes(count: int) -> str:
-    """Return a byte count in IEC units, e.g. "465.8 GiB"."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def render_devices_table(devices: Sequence[ops_pb2.Device], now: datetime) -> str:
@@ -777,13 +772,9 @@ def render_rules_table(
 def _stage_text(rule: ops_pb2.RuleState, *, dry_run: bool) -> str:
     stage = enum_label(ops_pb2.RuleStage, rule.stage)
     if rule.stage == ops_pb2.RULE_STAGE_CANARY:
-        stage = f"canary ({_count_text(rule.canary_devices, 'device')})"
+        stage = f"canary ({count_text(rule.canary_devices, 'device')})"
     # RUNS does not count dry runs, so the stage shows why a dry-run rule has none.
     return f"{stage}, dry run" if dry_run else stage
-
-
-def _count_text(count: int, noun: str) -> str:
-    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _has_empty_canary(rule: ops_pb2.RuleState) -> bool:
@@ -808,7 +799,7 @@ def _render_empty_canary(rule: ops_pb2.RuleState) -> str:
 def _render_refusals(rule: ops_pb2.RuleState) -> str:
     if rule.refusing_devices == 0:
         return ""
-    devices = _count_text(rule.refusing_devices, "device")
+    devices = count_text(rule.refusing_devices, "device")
     verb = "runs" if rule.refusing_devices == 1 else "run"
     reason = escape_controls(rule.refused_reason_example or "no reason given")
     name = escape_controls(rule.name)
@@ -824,7 +815,7 @@ def _render_rejections(
 ) -> str:
     if response is None or response.rejecting_devices == 0:
         return ""
-    devices = _count_text(response.rejecting_devices, "device")
+    devices = count_text(response.rejecting_devices, "device")
     runs = "runs its" if response.rejecting_devices == 1 else "run their"
     reason = escape_controls(response.rejected_reason_example or "no reason given")
     return (
@@ -846,13 +837,13 @@ def render_rule_state(
     """Return the report of the rules promote, pause and resume commands.
 
     command is the subcommand that ran. When changed is false, the report
-    says that the rule already was in the requested state.
+    states that the rule already was in the requested state.
     """
     name = escape_controls(rule.name)
     if rule.stage == ops_pb2.RULE_STAGE_ACTIVE:
         text = f"Rule {name} is active on the whole fleet."
     elif rule.stage == ops_pb2.RULE_STAGE_CANARY:
-        devices = _count_text(rule.canary_devices, "device")
+        devices = count_text(rule.canary_devices, "device")
         text = f"Rule {name} is in canary on {devices}."
     else:
         label = enum_label(ops_pb2.RuleStage, rule.stage)
@@ -879,7 +870,7 @@ def render_commands(action: str, commands: Sequence[ops_pb2.CommandStatus]) -> s
     sent = sum(1 for command in commands if command.sent)
     count = len(commands)
     name = escape_controls(action)
-    devices = _count_text(count, "device")
+    devices = count_text(count, "device")
     if sent == count:
         connected = "it is" if count == 1 else "they are"
         summary = f"Sent {name} to {devices}; {connected} connected now."
@@ -954,7 +945,7 @@ def render_remediations(
     records = render_table([*headers, "POLICY", "CHANGE", "REASON"], rows)
     if more:
         records += (
-            f"Listed the newest {_count_text(len(remediations), 'record')}; more "
+            f"Listed the newest {count_text(len(remediations), 'record')}; more "
             "match. Raise --limit or narrow the filters to see them.\n"
         )
     summary_rows = [

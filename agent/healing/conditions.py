@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.healing.policy import duration_seconds
+from agent.text import format_bytes
 from fleetmend.v1 import remediation_pb2, report_pb2
 
 if TYPE_CHECKING:
@@ -107,15 +108,6 @@ def free_space(
             if volume.mount_point == mount_point and volume.total_bytes:
                 return volume.total_bytes, volume.free_bytes
     return _free_space_live(mount_point)
-
-
-def _format_bytes(count: float) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _format_span(seconds: float) -> str:
@@ -224,10 +216,10 @@ class ConditionEvaluator:
         if free.ratio > 0:
             limits.append(f"{free.ratio:.0%}")
         if free.bytes > 0:
-            limits.append(_format_bytes(free.bytes))
+            limits.append(format_bytes(free.bytes))
         detail = (
-            f"{free.mount_point} has {_format_bytes(available)} free of "
-            f"{_format_bytes(total)} ({ratio:.1%}); the rule acts below "
+            f"{free.mount_point} has {format_bytes(available)} free of "
+            f"{format_bytes(total)} ({ratio:.1%}); the rule acts below "
             f"{' or '.join(limits)}"
         )
         return ConditionResult(

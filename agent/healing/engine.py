@@ -63,7 +63,6 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
-    count_text,
 )
 from agent.healing.bounds import (
     MAX_COMMAND_ID,
@@ -81,6 +80,7 @@ from agent.healing.limits import HealingState, Limits, RuleState
 from agent.healing.policy import PolicyStore, command_refusal, log_refused
 from agent.report import ReportBuilder
 from agent.spool import Spool
+from agent.text import count_text
 from fleetmend.v1 import remediation_pb2
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ from agent.healing.actions import validate_action
 from agent.healing.actions.base import (
     LocalAllowlist,
     allowlist_refusal_text,
-    count_text,
 )
 from agent.healing.bounds import (
     MAX_LOG_CHARS,
@@ -44,6 +43,7 @@ from agent.healing.bounds import (
     truncate,
 )
 from agent.state import write_private
+from agent.text import count_text
 from fleetmend.v1 import remediation_pb2, report_pb2
 
 log = logging.getLogger(__name__)

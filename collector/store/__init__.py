@@ -454,11 +454,11 @@ class Store:
         The stored copy has its version field set to the new version; policy
         itself is not changed. A rule without a state gets one, "canary" when
         its fleet.canary_percent is 1 to 99 and "active" otherwise. A rule
-        that keeps its name and definition keeps its state, and one whose
+        that keeps its name and definition keeps its state. A rule whose
         condition, action, limits or dry_run changed is rolled out again, from
-        canary if it has a canary set; a paused one stays paused. States of
-        rules that the policy no longer has are deleted. Raises ValueError for
-        two rules of one name or a naive now.
+        canary if it has a canary set, unless it is paused. States of rules
+        that the policy no longer has are deleted. Raises ValueError for two
+        rules of one name or a naive now.
         """
         with self._write("storing a policy") as connection:
             return _healing.set_policy(connection, policy, set_by, now)

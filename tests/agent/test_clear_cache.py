@@ -22,8 +22,8 @@ from agent.healing.actions.base import (
     ActionContext,
     LocalAllowlist,
     Outcome,
-    format_bytes,
 )
+from agent.text import format_bytes
 from fleetmend.v1 import remediation_pb2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

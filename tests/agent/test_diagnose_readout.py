@@ -21,8 +21,9 @@ from agent.healing.policy import (
     default_policy_text,
     policy_from_toml,
 )
-from agent.spool import Spool, counted, describe
+from agent.spool import Spool, describe
 from agent.state import write_private
+from agent.text import count_text
 from collector.server import start_server_thread
 from fleetmend.v1 import remediation_pb2, report_pb2
 from tests.agent import test_agent_cli, test_foreground
@@ -283,10 +284,10 @@ def test_run_log_names_policy_and_counts(tmp_path: Path, tls_dir: Path) -> None:
 
 
 def test_counted_singular_and_plural() -> None:
-    assert counted(1, "report") == "1 report"
-    assert counted(0, "report") == "0 reports"
-    assert counted(2, "remediation record") == "2 remediation records"
-    assert counted(3, "entry", "entries") == "3 entries"
+    assert count_text(1, "report") == "1 report"
+    assert count_text(0, "report") == "0 reports"
+    assert count_text(2, "remediation record") == "2 remediation records"
+    assert count_text(3, "entry", "entries") == "3 entries"
 
 
 def test_spool_describe_one_report(tmp_path: Path) -> None:

@@ -31,7 +31,6 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
-    format_bytes,
 )
 from agent.healing.conditions import ConditionResult
 from agent.healing.engine import HealingEngine
@@ -47,6 +46,7 @@ from agent.healing.services import (
     ServiceWaitInterrupted,
     WindowsScmBackend,
 )
+from agent.text import format_bytes
 from agent.usage.catalog import Catalog
 from collector._ops_render import change_text
 from fleetmend.v1 import remediation_pb2

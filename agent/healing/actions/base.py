@@ -67,13 +67,6 @@ class ActionResult:
     details: dict[str, str] = field(default_factory=dict)
 
 
-def count_text(count: int, noun: str, plural: str = "") -> str:
-    """Return "1 rule" or "3 rules"; plural replaces noun + "s" where that is wrong."""
-    if count == 1:
-        return f"{count} {noun}"
-    return f"{count} {plural or noun + 's'}"
-
-
 def allowlist_refusal_text(
     noun: str,
     names: Sequence[str],
@@ -96,13 +89,3 @@ def allowlist_refusal_text(
         f"{setting} in this device's agent.toml (allowed: {allowed_text}); add "
         f"{'it' if one else 'them'} there and restart the agent to let {subject} run"
     )
-
-
-def format_bytes(count: float) -> str:
-    """Return a byte count in binary units, such as "512 B" or "2.2 GiB"."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

@@ -52,10 +52,9 @@ from agent.healing.actions.base import (
     LocalAllowlist,
     Outcome,
     allowlist_refusal_text,
-    count_text,
-    format_bytes,
 )
 from agent.healing.bounds import quote
+from agent.text import count_text, format_bytes
 from fleetmend.v1 import remediation_pb2
 
 NAME = "clear_cache"

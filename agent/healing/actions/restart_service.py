@@ -27,7 +27,6 @@ from agent.healing.actions.base import (
     LocalAllowlist,
     Outcome,
     allowlist_refusal_text,
-    count_text,
 )
 from agent.healing.bounds import (
     MAX_SERVICE_NAME,
@@ -48,6 +47,7 @@ from agent.healing.services import (
     backend_for_platform,
 )
 from agent.state import write_private
+from agent.text import count_text
 from fleetmend.v1 import remediation_pb2
 
 logger = logging.getLogger(__name__)

@@ -40,11 +40,11 @@ from agent.healing.actions.base import (
     ActionResult,
     LocalAllowlist,
     Outcome,
-    count_text,
 )
 from agent.healing.bounds import check_duration_range, quote
 from agent.healing.processes import CpuSampler, SystemCpu, app_processes
 from agent.state import write_private
+from agent.text import count_text
 from agent.usage.catalog import CURRENT_OS, Catalog, OsName, load_catalog
 from fleetmend.v1 import remediation_pb2
 
